@@ -1,0 +1,465 @@
+//! The release bundle (DESIGN §4): one directory holding weights, tokenizer, config, metadata and
+//! `checksum.txt`. Writing is atomic (temporary directory + rename); loading verifies every checksum
+//! and cross-checks config, tokenizer and weights before any weight is used.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{ModelConfig, RawModelConfig};
+use crate::tokenizer::{SpecialToken, Tokenizer};
+use crate::transformer::{Model, weight_shapes};
+
+/// Version of the bundle layout written by this crate.
+pub const BUNDLE_FORMAT_VERSION: u32 = 1;
+/// Weights file.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Tokenizer file.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// Model config file.
+pub const CONFIG_FILE: &str = "config.yaml";
+/// Metadata file.
+pub const METADATA_FILE: &str = "metadata.json";
+/// Checksum list, in `sha256sum` format.
+pub const CHECKSUM_FILE: &str = "checksum.txt";
+/// Every file a bundle must contain besides `checksum.txt`.
+pub const CHECKSUMMED_FILES: [&str; 4] = [WEIGHTS_FILE, TOKENIZER_FILE, CONFIG_FILE, METADATA_FILE];
+
+/// Why a bundle could not be written or loaded; always names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// A file is missing, corrupt or inconsistent with the rest of the bundle.
+    #[error("{}: {reason}", path.display())]
+    Invalid {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An I/O operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+fn invalid(path: impl Into<PathBuf>, reason: impl Into<String>) -> BundleError {
+    BundleError::Invalid {
+        path: path.into(),
+        reason: reason.into(),
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BundleError + '_ {
+    move |source| BundleError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// `config.yaml`: the model architecture plus the special-token ids it was trained with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleConfig {
+    /// Architecture and sizes.
+    pub model: RawModelConfig,
+    /// Special token text → id.
+    pub special_tokens: BTreeMap<String, u32>,
+}
+
+/// `metadata.json`: provenance of the weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleMetadata {
+    /// Layout version; must equal [`BUNDLE_FORMAT_VERSION`].
+    pub format_version: u32,
+    /// Free-form model version (e.g. `tiny-2026-11-23`).
+    pub model_version: String,
+    /// Id of the corpus manifest the model was trained on.
+    pub dataset_id: String,
+    /// Hash of the training data (shards).
+    pub dataset_hash: String,
+    /// sha256 of `tokenizer.json`.
+    pub tokenizer_hash: String,
+    /// sha256 of `config.yaml`.
+    pub config_hash: String,
+    /// Seed of the training run.
+    pub training_seed: u64,
+    /// Optimiser steps taken.
+    pub steps: u64,
+    /// Training tokens seen.
+    pub tokens_seen: u64,
+    /// Evaluation results by metric name.
+    pub eval: BTreeMap<String, f64>,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: u64,
+}
+
+/// What the caller knows about the weights; the writer adds hashes, format version and time.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BundleInfo {
+    /// See [`BundleMetadata::model_version`].
+    pub model_version: String,
+    /// See [`BundleMetadata::dataset_id`].
+    pub dataset_id: String,
+    /// See [`BundleMetadata::dataset_hash`].
+    pub dataset_hash: String,
+    /// See [`BundleMetadata::training_seed`].
+    pub training_seed: u64,
+    /// See [`BundleMetadata::steps`].
+    pub steps: u64,
+    /// See [`BundleMetadata::tokens_seen`].
+    pub tokens_seen: u64,
+    /// See [`BundleMetadata::eval`].
+    pub eval: BTreeMap<String, f64>,
+}
+
+/// Lower-case hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Writes a bundle to `dest`, which must not exist yet. Files go to a sibling temporary directory
+/// that is renamed into place only when complete, so a crash never leaves a half-written bundle.
+pub fn write_bundle(
+    dest: &Path,
+    tensors: &[(String, Tensor)],
+    tokenizer: &Tokenizer,
+    config: &ModelConfig,
+    info: &BundleInfo,
+) -> Result<BundleMetadata, BundleError> {
+    if dest.exists() {
+        return Err(invalid(dest, "already exists; refusing to overwrite a bundle"));
+    }
+    check_tokenizer(tokenizer, config, &special_ids(tokenizer), dest)?;
+    let shapes: HashMap<&str, &[usize]> = tensors.iter().map(|(n, t)| (n.as_str(), t.dims())).collect();
+    check_weights(config, &shapes, &dest.join(WEIGHTS_FILE))?;
+
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = dest
+        .file_name()
+        .ok_or_else(|| invalid(dest, "bundle path has no directory name"))?
+        .to_string_lossy();
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let tmp = parent.join(format!(".{name}.tmp-{}-{nanos}", std::process::id()));
+    fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    let written = write_files(&tmp, tensors, tokenizer, config, info)
+        .and_then(|meta| {
+            fs::rename(&tmp, dest).map_err(io_err(dest))?;
+            sync_dir(&parent)?;
+            Ok(meta)
+        });
+    if written.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    written
+}
+
+fn write_files(
+    dir: &Path,
+    tensors: &[(String, Tensor)],
+    tokenizer: &Tokenizer,
+    config: &ModelConfig,
+    info: &BundleInfo,
+) -> Result<BundleMetadata, BundleError> {
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
+    candle_core::safetensors::save(&map, &weights_path)
+        .map_err(|e| invalid(&weights_path, e.to_string()))?;
+    let tokenizer_json = tokenizer.to_json().map_err(|e| invalid(dir.join(TOKENIZER_FILE), e.to_string()))?;
+    let bundle_config = BundleConfig {
+        model: config.to_raw(),
+        special_tokens: special_ids(tokenizer),
+    };
+    let config_yaml = serde_yaml::to_string(&bundle_config)
+        .map_err(|e| invalid(dir.join(CONFIG_FILE), e.to_string()))?;
+    let metadata = BundleMetadata {
+        format_version: BUNDLE_FORMAT_VERSION,
+        model_version: info.model_version.clone(),
+        dataset_id: info.dataset_id.clone(),
+        dataset_hash: info.dataset_hash.clone(),
+        tokenizer_hash: sha256_hex(tokenizer_json.as_bytes()),
+        config_hash: sha256_hex(config_yaml.as_bytes()),
+        training_seed: info.training_seed,
+        steps: info.steps,
+        tokens_seen: info.tokens_seen,
+        eval: info.eval.clone(),
+        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    };
+    let metadata_json = serde_json::to_string_pretty(&metadata)
+        .map_err(|e| invalid(dir.join(METADATA_FILE), e.to_string()))?;
+    write_synced(&dir.join(TOKENIZER_FILE), tokenizer_json.as_bytes())?;
+    write_synced(&dir.join(CONFIG_FILE), config_yaml.as_bytes())?;
+    write_synced(&dir.join(METADATA_FILE), metadata_json.as_bytes())?;
+    let mut checksums = String::new();
+    for file in CHECKSUMMED_FILES {
+        let path = dir.join(file);
+        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        // Two spaces: `sha256sum`'s text-mode separator, so `sha256sum -c checksum.txt` works.
+        checksums.push_str(&format!("{}  {file}\n", sha256_hex(&bytes)));
+    }
+    fs::File::open(&weights_path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(&weights_path))?;
+    write_synced(&dir.join(CHECKSUM_FILE), checksums.as_bytes())?;
+    sync_dir(dir)?;
+    Ok(metadata)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), BundleError> {
+    let mut file = fs::File::create(path).map_err(io_err(path))?;
+    file.write_all(bytes).map_err(io_err(path))?;
+    file.sync_all().map_err(io_err(path))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), BundleError> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+fn special_ids(tokenizer: &Tokenizer) -> BTreeMap<String, u32> {
+    SpecialToken::ALL
+        .iter()
+        .map(|&t| (t.as_str().to_string(), tokenizer.special_ids().get(t)))
+        .collect()
+}
+
+/// A verified bundle: checksums matched, config, tokenizer and weight shapes agree.
+#[derive(Debug)]
+pub struct Bundle {
+    dir: PathBuf,
+    config: ModelConfig,
+    metadata: BundleMetadata,
+    tokenizer: Tokenizer,
+    weights: memmap2::Mmap,
+}
+
+impl Bundle {
+    /// Opens and verifies the bundle in `dir`. Nothing is trusted before its checksum matches.
+    pub fn open(dir: &Path) -> Result<Self, BundleError> {
+        let checksum_path = dir.join(CHECKSUM_FILE);
+        let listing = fs::read_to_string(&checksum_path).map_err(io_err(&checksum_path))?;
+        let expected = parse_checksums(&listing, &checksum_path)?;
+
+        // The weights are memory-mapped, hashed, and later loaded from that same mapping.
+        let weights_path = dir.join(WEIGHTS_FILE);
+        let weights_file = fs::File::open(&weights_path).map_err(io_err(&weights_path))?;
+        // SAFETY: the mapping is read-only; a bundle is immutable once written (written to a
+        // temporary directory and renamed), and the bytes are checksummed before use.
+        let weights = unsafe { memmap2::Mmap::map(&weights_file) }.map_err(io_err(&weights_path))?;
+        verify(&weights_path, &weights, &expected[WEIGHTS_FILE])?;
+        let mut read = |file: &str| -> Result<Vec<u8>, BundleError> {
+            let path = dir.join(file);
+            let bytes = fs::read(&path).map_err(io_err(&path))?;
+            verify(&path, &bytes, &expected[file])?;
+            Ok(bytes)
+        };
+        let tokenizer_bytes = read(TOKENIZER_FILE)?;
+        let config_bytes = read(CONFIG_FILE)?;
+        let metadata_bytes = read(METADATA_FILE)?;
+
+        let config_path = dir.join(CONFIG_FILE);
+        let bundle_config: BundleConfig = serde_yaml::from_slice(&config_bytes)
+            .map_err(|e| invalid(&config_path, e.to_string()))?;
+        let config = ModelConfig::new(&bundle_config.model)
+            .map_err(|e| invalid(&config_path, e.to_string()))?;
+
+        let metadata_path = dir.join(METADATA_FILE);
+        let metadata: BundleMetadata = serde_json::from_slice(&metadata_bytes)
+            .map_err(|e| invalid(&metadata_path, e.to_string()))?;
+        if metadata.format_version != BUNDLE_FORMAT_VERSION {
+            return Err(invalid(
+                &metadata_path,
+                format!(
+                    "bundle format version {} is not supported (expected {BUNDLE_FORMAT_VERSION})",
+                    metadata.format_version
+                ),
+            ));
+        }
+        for (what, recorded, actual) in [
+            (TOKENIZER_FILE, &metadata.tokenizer_hash, sha256_hex(&tokenizer_bytes)),
+            (CONFIG_FILE, &metadata.config_hash, sha256_hex(&config_bytes)),
+        ] {
+            if *recorded != actual {
+                return Err(invalid(
+                    &metadata_path,
+                    format!("records {what} hash {recorded}, but the file hashes to {actual}"),
+                ));
+            }
+        }
+
+        let tokenizer_path = dir.join(TOKENIZER_FILE);
+        let tokenizer = Tokenizer::from_bytes(&tokenizer_bytes)
+            .map_err(|e| invalid(&tokenizer_path, e.to_string()))?;
+        check_tokenizer(&tokenizer, &config, &bundle_config.special_tokens, dir)?;
+
+        let header = safetensors::SafeTensors::deserialize(&weights)
+            .map_err(|e| invalid(&weights_path, e.to_string()))?;
+        let mut shapes = HashMap::new();
+        for (name, view) in header.tensors() {
+            if !matches!(
+                view.dtype(),
+                safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16
+            ) {
+                return Err(invalid(
+                    &weights_path,
+                    format!("tensor {name} has dtype {:?}; expected f32, f16 or bf16", view.dtype()),
+                ));
+            }
+            shapes.insert(name, view.shape().to_vec());
+        }
+        let shapes = shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+        check_weights(&config, &shapes, &weights_path)?;
+
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            metadata,
+            tokenizer,
+            weights,
+        })
+    }
+
+    /// Builds the model in `dtype` on `device` from the verified weights.
+    pub fn model(&self, dtype: DType, device: &Device) -> Result<Model, BundleError> {
+        let path = self.dir.join(WEIGHTS_FILE);
+        let tensors = candle_core::safetensors::load_buffer(&self.weights, device)
+            .map_err(|e| invalid(&path, e.to_string()))?;
+        Model::from_tensors(&self.config, tensors, dtype, device).map_err(|e| invalid(&path, e.to_string()))
+    }
+
+    /// The bundle directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// The validated model config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    /// Provenance.
+    pub fn metadata(&self) -> &BundleMetadata {
+        &self.metadata
+    }
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+}
+
+/// Parses `sha256sum` output; every checksummed file must be listed exactly once, nothing else.
+fn parse_checksums(listing: &str, path: &Path) -> Result<HashMap<&'static str, String>, BundleError> {
+    let mut found = HashMap::new();
+    for (n, line) in listing.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = |why: &str| invalid(path, format!("line {}: {why}: {line:?}", n + 1));
+        let (hash, name) = line.split_once(' ').ok_or_else(|| bad("expected '<sha256>  <file>'"))?;
+        // sha256sum writes ' ' (text) or '*' (binary) between the two spaces' worth of separator.
+        let name = name.strip_prefix(' ').or_else(|| name.strip_prefix('*')).unwrap_or(name);
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad("not a sha256 hex digest"));
+        }
+        let known = CHECKSUMMED_FILES
+            .iter()
+            .find(|&&f| f == name)
+            .ok_or_else(|| bad("lists a file that is not part of a bundle"))?;
+        if found.insert(*known, hash.to_ascii_lowercase()).is_some() {
+            return Err(bad("lists a file twice"));
+        }
+    }
+    for file in CHECKSUMMED_FILES {
+        if !found.contains_key(file) {
+            return Err(invalid(path, format!("has no checksum for {file}")));
+        }
+    }
+    Ok(found)
+}
+
+fn verify(path: &Path, bytes: &[u8], expected: &str) -> Result<(), BundleError> {
+    let actual = sha256_hex(bytes);
+    if actual != expected {
+        return Err(invalid(
+            path,
+            format!("checksum mismatch: checksum.txt says {expected}, the file hashes to {actual}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The tokenizer must match the config's vocabulary and special-token ids.
+fn check_tokenizer(
+    tokenizer: &Tokenizer,
+    config: &ModelConfig,
+    specials: &BTreeMap<String, u32>,
+    dir: &Path,
+) -> Result<(), BundleError> {
+    let tokenizer_path = dir.join(TOKENIZER_FILE);
+    if tokenizer.vocab_size() != config.vocab_size() {
+        return Err(invalid(
+            &tokenizer_path,
+            format!(
+                "vocabulary has {} tokens but {CONFIG_FILE} says vocab_size = {}",
+                tokenizer.vocab_size(),
+                config.vocab_size()
+            ),
+        ));
+    }
+    for token in SpecialToken::ALL {
+        let actual = tokenizer.special_ids().get(token);
+        match specials.get(token.as_str()) {
+            Some(&id) if id == actual => {}
+            Some(&id) => {
+                return Err(invalid(
+                    dir.join(CONFIG_FILE),
+                    format!("special token {} has id {id}, the tokenizer says {actual}", token.as_str()),
+                ));
+            }
+            None => {
+                return Err(invalid(
+                    dir.join(CONFIG_FILE),
+                    format!("special token {} is missing", token.as_str()),
+                ));
+            }
+        }
+    }
+    if specials.len() != SpecialToken::ALL.len() {
+        return Err(invalid(dir.join(CONFIG_FILE), "lists unknown special tokens"));
+    }
+    Ok(())
+}
+
+/// The weights must be exactly the tensors the config implies, with the right shapes.
+fn check_weights(
+    config: &ModelConfig,
+    shapes: &HashMap<&str, &[usize]>,
+    path: &Path,
+) -> Result<(), BundleError> {
+    let expected = weight_shapes(config);
+    for (name, shape) in &expected {
+        match shapes.get(name.as_str()) {
+            None => return Err(invalid(path, format!("tensor {name} is missing"))),
+            Some(actual) if *actual != shape.as_slice() => {
+                return Err(invalid(
+                    path,
+                    format!("tensor {name} has shape {actual:?}, {CONFIG_FILE} implies {shape:?}"),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    if shapes.len() != expected.len() {
+        let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+        let extra: Vec<&&str> = shapes.keys().filter(|n| !known.contains(**n)).collect();
+        return Err(invalid(path, format!("unexpected tensors {extra:?}")));
+    }
+    Ok(())
+}

@@ -1,0 +1,771 @@
+//! The LLaMA-shaped decoder (DESIGN §2), read top-down: KV cache → RoPE → attention → MLP → block →
+//! model. One set of weights serves two forwards: a differentiable training forward built from
+//! composed ops, and an inference forward with candle-nn's fused kernels and a truncatable KV cache.
+
+use std::collections::HashMap;
+
+use candle_core::{D, DType, Device, Module, Tensor, Var};
+use candle_nn::attention::AttnMask;
+use candle_nn::{Embedding, Linear, VarBuilder, VarMap};
+
+use crate::config::ModelConfig;
+use crate::rng::Rng;
+
+/// Standard deviation of the initial weights.
+const INIT_STD: f64 = 0.02;
+
+/// Failures of the transformer; candle's errors carry the shapes and ops involved.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// The sequence would not fit the model's context window.
+    #[error("sequence of {requested} tokens exceeds the context length {context_length}")]
+    ContextOverflow {
+        /// Tokens the cache would hold after this call.
+        requested: usize,
+        /// The model's limit.
+        context_length: usize,
+    },
+    /// A caller broke an API precondition.
+    #[error("{0}")]
+    Usage(String),
+}
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// Names and shapes of every weight, in Hugging Face LLaMA naming; the single source of truth for
+/// initialisation, loading and bundle validation.
+pub fn weight_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let d = config.d_model();
+    let kv = config.n_kv_heads() * config.head_dim();
+    let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![config.vocab_size(), d])];
+    for i in 0..config.n_layers() {
+        let p = format!("model.layers.{i}");
+        shapes.extend([
+            (format!("{p}.input_layernorm.weight"), vec![d]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![d, d]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kv, d]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kv, d]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![d, d]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![d]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![config.d_ff(), d]),
+            (format!("{p}.mlp.up_proj.weight"), vec![config.d_ff(), d]),
+            (format!("{p}.mlp.down_proj.weight"), vec![d, config.d_ff()]),
+        ]);
+    }
+    shapes.push(("model.norm.weight".to_string(), vec![d]));
+    if !config.tie_embeddings() {
+        shapes.push(("lm_head.weight".to_string(), vec![config.vocab_size(), d]));
+    }
+    shapes
+}
+
+/// Preallocated keys and values of one sequence, per layer, laid out `(1, capacity, kv_heads,
+/// head_dim)` so that the first `len` positions are one contiguous block (what the fused attention
+/// kernel reads without a copy). Unlike candle-nn's caches it can be truncated, which lets a
+/// sequence roll back to its longest common prefix with a new prompt.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    len: usize,
+    capacity: usize,
+    max_len: usize,
+}
+
+impl KvCache {
+    /// An empty cache with room for `capacity` tokens (it grows on demand up to the context length).
+    pub fn new(
+        config: &ModelConfig,
+        capacity: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let capacity = capacity.clamp(1, config.context_length());
+        let shape = (1, capacity, config.n_kv_heads(), config.head_dim());
+        let zeros = || Tensor::zeros(shape, dtype, device);
+        let keys = (0..config.n_layers()).map(|_| zeros()).collect::<candle_core::Result<_>>()?;
+        let values = (0..config.n_layers()).map(|_| zeros()).collect::<candle_core::Result<_>>()?;
+        Ok(Self { keys, values, len: 0, capacity, max_len: config.context_length() })
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions the cache can hold before it must grow.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forgets every position from `n` on; later calls recompute them. `n` above `len()` is a no-op.
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+    }
+
+    /// Forgets everything.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Bytes allocated for keys and values.
+    pub fn allocated_bytes(&self) -> usize {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Makes room for `extra` more positions, doubling the allocation as needed.
+    fn reserve(&mut self, extra: usize) -> Result<()> {
+        let needed = self.len + extra;
+        if needed > self.max_len {
+            return Err(ModelError::ContextOverflow {
+                requested: needed,
+                context_length: self.max_len,
+            });
+        }
+        if needed <= self.capacity {
+            return Ok(());
+        }
+        let capacity = needed.max(self.capacity * 2).min(self.max_len);
+        for tensor in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            let (_, _, heads, dim) = tensor.dims4()?;
+            let grown = Tensor::zeros((1, capacity, heads, dim), tensor.dtype(), tensor.device())?;
+            if self.len > 0 {
+                grown.slice_set(&tensor.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+            }
+            *tensor = grown;
+        }
+        self.capacity = capacity;
+        Ok(())
+    }
+
+    /// Writes this chunk's keys and values of `layer` at the current end and returns all of them.
+    fn append(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (_, seq, _, _) = k.dims4()?;
+        self.keys[layer].slice_set(k, 1, self.len)?;
+        self.values[layer].slice_set(v, 1, self.len)?;
+        Ok((
+            self.keys[layer].narrow(1, 0, self.len + seq)?,
+            self.values[layer].narrow(1, 0, self.len + seq)?,
+        ))
+    }
+}
+
+/// Precomputed rotary-embedding tables, `(context_length, head_dim / 2)`, non-interleaved
+/// ("rotate half") as in Hugging Face LLaMA.
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(config: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let half = config.head_dim() / 2;
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| config.rope_theta().powf(-(2.0 * i as f64) / config.head_dim() as f64))
+            .collect();
+        let n = config.context_length() * half;
+        let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for pos in 0..config.context_length() {
+            for f in &inv_freq {
+                let angle = pos as f64 * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let shape = (config.context_length(), half);
+        Ok(Self {
+            cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+        })
+    }
+
+    fn tables(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        Ok((self.cos.narrow(0, start, len)?, self.sin.narrow(0, start, len)?))
+    }
+
+    /// Fused rotation of `(batch, seq, heads, head_dim)` tensors at positions `start..`.
+    fn apply_fused(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (cos, sin) = self.tables(start, x.dim(1)?)?;
+        Ok(candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &cos, &sin)?)
+    }
+
+    /// The same rotation from differentiable ops (candle's fused rope has no backward pass).
+    fn apply_composed(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (_, seq, _, dim) = x.dims4()?;
+        let (cos, sin) = self.tables(start, seq)?;
+        let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?.reshape((1, seq, 1, dim))?;
+        let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?.reshape((1, seq, 1, dim))?;
+        let first = x.narrow(D::Minus1, 0, dim / 2)?;
+        let second = x.narrow(D::Minus1, dim / 2, dim / 2)?;
+        let rotated = Tensor::cat(&[&second.neg()?, &first], D::Minus1)?;
+        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+    }
+}
+
+/// Root-mean-square layer norm with a learned scale and no bias.
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: vb.get(dim, "weight")?, eps })
+    }
+
+    fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?)
+    }
+
+    fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
+        let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x.broadcast_div(&(mean_square + self.eps)?.sqrt()?)?;
+        Ok(normed.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// Which attention implementation the inference forward uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionKernel {
+    /// Matmul + softmax + matmul: the reference the fused kernels are tested against.
+    Plain,
+    /// candle-nn's CPU flash attention, or the CUDA flash-attention crate with the `flash-attn`
+    /// feature on a GPU in f16/bf16; falls back to `Plain` where neither applies.
+    #[default]
+    Fused,
+}
+
+/// Whether the ops on a path must be differentiable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Train,
+    Infer(AttentionKernel),
+}
+
+/// Causal self-attention with RoPE and optional grouped-query key/value heads.
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, config: &ModelConfig) -> Result<Self> {
+        let d = config.d_model();
+        let kv = config.n_kv_heads() * config.head_dim();
+        let linear = |out, inp, name: &str| -> Result<Linear> {
+            Ok(Linear::new(vb.pp(name).get((out, inp), "weight")?, None))
+        };
+        Ok(Self {
+            q_proj: linear(d, d, "q_proj")?,
+            k_proj: linear(kv, d, "k_proj")?,
+            v_proj: linear(kv, d, "v_proj")?,
+            o_proj: linear(d, d, "o_proj")?,
+            n_heads: config.n_heads(),
+            n_kv_heads: config.n_kv_heads(),
+            head_dim: config.head_dim(),
+        })
+    }
+
+    /// Attends `x` (`(batch, seq, d_model)`, at positions `start..`) to itself and, on the inference
+    /// path, to the `cache`d positions before it.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        path: Path,
+        cache: Option<(&KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let (batch, seq, _) = x.dims3()?;
+        let start = cache.map_or(0, |(c, _)| c.len());
+        let q = self.q_proj.forward(x)?.reshape((batch, seq, self.n_heads, self.head_dim))?;
+        let k = self.k_proj.forward(x)?.reshape((batch, seq, self.n_kv_heads, self.head_dim))?;
+        let v = self.v_proj.forward(x)?.reshape((batch, seq, self.n_kv_heads, self.head_dim))?;
+        let (q, k) = match path {
+            Path::Train => (rope.apply_composed(&q, start)?, rope.apply_composed(&k, start)?),
+            Path::Infer(_) => (rope.apply_fused(&q, start)?, rope.apply_fused(&k, start)?),
+        };
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, &k, &v.contiguous()?)?,
+            None => (k, v),
+        };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let y = match path {
+            Path::Infer(AttentionKernel::Fused) => match fused_attention(&q, &k, &v, scale)? {
+                Some(y) => y,
+                None => plain_attention(&q, &k, &v, scale, start, false)?,
+            },
+            Path::Infer(AttentionKernel::Plain) => {
+                plain_attention(&q, &k, &v, scale, start, false)?
+            }
+            Path::Train => plain_attention(&q, &k, &v, scale, start, true)?,
+        };
+        Ok(self.o_proj.forward(&y.reshape((batch, seq, self.n_heads * self.head_dim))?)?)
+    }
+}
+
+/// Reference attention over `(batch, seq, heads, dim)` queries and `(batch, kv_len, kv_heads, dim)`
+/// keys/values; returns `(batch, seq, heads, dim)`. Query `i` sits at absolute position `start + i`
+/// and sees keys `0..=start + i`. The differentiable variant uses the composed softmax.
+fn plain_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    start: usize,
+    differentiable: bool,
+) -> Result<Tensor> {
+    let (_, seq, n_heads, _) = q.dims4()?;
+    let (_, kv_len, n_kv_heads, _) = k.dims4()?;
+    let q = q.transpose(1, 2)?.contiguous()?;
+    let k = repeat_kv(&k.transpose(1, 2)?, n_heads / n_kv_heads)?;
+    let v = repeat_kv(&v.transpose(1, 2)?, n_heads / n_kv_heads)?;
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = scores.broadcast_add(&causal_mask(seq, kv_len, start, q.dtype(), q.device())?)?;
+    let probs = if differentiable {
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    Ok(probs.matmul(&v)?.transpose(1, 2)?)
+}
+
+/// The fused kernel for this device and dtype, or `None` where there is none.
+fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
+    let (_, seq, _, _) = q.dims4()?;
+    let offset = k.dim(1)? - seq;
+    if q.device().is_cpu() {
+        let mask = AttnMask::causal_with_offset(offset);
+        let run = match q.dtype() {
+            DType::F32 => candle_nn::attention::flash_attn::<f32>,
+            DType::F16 => candle_nn::attention::flash_attn::<half::f16>,
+            DType::BF16 => candle_nn::attention::flash_attn::<half::bf16>,
+            _ => return Ok(None),
+        };
+        // The CPU kernel accumulates in f32 and returns f32 (batch, heads, seq, dim).
+        let y = run(
+            &q.contiguous()?,
+            &k.contiguous()?,
+            &v.contiguous()?,
+            scale as f32,
+            mask,
+            None,
+            None,
+        )?;
+        return Ok(Some(y.to_dtype(q.dtype())?.transpose(1, 2)?));
+    }
+    #[cfg(feature = "flash-attn")]
+    if q.device().is_cuda() && matches!(q.dtype(), DType::F16 | DType::BF16) {
+        // flash-attn v2 aligns the causal mask bottom-right, which is exactly the KV-cache case.
+        let y = candle_flash_attn::flash_attn(q, k, v, scale as f32, true)?;
+        return Ok(Some(y));
+    }
+    Ok(None)
+}
+
+/// Shares each key/value head among `n_rep` consecutive query heads (LLaMA's GQA layout).
+fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.contiguous()?);
+    }
+    let (batch, heads, seq, dim) = x.dims4()?;
+    Ok(x.unsqueeze(2)?.expand((batch, heads, n_rep, seq, dim))?.reshape((
+        batch,
+        heads * n_rep,
+        seq,
+        dim,
+    ))?)
+}
+
+/// Additive mask `(seq, kv_len)`: query `i` (position `start + i`) may see keys `0..=start + i`.
+fn causal_mask(
+    seq: usize,
+    kv_len: usize,
+    start: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| {
+            (0..kv_len).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (seq, kv_len), device)?.to_dtype(dtype)?)
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, config: &ModelConfig) -> Result<Self> {
+        let (d, ff) = (config.d_model(), config.d_ff());
+        let linear = |out, inp, name: &str| -> Result<Linear> {
+            Ok(Linear::new(vb.pp(name).get((out, inp), "weight")?, None))
+        };
+        Ok(Self {
+            gate_proj: linear(ff, d, "gate_proj")?,
+            up_proj: linear(ff, d, "up_proj")?,
+            down_proj: linear(d, ff, "down_proj")?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gated = (self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?)?;
+        Ok(self.down_proj.forward(&gated)?)
+    }
+}
+
+/// Pre-norm transformer block: `x + attn(norm(x))`, then `h + mlp(norm(h))`.
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(vb: VarBuilder, config: &ModelConfig) -> Result<Self> {
+        let (d, eps) = (config.d_model(), config.norm_eps());
+        Ok(Self {
+            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), d, eps)?,
+            self_attn: Attention::load(vb.pp("self_attn"), config)?,
+            post_attention_layernorm: RmsNorm::load(vb.pp("post_attention_layernorm"), d, eps)?,
+            mlp: Mlp::load(vb.pp("mlp"), config)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        path: Path,
+        cache: Option<(&KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let norm = |n: &RmsNorm, x: &Tensor| match path {
+            Path::Train => n.forward_composed(x),
+            Path::Infer(_) => n.forward_fused(x),
+        };
+        let h =
+            (x + self.self_attn.forward(&norm(&self.input_layernorm, x)?, rope, path, cache)?)?;
+        Ok((&h + self.mlp.forward(&norm(&self.post_attention_layernorm, &h)?)?)?)
+    }
+}
+
+/// The decoder: embedding → blocks → final norm → LM head (tied to the embedding by default).
+#[derive(Debug, Clone)]
+pub struct Model {
+    config: ModelConfig,
+    embed_tokens: Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    kernel: AttentionKernel,
+}
+
+impl Model {
+    /// Builds the model from weights named as in [`weight_shapes`]; a missing tensor or a shape
+    /// mismatch is an error naming the tensor.
+    pub fn load(config: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let embed =
+            vb.pp("model.embed_tokens").get((config.vocab_size(), config.d_model()), "weight")?;
+        let layers = (0..config.n_layers())
+            .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), config))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(vb.pp("model.norm"), config.d_model(), config.norm_eps())?;
+        let head = if config.tie_embeddings() {
+            embed.clone()
+        } else {
+            vb.pp("lm_head").get((config.vocab_size(), config.d_model()), "weight")?
+        };
+        Ok(Self {
+            config: config.clone(),
+            embed_tokens: Embedding::new(embed, config.d_model()),
+            layers,
+            norm,
+            lm_head: Linear::new(head, None),
+            rope: Rope::new(config, vb.dtype(), vb.device())?,
+            kernel: AttentionKernel::default(),
+        })
+    }
+
+    /// A freshly initialised model whose weights are trainable variables in the returned map.
+    ///
+    /// Weights are normal(0, 0.02) (output projections of each block scaled by 1/sqrt(2·n_layers)),
+    /// norms are one; each tensor draws from its own stream of `seed`, so the same seed gives
+    /// bit-identical weights on every machine.
+    pub fn init(config: &ModelConfig, seed: u64, device: &Device) -> Result<(Self, VarMap)> {
+        let varmap = VarMap::new();
+        {
+            let mut vars = varmap
+                .data()
+                .lock()
+                .map_err(|_| ModelError::Usage("variable map lock poisoned".into()))?;
+            for (name, shape) in weight_shapes(config) {
+                let count = shape.iter().product();
+                let values = if name.ends_with("norm.weight") {
+                    vec![1f32; count]
+                } else {
+                    let mut std = INIT_STD;
+                    if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
+                        std /= (2.0 * config.n_layers() as f64).sqrt();
+                    }
+                    let mut values = vec![0f32; count];
+                    Rng::for_stream(seed, &name).fill_normal(&mut values, std);
+                    values
+                };
+                let tensor = Tensor::from_vec(values, shape, device)?;
+                vars.insert(name, Var::from_tensor(&tensor)?);
+            }
+        }
+        let model = Self::load(config, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+        Ok((model, varmap))
+    }
+
+    /// Builds the model from named tensors, converting them to `dtype`.
+    pub fn from_tensors(
+        config: &ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::load(config, VarBuilder::from_tensors(tensors, dtype, device))
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Selects the attention implementation of the inference forward.
+    pub fn set_attention_kernel(&mut self, kernel: AttentionKernel) {
+        self.kernel = kernel;
+    }
+
+    /// Dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.embeddings().dtype()
+    }
+
+    /// Device of the weights.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.embeddings().device()
+    }
+
+    /// Every weight with its Hugging Face LLaMA name (the tied head appears once, as the embedding).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out =
+            vec![("model.embed_tokens.weight".into(), self.embed_tokens.embeddings().clone())];
+        for (i, b) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &b.self_attn;
+            out.extend([
+                (format!("{p}.input_layernorm.weight"), b.input_layernorm.weight.clone()),
+                (format!("{p}.self_attn.q_proj.weight"), a.q_proj.weight().clone()),
+                (format!("{p}.self_attn.k_proj.weight"), a.k_proj.weight().clone()),
+                (format!("{p}.self_attn.v_proj.weight"), a.v_proj.weight().clone()),
+                (format!("{p}.self_attn.o_proj.weight"), a.o_proj.weight().clone()),
+                (
+                    format!("{p}.post_attention_layernorm.weight"),
+                    b.post_attention_layernorm.weight.clone(),
+                ),
+                (format!("{p}.mlp.gate_proj.weight"), b.mlp.gate_proj.weight().clone()),
+                (format!("{p}.mlp.up_proj.weight"), b.mlp.up_proj.weight().clone()),
+                (format!("{p}.mlp.down_proj.weight"), b.mlp.down_proj.weight().clone()),
+            ]);
+        }
+        out.push(("model.norm.weight".into(), self.norm.weight.clone()));
+        if !self.config.tie_embeddings() {
+            out.push(("lm_head.weight".into(), self.lm_head.weight().clone()));
+        }
+        out
+    }
+
+    /// Differentiable forward over a batch `(batch, seq)` of token ids from position 0; returns
+    /// logits `(batch, seq, vocab)`. Uses only ops with a backward pass.
+    pub fn forward_train(&self, ids: &Tensor) -> Result<Tensor> {
+        let (_, seq) = ids.dims2()?;
+        self.check_len(seq)?;
+        let mut x = self.embed_tokens.forward(ids)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &self.rope, Path::Train, None)?;
+        }
+        Ok(self.lm_head.forward(&self.norm.forward_composed(&x)?)?)
+    }
+
+    /// Inference forward of one chunk `(1, seq)` of ids that continue the sequence in `cache`;
+    /// appends the chunk to the cache and returns logits `(1, seq, vocab)` for every position of it
+    /// (all of them, so a draft can be verified in one call).
+    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (batch, seq) = ids.dims2()?;
+        if batch != 1 {
+            return Err(ModelError::Usage(format!(
+                "the inference forward takes one sequence, got a batch of {batch}"
+            )));
+        }
+        if cache.keys.len() != self.layers.len() {
+            return Err(ModelError::Usage(format!(
+                "cache has {} layers, model has {}",
+                cache.keys.len(),
+                self.layers.len()
+            )));
+        }
+        cache.reserve(seq)?;
+        let mut x = self.embed_tokens.forward(ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &self.rope, Path::Infer(self.kernel), Some((cache, i)))?;
+        }
+        cache.len += seq;
+        Ok(self.lm_head.forward(&self.norm.forward_fused(&x)?)?)
+    }
+
+    /// A cache sized for this model, with room for `capacity` tokens before it grows.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        KvCache::new(&self.config, capacity, self.dtype(), self.device())
+    }
+
+    fn check_len(&self, seq: usize) -> Result<()> {
+        if seq > self.config.context_length() {
+            return Err(ModelError::ContextOverflow {
+                requested: seq,
+                context_length: self.config.context_length(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Property tests of the building blocks (private, so they live here).
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::RawModelConfig;
+
+    fn config(head_dim: usize) -> ModelConfig {
+        ModelConfig::new(&RawModelConfig {
+            vocab_size: 300,
+            d_model: head_dim * 2,
+            n_layers: 1,
+            n_heads: 2,
+            n_kv_heads: None,
+            d_ff: 32,
+            context_length: 256,
+            rope_theta: 10_000.0,
+            norm_eps: 1e-6,
+            tie_embeddings: true,
+        })
+        .unwrap()
+    }
+
+    fn tensor(values: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_slice(values, shape, &Device::Cpu).unwrap()
+    }
+
+    fn vec_of(len: usize) -> impl Strategy<Value = Vec<f32>> {
+        prop::collection::vec(-3f32..3.0, len)
+    }
+
+    fn dot(a: &Tensor, b: &Tensor) -> f32 {
+        (a * b).unwrap().sum_all().unwrap().to_scalar().unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn rope_preserves_norms(x in vec_of(16), pos in 0usize..250, fused in any::<bool>()) {
+            let rope = Rope::new(&config(16), DType::F32, &Device::Cpu).unwrap();
+            let x = tensor(&x, &[1, 1, 1, 16]);
+            let y = if fused { rope.apply_fused(&x, pos) } else { rope.apply_composed(&x, pos) }.unwrap();
+            let (nx, ny) = (dot(&x, &x).sqrt(), dot(&y, &y).sqrt());
+            prop_assert!((nx - ny).abs() <= 1e-4 * nx.max(1.0), "{nx} vs {ny}");
+        }
+
+        #[test]
+        fn rope_scores_depend_only_on_the_offset(
+            q in vec_of(16), k in vec_of(16), m in 0usize..120, n in 0usize..120, shift in 0usize..120,
+        ) {
+            let rope = Rope::new(&config(16), DType::F32, &Device::Cpu).unwrap();
+            let (q, k) = (tensor(&q, &[1, 1, 1, 16]), tensor(&k, &[1, 1, 1, 16]));
+            let score = |a: usize, b: usize| {
+                dot(&rope.apply_fused(&q, a).unwrap(), &rope.apply_fused(&k, b).unwrap())
+            };
+            let (s1, s2) = (score(m, n), score(m + shift, n + shift));
+            prop_assert!((s1 - s2).abs() <= 1e-3 * s1.abs().max(1.0), "{s1} vs {s2}");
+        }
+
+        #[test]
+        fn fused_and_composed_rope_agree(x in vec_of(3 * 2 * 16), start in 0usize..200) {
+            let rope = Rope::new(&config(16), DType::F32, &Device::Cpu).unwrap();
+            let x = tensor(&x, &[1, 3, 2, 16]);
+            let a = rope.apply_fused(&x, start).unwrap();
+            let b = rope.apply_composed(&x, start).unwrap();
+            let diff: f32 = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            prop_assert!(diff <= 1e-5);
+        }
+
+        #[test]
+        fn attention_is_linear_in_values(
+            q in vec_of(5 * 4 * 8), k in vec_of(5 * 2 * 8), v1 in vec_of(5 * 2 * 8), v2 in vec_of(5 * 2 * 8),
+            a in -2f32..2.0, b in -2f32..2.0, fused in any::<bool>(),
+        ) {
+            let (q, k) = (tensor(&q, &[1, 5, 4, 8]), tensor(&k, &[1, 5, 2, 8]));
+            let (v1, v2) = (tensor(&v1, &[1, 5, 2, 8]), tensor(&v2, &[1, 5, 2, 8]));
+            let attend = |v: &Tensor| -> Tensor {
+                if fused {
+                    fused_attention(&q, &k, v, 0.35).unwrap().unwrap()
+                } else {
+                    plain_attention(&q, &k, v, 0.35, 0, true).unwrap()
+                }
+            };
+            let mixed = ((&v1 * f64::from(a)).unwrap() + (&v2 * f64::from(b)).unwrap()).unwrap();
+            let lhs = attend(&mixed);
+            let rhs = ((attend(&v1) * f64::from(a)).unwrap() + (attend(&v2) * f64::from(b)).unwrap()).unwrap();
+            let diff: f32 = (lhs - rhs).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            prop_assert!(diff <= 1e-4, "{diff}");
+        }
+
+        #[test]
+        fn rms_norm_is_scale_invariant(x in vec_of(32), w in vec_of(32), scale in 0.05f32..20.0) {
+            prop_assume!(x.iter().map(|v| v * v).sum::<f32>() > 0.1);
+            let norm = RmsNorm { weight: tensor(&w, &[32]), eps: 1e-6 };
+            let x = tensor(&x, &[1, 32]);
+            let scaled = (&x * f64::from(scale)).unwrap();
+            for (p, q) in [
+                (norm.forward_fused(&x).unwrap(), norm.forward_fused(&scaled).unwrap()),
+                (norm.forward_composed(&x).unwrap(), norm.forward_composed(&scaled).unwrap()),
+            ] {
+                let diff: f32 = (p - q).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                prop_assert!(diff <= 1e-4, "{diff}");
+            }
+        }
+    }
+}

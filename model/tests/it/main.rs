@@ -1,0 +1,10 @@
+//! Integration tests of `m31r-model`: forward-path agreement, KV cache, LLaMA parity, training
+//! sanity, and the release bundle.
+
+// Test helpers fail loudly by design.
+#![allow(clippy::unwrap_used)]
+
+//TMP mod bundle;
+mod common;
+mod parity;
+mod transformer;

@@ -1,0 +1,6 @@
+//! The workspace's integration-test binary.
+
+// Test helpers fail loudly by design.
+#![allow(clippy::unwrap_used)]
+
+mod dependency_rules;
