@@ -53,17 +53,11 @@ pub enum BundleError {
 }
 
 fn invalid(path: impl Into<PathBuf>, reason: impl Into<String>) -> BundleError {
-    BundleError::Invalid {
-        path: path.into(),
-        reason: reason.into(),
-    }
+    BundleError::Invalid { path: path.into(), reason: reason.into() }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BundleError + '_ {
-    move |source| BundleError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| BundleError::Io { path: path.to_path_buf(), source }
 }
 
 /// `config.yaml`: the model architecture plus the special-token ids it was trained with.
@@ -141,7 +135,8 @@ pub fn write_bundle(
         return Err(invalid(dest, "already exists; refusing to overwrite a bundle"));
     }
     check_tokenizer(tokenizer, config, &special_ids(tokenizer), dest)?;
-    let shapes: HashMap<&str, &[usize]> = tensors.iter().map(|(n, t)| (n.as_str(), t.dims())).collect();
+    let shapes: HashMap<&str, &[usize]> =
+        tensors.iter().map(|(n, t)| (n.as_str(), t.dims())).collect();
     check_weights(config, &shapes, &dest.join(WEIGHTS_FILE))?;
 
     let parent = match dest.parent() {
@@ -155,12 +150,11 @@ pub fn write_bundle(
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let tmp = parent.join(format!(".{name}.tmp-{}-{nanos}", std::process::id()));
     fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    let written = write_files(&tmp, tensors, tokenizer, config, info)
-        .and_then(|meta| {
-            fs::rename(&tmp, dest).map_err(io_err(dest))?;
-            sync_dir(&parent)?;
-            Ok(meta)
-        });
+    let written = write_files(&tmp, tensors, tokenizer, config, info).and_then(|meta| {
+        fs::rename(&tmp, dest).map_err(io_err(dest))?;
+        sync_dir(&parent)?;
+        Ok(meta)
+    });
     if written.is_err() {
         let _ = fs::remove_dir_all(&tmp);
     }
@@ -178,11 +172,10 @@ fn write_files(
     let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
     candle_core::safetensors::save(&map, &weights_path)
         .map_err(|e| invalid(&weights_path, e.to_string()))?;
-    let tokenizer_json = tokenizer.to_json().map_err(|e| invalid(dir.join(TOKENIZER_FILE), e.to_string()))?;
-    let bundle_config = BundleConfig {
-        model: config.to_raw(),
-        special_tokens: special_ids(tokenizer),
-    };
+    let tokenizer_json =
+        tokenizer.to_json().map_err(|e| invalid(dir.join(TOKENIZER_FILE), e.to_string()))?;
+    let bundle_config =
+        BundleConfig { model: config.to_raw(), special_tokens: special_ids(tokenizer) };
     let config_yaml = serde_yaml::to_string(&bundle_config)
         .map_err(|e| invalid(dir.join(CONFIG_FILE), e.to_string()))?;
     let metadata = BundleMetadata {
@@ -210,9 +203,7 @@ fn write_files(
         // Two spaces: `sha256sum`'s text-mode separator, so `sha256sum -c checksum.txt` works.
         checksums.push_str(&format!("{}  {file}\n", sha256_hex(&bytes)));
     }
-    fs::File::open(&weights_path)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(&weights_path))?;
+    fs::File::open(&weights_path).and_then(|f| f.sync_all()).map_err(io_err(&weights_path))?;
     write_synced(&dir.join(CHECKSUM_FILE), checksums.as_bytes())?;
     sync_dir(dir)?;
     Ok(metadata)
@@ -257,9 +248,10 @@ impl Bundle {
         let weights_file = fs::File::open(&weights_path).map_err(io_err(&weights_path))?;
         // SAFETY: the mapping is read-only; a bundle is immutable once written (written to a
         // temporary directory and renamed), and the bytes are checksummed before use.
-        let weights = unsafe { memmap2::Mmap::map(&weights_file) }.map_err(io_err(&weights_path))?;
+        let weights =
+            unsafe { memmap2::Mmap::map(&weights_file) }.map_err(io_err(&weights_path))?;
         verify(&weights_path, &weights, &expected[WEIGHTS_FILE])?;
-        let mut read = |file: &str| -> Result<Vec<u8>, BundleError> {
+        let read = |file: &str| -> Result<Vec<u8>, BundleError> {
             let path = dir.join(file);
             let bytes = fs::read(&path).map_err(io_err(&path))?;
             verify(&path, &bytes, &expected[file])?;
@@ -314,7 +306,10 @@ impl Bundle {
             ) {
                 return Err(invalid(
                     &weights_path,
-                    format!("tensor {name} has dtype {:?}; expected f32, f16 or bf16", view.dtype()),
+                    format!(
+                        "tensor {name} has dtype {:?}; expected f32, f16 or bf16",
+                        view.dtype()
+                    ),
                 ));
             }
             shapes.insert(name, view.shape().to_vec());
@@ -322,13 +317,7 @@ impl Bundle {
         let shapes = shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
         check_weights(&config, &shapes, &weights_path)?;
 
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            config,
-            metadata,
-            tokenizer,
-            weights,
-        })
+        Ok(Self { dir: dir.to_path_buf(), config, metadata, tokenizer, weights })
     }
 
     /// Builds the model in `dtype` on `device` from the verified weights.
@@ -336,7 +325,8 @@ impl Bundle {
         let path = self.dir.join(WEIGHTS_FILE);
         let tensors = candle_core::safetensors::load_buffer(&self.weights, device)
             .map_err(|e| invalid(&path, e.to_string()))?;
-        Model::from_tensors(&self.config, tensors, dtype, device).map_err(|e| invalid(&path, e.to_string()))
+        Model::from_tensors(&self.config, tensors, dtype, device)
+            .map_err(|e| invalid(&path, e.to_string()))
     }
 
     /// The bundle directory.
@@ -358,11 +348,15 @@ impl Bundle {
 }
 
 /// Parses `sha256sum` output; every checksummed file must be listed exactly once, nothing else.
-fn parse_checksums(listing: &str, path: &Path) -> Result<HashMap<&'static str, String>, BundleError> {
+fn parse_checksums(
+    listing: &str,
+    path: &Path,
+) -> Result<HashMap<&'static str, String>, BundleError> {
     let mut found = HashMap::new();
     for (n, line) in listing.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let bad = |why: &str| invalid(path, format!("line {}: {why}: {line:?}", n + 1));
-        let (hash, name) = line.split_once(' ').ok_or_else(|| bad("expected '<sha256>  <file>'"))?;
+        let (hash, name) =
+            line.split_once(' ').ok_or_else(|| bad("expected '<sha256>  <file>'"))?;
         // sha256sum writes ' ' (text) or '*' (binary) between the two spaces' worth of separator.
         let name = name.strip_prefix(' ').or_else(|| name.strip_prefix('*')).unwrap_or(name);
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -420,7 +414,10 @@ fn check_tokenizer(
             Some(&id) => {
                 return Err(invalid(
                     dir.join(CONFIG_FILE),
-                    format!("special token {} has id {id}, the tokenizer says {actual}", token.as_str()),
+                    format!(
+                        "special token {} has id {id}, the tokenizer says {actual}",
+                        token.as_str()
+                    ),
                 ));
             }
             None => {
@@ -457,7 +454,8 @@ fn check_weights(
         }
     }
     if shapes.len() != expected.len() {
-        let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+        let known: std::collections::HashSet<&str> =
+            expected.iter().map(|(n, _)| n.as_str()).collect();
         let extra: Vec<&&str> = shapes.keys().filter(|n| !known.contains(**n)).collect();
         return Err(invalid(path, format!("unexpected tensors {extra:?}")));
     }

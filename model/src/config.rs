@@ -7,8 +7,7 @@ use crate::params::{self, SolverSpec};
 /// Largest model M31R will build or load; bigger models cannot meet the latency budget on a laptop.
 pub const MAX_PARAMS: u64 = 500_000_000;
 
-/// Smallest vocabulary that can hold the 256 byte tokens of a byte-level BPE plus the specials.
-pub const MIN_VOCAB: usize = 256 + 8;
+pub use crate::tokenizer::MIN_VOCAB_SIZE as MIN_VOCAB;
 
 /// Why a model configuration was refused.
 #[derive(Debug, thiserror::Error)]

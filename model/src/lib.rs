@@ -2,18 +2,18 @@
 //! presets, parameter accounting, the LLaMA-shaped transformer with its KV cache, the tokenizer, the
 //! FIM prompt layout, sampling and the release bundle. No async runtime, no I/O besides bundles.
 
-//TMP pub mod bundle;
+pub mod bundle;
 pub mod config;
-//TMP pub mod fim;
+pub mod fim;
 pub mod params;
 pub mod rng;
 pub mod sampling;
-//TMP pub mod tokenizer;
+pub mod tokenizer;
 pub mod transformer;
 
-//TMP pub use bundle::{Bundle, BundleError, BundleInfo, BundleMetadata, write_bundle};
+pub use bundle::{Bundle, BundleError, BundleInfo, BundleMetadata, write_bundle};
 pub use config::{ConfigError, ModelConfig, Preset, RawModelConfig};
 pub use params::{ParamTable, SolverSpec, solve};
 pub use sampling::{Sampler, SamplingParams};
-//TMP pub use tokenizer::{SpecialToken, Tokenizer};
+pub use tokenizer::{SpecialToken, Tokenizer};
 pub use transformer::{AttentionKernel, KvCache, Model, ModelError};

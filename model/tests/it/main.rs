@@ -4,7 +4,7 @@
 // Test helpers fail loudly by design.
 #![allow(clippy::unwrap_used)]
 
-//TMP mod bundle;
+mod bundle;
 mod common;
 mod parity;
 mod transformer;

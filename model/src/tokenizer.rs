@@ -1,0 +1,902 @@
+//! The byte-level BPE tokenizer: training, loading and validating `tokenizer.json`, and the
+//! special-token contract every other module relies on.
+//!
+//! The pipeline is the one LLaMA-3 ships in its `tokenizer.json` (no normalizer, a regex split
+//! followed by a byte-level mapping, a byte-level decoder, no post-processor), so the files this
+//! module writes load unchanged in llama.cpp and Hugging Face `tokenizers`.
+//!
+//! Special tokens are control signals for the model, never text: [`Tokenizer::encode`] encodes a
+//! source file that happens to contain `<|fim_prefix|>` as ordinary bytes, so user code can never
+//! forge a FIM layout.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{
+    AddedToken, DecoderWrapper, ModelWrapper, OffsetReferential, OffsetType, PreTokenizedString,
+    PreTokenizer, PreTokenizerWrapper, SplitDelimiterBehavior,
+};
+
+/// The pre-tokenizer split regex of LLaMA-3, which llama.cpp calls the `llama-bpe` pre-tokenizer.
+///
+/// Digits are grouped by at most three and whitespace before a word stays attached to it, which
+/// keeps indentation runs and identifiers as separate, reusable pieces for code.
+pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Number of distinct byte tokens a byte-level BPE needs so that any UTF-8 text encodes.
+pub const BYTE_ALPHABET_SIZE: usize = 256;
+
+/// Smallest vocabulary [`Tokenizer::train`] accepts: every byte plus every special token.
+pub const MIN_VOCAB_SIZE: usize = BYTE_ALPHABET_SIZE + SpecialToken::ALL.len();
+
+/// Why a tokenizer could not be trained, loaded, saved or used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    /// The requested vocabulary cannot hold the byte alphabet and the special tokens.
+    #[error(
+        "vocab_size {requested} is too small: a byte-level BPE needs at least {minimum} \
+         ({BYTE_ALPHABET_SIZE} byte tokens + {} special tokens)",
+        SpecialToken::ALL.len()
+    )]
+    VocabTooSmall {
+        /// The vocabulary size asked for.
+        requested: usize,
+        /// The smallest size that works.
+        minimum: usize,
+    },
+    /// The fixed pipeline (regex, model) could not be constructed.
+    #[error("cannot build the byte-level BPE pipeline: {reason}")]
+    Build {
+        /// What the `tokenizers` crate reported.
+        reason: String,
+    },
+    /// BPE training failed.
+    #[error("BPE training failed: {reason}")]
+    Train {
+        /// What the `tokenizers` crate reported.
+        reason: String,
+    },
+    /// The tokenizer file could not be read.
+    #[error("cannot read tokenizer file {}: {source}", path.display())]
+    Read {
+        /// The file that was asked for.
+        path: PathBuf,
+        /// The I/O failure.
+        source: std::io::Error,
+    },
+    /// The tokenizer JSON is not a valid `tokenizers` file.
+    #[error("cannot parse tokenizer {origin}: {reason}")]
+    Parse {
+        /// The file (or buffer) being loaded.
+        origin: String,
+        /// What the parser reported.
+        reason: String,
+    },
+    /// A required special token is absent from the vocabulary.
+    #[error("tokenizer {origin} has no special token {token}")]
+    MissingSpecial {
+        /// The file (or buffer) being loaded.
+        origin: String,
+        /// The missing token.
+        token: &'static str,
+    },
+    /// A special token is in the vocabulary but not registered as a special added token, so it
+    /// would be neither protected from user text nor skipped when decoding.
+    #[error("token {token} in tokenizer {origin} is not registered as a special added token")]
+    NotSpecial {
+        /// The file (or buffer) being loaded.
+        origin: String,
+        /// The offending token.
+        token: &'static str,
+    },
+    /// A special token does not map to exactly one id.
+    #[error("special token {token} in tokenizer {origin} encodes to {ids:?}, not a single id")]
+    SpecialNotSingleId {
+        /// The file (or buffer) being loaded.
+        origin: String,
+        /// The offending token.
+        token: &'static str,
+        /// What it encoded to.
+        ids: Vec<u32>,
+    },
+    /// Two special tokens share one id, so the model could not tell them apart.
+    #[error("special tokens {first} and {second} in tokenizer {origin} share id {id}")]
+    DuplicateSpecialId {
+        /// The file (or buffer) being loaded.
+        origin: String,
+        /// The first token with that id.
+        first: &'static str,
+        /// The second token with that id.
+        second: &'static str,
+        /// The shared id.
+        id: u32,
+    },
+    /// The decoder is not byte-level, so ids would not round-trip to the exact source bytes.
+    #[error("tokenizer {origin} does not use a ByteLevel decoder; M31R needs a byte-level BPE")]
+    NotByteLevel {
+        /// The file (or buffer) being loaded.
+        origin: String,
+    },
+    /// Encoding failed inside the `tokenizers` crate.
+    #[error("cannot encode a {len}-byte text: {reason}")]
+    Encode {
+        /// Length of the text in bytes.
+        len: usize,
+        /// What the `tokenizers` crate reported.
+        reason: String,
+    },
+    /// Encoding ordinary text produced a control token; only a foreign `tokenizer.json` whose
+    /// pre-tokenizer keeps `<|...|>` whole can cause this.
+    #[error(
+        "encoding text produced special token {token} (id {id}); the pre-tokenizer must split it"
+    )]
+    SpecialInEncoding {
+        /// The special token produced.
+        token: &'static str,
+        /// Its id.
+        id: u32,
+    },
+    /// An id passed to decoding is not in the vocabulary.
+    #[error("token id {id} is outside the vocabulary of {vocab_size} tokens")]
+    UnknownId {
+        /// The offending id.
+        id: u32,
+        /// The vocabulary size, added tokens included.
+        vocab_size: usize,
+    },
+    /// Decoding failed inside the `tokenizers` crate.
+    #[error("cannot decode {count} ids: {reason}")]
+    Decode {
+        /// Number of ids being decoded.
+        count: usize,
+        /// What the `tokenizers` crate reported.
+        reason: String,
+    },
+    /// The tokenizer could not be serialised to JSON.
+    #[error("cannot serialise the tokenizer to JSON: {reason}")]
+    Serialize {
+        /// What the serialiser reported.
+        reason: String,
+    },
+    /// The tokenizer file could not be written.
+    #[error("cannot write tokenizer file {}: {source}", path.display())]
+    Write {
+        /// The destination file.
+        path: PathBuf,
+        /// The I/O failure.
+        source: std::io::Error,
+    },
+}
+
+/// The control tokens of M31R's vocabulary, in id order: a trained tokenizer gives them ids
+/// `0..8` in exactly this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SpecialToken {
+    /// `<|endoftext|>`: ends a document or a completion.
+    EndOfText,
+    /// `<|fim_prefix|>`: opens a fill-in-the-middle block.
+    FimPrefix,
+    /// `<|fim_suffix|>`: precedes the text after the cursor.
+    FimSuffix,
+    /// `<|fim_middle|>`: precedes the text the model fills in.
+    FimMiddle,
+    /// `<|fim_pad|>`: padding for FIM batches.
+    FimPad,
+    /// `<|file_sep|>`: separates repository files given as context.
+    FileSep,
+    /// `<|repo_name|>`: precedes a repository name.
+    RepoName,
+    /// `<|cot|>`: reserved for reasoning traces.
+    Cot,
+}
+
+impl SpecialToken {
+    /// Every special token, in id order.
+    pub const ALL: [SpecialToken; 8] = [
+        SpecialToken::EndOfText,
+        SpecialToken::FimPrefix,
+        SpecialToken::FimSuffix,
+        SpecialToken::FimMiddle,
+        SpecialToken::FimPad,
+        SpecialToken::FileSep,
+        SpecialToken::RepoName,
+        SpecialToken::Cot,
+    ];
+
+    /// The token's text as it appears in `tokenizer.json`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SpecialToken::EndOfText => "<|endoftext|>",
+            SpecialToken::FimPrefix => "<|fim_prefix|>",
+            SpecialToken::FimSuffix => "<|fim_suffix|>",
+            SpecialToken::FimMiddle => "<|fim_middle|>",
+            SpecialToken::FimPad => "<|fim_pad|>",
+            SpecialToken::FileSep => "<|file_sep|>",
+            SpecialToken::RepoName => "<|repo_name|>",
+            SpecialToken::Cot => "<|cot|>",
+        }
+    }
+}
+
+impl fmt::Display for SpecialToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The ids of the special tokens in one particular vocabulary, resolved and validated at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecialIds {
+    /// Id of `<|endoftext|>`.
+    pub end_of_text: u32,
+    /// Id of `<|fim_prefix|>`.
+    pub fim_prefix: u32,
+    /// Id of `<|fim_suffix|>`.
+    pub fim_suffix: u32,
+    /// Id of `<|fim_middle|>`.
+    pub fim_middle: u32,
+    /// Id of `<|fim_pad|>`.
+    pub fim_pad: u32,
+    /// Id of `<|file_sep|>`.
+    pub file_sep: u32,
+    /// Id of `<|repo_name|>`.
+    pub repo_name: u32,
+    /// Id of `<|cot|>`.
+    pub cot: u32,
+}
+
+impl SpecialIds {
+    /// The id of `token`.
+    pub const fn get(&self, token: SpecialToken) -> u32 {
+        match token {
+            SpecialToken::EndOfText => self.end_of_text,
+            SpecialToken::FimPrefix => self.fim_prefix,
+            SpecialToken::FimSuffix => self.fim_suffix,
+            SpecialToken::FimMiddle => self.fim_middle,
+            SpecialToken::FimPad => self.fim_pad,
+            SpecialToken::FileSep => self.file_sep,
+            SpecialToken::RepoName => self.repo_name,
+            SpecialToken::Cot => self.cot,
+        }
+    }
+
+    /// Whether `id` is one of the special tokens.
+    pub fn contains(&self, id: u32) -> bool {
+        self.find(id).is_some()
+    }
+
+    /// Which special token `id` is, if any.
+    fn find(&self, id: u32) -> Option<SpecialToken> {
+        SpecialToken::ALL.into_iter().find(|&t| self.get(t) == id)
+    }
+}
+
+/// A validated byte-level BPE tokenizer with M31R's special tokens.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    special: SpecialIds,
+}
+
+impl fmt::Debug for Tokenizer {
+    // The inner tokenizer's Debug prints the whole vocabulary; a summary is what logs need.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("special", &self.special)
+            .finish()
+    }
+}
+
+/// Label used in error messages for tokenizers that do not come from a file.
+const TRAINED_ORIGIN: &str = "<freshly trained>";
+/// Label used in error messages for [`Tokenizer::from_bytes`].
+const BYTES_ORIGIN: &str = "<tokenizer.json bytes>";
+
+impl Tokenizer {
+    /// Trains a byte-level BPE on `texts` with `vocab_size` tokens in total (specials included).
+    ///
+    /// The 8 special tokens get ids `0..8` in [`SpecialToken::ALL`] order and all 256 bytes are
+    /// in the vocabulary whether or not the texts contain them, so any UTF-8 text encodes.
+    /// Pairs seen fewer than twice are not merged, so the result can be smaller than asked for
+    /// on a small corpus. The same texts always give a byte-identical [`Tokenizer::to_json`].
+    pub fn train<I, S>(texts: I, vocab_size: usize) -> Result<Self, TokenizerError>
+    where
+        // The `tokenizers` trainer counts words on a thread pool.
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+    {
+        if vocab_size < MIN_VOCAB_SIZE {
+            return Err(TokenizerError::VocabTooSmall {
+                requested: vocab_size,
+                minimum: MIN_VOCAB_SIZE,
+            });
+        }
+        let build_err = |e: tokenizers::Error| TokenizerError::Build { reason: e.to_string() };
+        // LLaMA-3 sets ignore_merges: a pre-token already in the vocabulary is taken whole.
+        let bpe = BPE::builder().ignore_merges(true).build().map_err(build_err)?;
+        let mut inner = tokenizers::Tokenizer::new(ModelWrapper::BPE(bpe));
+        inner.with_pre_tokenizer(Some(llama3_pre_tokenizer().map_err(build_err)?));
+        inner.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
+
+        let specials =
+            SpecialToken::ALL.iter().map(|t| AddedToken::from(t.as_str(), true)).collect();
+        let trainer = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .special_tokens(specials)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect::<HashSet<char>>())
+            .build();
+        let mut trainer = TrainerWrapper::BpeTrainer(trainer);
+        inner
+            .train(&mut trainer, texts)
+            .map_err(|e| TokenizerError::Train { reason: e.to_string() })?;
+        Self::from_inner(inner, TRAINED_ORIGIN)
+    }
+
+    /// Loads and validates a `tokenizer.json` file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, TokenizerError> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path)
+            .map_err(|source| TokenizerError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(&bytes, &path.display().to_string())
+    }
+
+    /// Loads and validates a `tokenizer.json` held in memory.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, TokenizerError> {
+        Self::parse(bytes, BYTES_ORIGIN)
+    }
+
+    fn parse(bytes: &[u8], origin: &str) -> Result<Self, TokenizerError> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| {
+            TokenizerError::Parse { origin: origin.to_owned(), reason: e.to_string() }
+        })?;
+        Self::from_inner(inner, origin)
+    }
+
+    /// Validates the special tokens and the decoder, then switches off special-token matching
+    /// in text.
+    fn from_inner(mut inner: tokenizers::Tokenizer, origin: &str) -> Result<Self, TokenizerError> {
+        if !matches!(inner.get_decoder(), Some(DecoderWrapper::ByteLevel(_))) {
+            return Err(TokenizerError::NotByteLevel { origin: origin.to_owned() });
+        }
+        // Matching must still be on here so that a special token's own text can be checked to
+        // encode as exactly its id.
+        inner.set_encode_special_tokens(false);
+        let added = inner.get_added_tokens_decoder();
+        let mut ids = [0u32; 8];
+        for (slot, token) in ids.iter_mut().zip(SpecialToken::ALL) {
+            let text = token.as_str();
+            let id = inner.token_to_id(text).ok_or_else(|| TokenizerError::MissingSpecial {
+                origin: origin.to_owned(),
+                token: text,
+            })?;
+            if !added.get(&id).is_some_and(|a| a.special && a.content == text) {
+                return Err(TokenizerError::NotSpecial { origin: origin.to_owned(), token: text });
+            }
+            let encoded = inner
+                .encode_fast(text, false)
+                .map_err(|e| TokenizerError::Encode { len: text.len(), reason: e.to_string() })?;
+            if encoded.get_ids() != [id] {
+                return Err(TokenizerError::SpecialNotSingleId {
+                    origin: origin.to_owned(),
+                    token: text,
+                    ids: encoded.get_ids().to_vec(),
+                });
+            }
+            *slot = id;
+        }
+        for (i, a) in SpecialToken::ALL.iter().enumerate() {
+            for (j, b) in SpecialToken::ALL.iter().enumerate().skip(i + 1) {
+                if ids[i] == ids[j] {
+                    return Err(TokenizerError::DuplicateSpecialId {
+                        origin: origin.to_owned(),
+                        first: a.as_str(),
+                        second: b.as_str(),
+                        id: ids[i],
+                    });
+                }
+            }
+        }
+        // From here on `<|fim_prefix|>` in user text is ordinary bytes, never the control token.
+        inner.set_encode_special_tokens(true);
+        let [end_of_text, fim_prefix, fim_suffix, fim_middle, fim_pad, file_sep, repo_name, cot] =
+            ids;
+        Ok(Self {
+            inner,
+            special: SpecialIds {
+                end_of_text,
+                fim_prefix,
+                fim_suffix,
+                fim_middle,
+                fim_pad,
+                file_sep,
+                repo_name,
+                cot,
+            },
+        })
+    }
+
+    /// The tokenizer as `tokenizer.json` text (pretty-printed, deterministic).
+    pub fn to_json(&self) -> Result<String, TokenizerError> {
+        self.inner.to_string(true).map_err(|e| TokenizerError::Serialize { reason: e.to_string() })
+    }
+
+    /// Writes the tokenizer to `path` as `tokenizer.json` text.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<(), TokenizerError> {
+        let path = path.as_ref();
+        let json = self.to_json()?;
+        std::fs::write(path, json)
+            .map_err(|source| TokenizerError::Write { path: path.to_path_buf(), source })
+    }
+
+    /// Encodes `text` as ordinary text: the result never contains a special id, even where the
+    /// text spells one out.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let encoding = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| TokenizerError::Encode { len: text.len(), reason: e.to_string() })?;
+        let ids = encoding.get_ids();
+        if let Some((token, id)) = ids.iter().find_map(|&id| self.special.find(id).map(|t| (t, id)))
+        {
+            return Err(TokenizerError::SpecialInEncoding { token: token.as_str(), id });
+        }
+        Ok(ids.to_vec())
+    }
+
+    /// Decodes `ids` back to text. Ordinary ids decode to exactly the bytes they encode;
+    /// special ids are skipped, because they are control signals with no text. A byte sequence
+    /// that is not valid UTF-8 (a multi-byte character cut between tokens) decodes lossily.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        if let Some(&id) = ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
+            return Err(TokenizerError::UnknownId { id, vocab_size: self.vocab_size() });
+        }
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| TokenizerError::Decode { count: ids.len(), reason: e.to_string() })
+    }
+
+    /// Number of ids in the vocabulary, special tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The ids of the special tokens.
+    pub fn special_ids(&self) -> &SpecialIds {
+        &self.special
+    }
+
+    /// The id of a token given in its vocabulary spelling (byte-level characters for ordinary
+    /// tokens, e.g. `Ġfn` for ` fn`).
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The vocabulary spelling of `id`.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Byte offset in `text` where its last pre-token chunk starts (0 for empty text).
+    ///
+    /// Appending to `text` re-chunks only this last chunk; everything before it is split, and
+    /// so encoded, the same way however the text continues. Falls back to 0 (the whole text is
+    /// one chunk), which is always safe, if pre-tokenization fails.
+    pub fn last_chunk_start(&self, text: &str) -> usize {
+        let Some(pre) = self.inner.get_pre_tokenizer() else {
+            return 0;
+        };
+        let mut pre_tokenized = PreTokenizedString::from(text);
+        if pre.pre_tokenize(&mut pre_tokenized).is_err() {
+            return 0;
+        }
+        pre_tokenized
+            .get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .last()
+            .map_or(0, |(_, (start, _), _)| *start)
+    }
+
+    /// Number of source bytes an ordinary token stands for. The decoder is validated to be
+    /// byte-level at load, where every character of a token's spelling is one byte.
+    pub(crate) fn token_byte_len(&self, id: u32) -> Result<usize, TokenizerError> {
+        self.inner
+            .id_to_token(id)
+            .map(|t| t.chars().count())
+            .ok_or(TokenizerError::UnknownId { id, vocab_size: self.vocab_size() })
+    }
+}
+
+/// LLaMA-3's pre-tokenizer: the `llama-bpe` regex split, then the byte-to-character mapping.
+fn llama3_pre_tokenizer() -> Result<PreTokenizerWrapper, tokenizers::Error> {
+    let split = Split::new(
+        SplitPattern::Regex(LLAMA3_PATTERN.to_owned()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )?;
+    Ok(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+        PreTokenizerWrapper::Split(split),
+        PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
+    ])))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::LazyLock;
+
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngSeed};
+
+    use super::*;
+
+    /// Rust sources the test tokenizers are trained on, with non-ASCII identifiers, strings
+    /// and comments.
+    pub(crate) const RUST_FIXTURE: &[&str] = &[
+        r#"//! Geometry helpers for the demo.
+use std::collections::HashMap;
+use std::fmt;
+
+/// A point in the plane.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Point {
+    pub x: f64,
+    pub y: f64,
+}
+
+impl Point {
+    /// Creates a new point.
+    pub fn new(x: f64, y: f64) -> Self {
+        Self { x, y }
+    }
+
+    /// Euclidean distance to `other`.
+    pub fn distance(&self, other: &Point) -> f64 {
+        let dx = self.x - other.x;
+        let dy = self.y - other.y;
+        (dx * dx + dy * dy).sqrt()
+    }
+}
+
+impl fmt::Display for Point {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "({}, {})", self.x, self.y)
+    }
+}
+"#,
+        r#"// Größenberechnung — unicode in identifiers, strings and comments.
+fn größe(wörter: &[&str]) -> usize {
+    let größe = "日本語 🦀";
+    let mut total = größe.len();
+    for wort in wörter {
+        total += wort.chars().count();
+    }
+    total
+}
+
+fn main() {
+    let grüße = vec!["héllo", "wörld", "こんにちは", "Привет"];
+    println!("{} {}", größe(&grüße), "emoji: 🦀🚀✨");
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for word in &grüße {
+        *counts.entry(word.to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(counts.len(), 4);
+}
+"#,
+        r#"use std::io::{self, Read};
+
+#[derive(Debug)]
+pub enum ParseError {
+    UnexpectedEof,
+    InvalidDigit(char),
+    Overflow { value: u64 },
+}
+
+pub fn parse_number(input: &str) -> Result<u64, ParseError> {
+    let mut value: u64 = 0;
+    if input.is_empty() {
+        return Err(ParseError::UnexpectedEof);
+    }
+    for c in input.chars() {
+        let digit = c.to_digit(10).ok_or(ParseError::InvalidDigit(c))?;
+        value = value
+            .checked_mul(10)
+            .and_then(|v| v.checked_add(u64::from(digit)))
+            .ok_or(ParseError::Overflow { value })?;
+    }
+    Ok(value)
+}
+
+pub fn read_all() -> io::Result<String> {
+    let mut buffer = String::new();
+    io::stdin().read_to_string(&mut buffer)?;
+    Ok(buffer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_numbers() {
+        assert_eq!(parse_number("12345").unwrap(), 12345);
+        assert!(parse_number("12a").is_err());
+        assert!(parse_number("").is_err());
+    }
+}
+"#,
+        r#"pub trait Shape {
+    fn area(&self) -> f64;
+    fn name(&self) -> &'static str;
+}
+
+pub struct Circle {
+    radius: f64,
+}
+
+pub struct Rectangle {
+    width: f64,
+    height: f64,
+}
+
+impl Shape for Circle {
+    fn area(&self) -> f64 {
+        std::f64::consts::PI * self.radius * self.radius
+    }
+
+    fn name(&self) -> &'static str {
+        "circle"
+    }
+}
+
+impl Shape for Rectangle {
+    fn area(&self) -> f64 {
+        self.width * self.height
+    }
+
+    fn name(&self) -> &'static str {
+        "rectangle"
+    }
+}
+
+pub fn total_area(shapes: &[Box<dyn Shape>]) -> f64 {
+    shapes.iter().map(|s| s.area()).sum()
+}
+
+async fn fetch(url: &str) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+    let _ = url;
+    Ok(Vec::with_capacity(1024))
+}
+
+const TABLE: [u32; 8] = [0x0000_0001, 0xdead_beef, 42, 1_000_000, 7, 9, 11, 13];
+"#,
+    ];
+
+    /// A tokenizer trained on [`RUST_FIXTURE`] with 1024 tokens, shared by the tests.
+    pub(crate) static TOK_1024: LazyLock<Tokenizer> = LazyLock::new(|| {
+        Tokenizer::train(RUST_FIXTURE.iter(), 1024).expect("training on the fixture succeeds")
+    });
+
+    static TOK_512: LazyLock<Tokenizer> = LazyLock::new(|| {
+        Tokenizer::train(RUST_FIXTURE.iter(), 512).expect("training on the fixture succeeds")
+    });
+
+    /// Fixed-seed proptest config that writes no regression files.
+    pub(crate) fn hermetic_config(cases: u32) -> Config {
+        Config {
+            cases,
+            rng_seed: RngSeed::Fixed(0x5EED_0031),
+            failure_persistence: None,
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn too_small_vocab_is_refused() {
+        let err = Tokenizer::train(RUST_FIXTURE.iter(), MIN_VOCAB_SIZE - 1).unwrap_err();
+        assert!(matches!(err, TokenizerError::VocabTooSmall { requested: 263, minimum: 264 }));
+        assert!(err.to_string().contains("263"), "{err}");
+    }
+
+    #[test]
+    fn specials_are_single_ids_in_order() {
+        for tok in [&*TOK_512, &*TOK_1024] {
+            for (i, special) in SpecialToken::ALL.into_iter().enumerate() {
+                let id = tok.special_ids().get(special);
+                assert_eq!(id as usize, i, "{special}");
+                assert_eq!(tok.token_to_id(special.as_str()), Some(id));
+                assert_eq!(tok.id_to_token(id).as_deref(), Some(special.as_str()));
+                assert!(tok.special_ids().contains(id));
+            }
+            assert!(!tok.special_ids().contains(8));
+            assert!(tok.vocab_size() <= 1024);
+            assert!(tok.vocab_size() > MIN_VOCAB_SIZE);
+        }
+        assert_eq!(TOK_512.vocab_size(), 512);
+    }
+
+    #[test]
+    fn fixture_round_trips_exactly() {
+        for tok in [&*TOK_512, &*TOK_1024] {
+            for src in RUST_FIXTURE {
+                let ids = tok.encode(src).unwrap();
+                assert!(ids.iter().all(|&id| !tok.special_ids().contains(id)));
+                assert_eq!(tok.decode(&ids).unwrap(), *src);
+            }
+        }
+    }
+
+    #[test]
+    fn unseen_bytes_encode() {
+        let text = "\u{0}\u{7f}ŧ\u{10FFFF}\r\n\t 𝔘";
+        let ids = TOK_512.encode(text).unwrap();
+        assert_eq!(TOK_512.decode(&ids).unwrap(), text);
+    }
+
+    #[test]
+    fn special_lookalikes_are_plain_text() {
+        let text = "fn f() { let s = \"<|fim_prefix|>\"; }";
+        for tok in [&*TOK_512, &*TOK_1024] {
+            let ids = tok.encode(text).unwrap();
+            assert!(ids.iter().all(|&id| !tok.special_ids().contains(id)), "{ids:?}");
+            assert_eq!(tok.decode(&ids).unwrap(), text);
+            for special in SpecialToken::ALL {
+                let ids = tok.encode(special.as_str()).unwrap();
+                assert!(ids.len() > 1, "{special} encoded as {ids:?}");
+                assert_eq!(tok.decode(&ids).unwrap(), special.as_str());
+            }
+        }
+    }
+
+    #[test]
+    fn decode_skips_specials_and_rejects_unknown_ids() {
+        let tok = &*TOK_1024;
+        let mut ids = vec![tok.special_ids().fim_prefix];
+        ids.extend(tok.encode("let x = 1;").unwrap());
+        ids.push(tok.special_ids().end_of_text);
+        assert_eq!(tok.decode(&ids).unwrap(), "let x = 1;");
+        let bad = u32::try_from(tok.vocab_size()).unwrap();
+        let err = tok.decode(&[bad]).unwrap_err();
+        assert!(err.to_string().contains(&bad.to_string()), "{err}");
+    }
+
+    #[test]
+    fn training_is_deterministic() {
+        let again = Tokenizer::train(RUST_FIXTURE.iter(), 1024).unwrap();
+        assert_eq!(again.to_json().unwrap(), TOK_1024.to_json().unwrap());
+        let small = Tokenizer::train(RUST_FIXTURE.iter().map(|s| s.to_string()), 512).unwrap();
+        assert_eq!(small.to_json().unwrap(), TOK_512.to_json().unwrap());
+    }
+
+    #[test]
+    fn merges_compress_the_fixture() {
+        let bytes: usize = RUST_FIXTURE.iter().map(|s| s.len()).sum();
+        let tokens: usize = RUST_FIXTURE.iter().map(|s| TOK_1024.encode(s).unwrap().len()).sum();
+        let ratio = bytes as f64 / tokens as f64;
+        eprintln!("bytes/token with vocab {}: {ratio:.2}", TOK_1024.vocab_size());
+        assert!(ratio > 1.5, "bytes/token {ratio}");
+    }
+
+    #[test]
+    fn json_round_trip_preserves_the_tokenizer() {
+        let json = TOK_1024.to_json().unwrap();
+        let loaded = Tokenizer::from_bytes(json.as_bytes()).unwrap();
+        assert_eq!(loaded.special_ids(), TOK_1024.special_ids());
+        assert_eq!(loaded.to_json().unwrap(), json);
+        for src in RUST_FIXTURE {
+            assert_eq!(loaded.encode(src).unwrap(), TOK_1024.encode(src).unwrap());
+        }
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(value["normalizer"].is_null());
+        assert!(value["post_processor"].is_null());
+        assert_eq!(value["decoder"]["type"], "ByteLevel");
+        assert_eq!(value["model"]["type"], "BPE");
+        let pre = &value["pre_tokenizer"]["pretokenizers"];
+        assert_eq!(pre[0]["pattern"]["Regex"], LLAMA3_PATTERN);
+        assert_eq!(pre[0]["behavior"], "Isolated");
+        assert_eq!(pre[1]["type"], "ByteLevel");
+        assert_eq!(pre[1]["add_prefix_space"], false);
+        assert_eq!(pre[1]["use_regex"], false);
+    }
+
+    #[test]
+    fn save_and_from_file_round_trip() {
+        let dir = std::env::temp_dir().join(format!("m31r-tok-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokenizer.json");
+        TOK_512.save(&path).unwrap();
+        let loaded = Tokenizer::from_file(&path).unwrap();
+        assert_eq!(loaded.to_json().unwrap(), TOK_512.to_json().unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let missing = dir.join("absent.json");
+        let err = Tokenizer::from_file(&missing).unwrap_err();
+        assert!(err.to_string().contains("absent.json"), "{err}");
+    }
+
+    /// Writes `json` to a scratch file and loads it, so errors carry a real file name.
+    fn load_edited(json: &serde_json::Value, name: &str) -> Result<Tokenizer, TokenizerError> {
+        let dir = std::env::temp_dir().join(format!("m31r-tok-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokenizer.json");
+        std::fs::write(&path, serde_json::to_string(json).unwrap()).unwrap();
+        let result = Tokenizer::from_file(&path);
+        std::fs::remove_dir_all(&dir).unwrap();
+        result
+    }
+
+    #[test]
+    fn removed_special_is_refused_by_name() {
+        let json: serde_json::Value = serde_json::from_str(&TOK_512.to_json().unwrap()).unwrap();
+
+        // Dropped from the added tokens only: the id still exists but is no longer protected.
+        let mut edited = json.clone();
+        edited["added_tokens"].as_array_mut().unwrap().retain(|t| t["content"] != "<|fim_pad|>");
+        let err = load_edited(&edited, "unprotected").unwrap_err();
+        assert!(matches!(err, TokenizerError::NotSpecial { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("<|fim_pad|>") && msg.contains("tokenizer.json"), "{msg}");
+
+        // Dropped everywhere.
+        let mut edited = json;
+        edited["added_tokens"].as_array_mut().unwrap().retain(|t| t["content"] != "<|cot|>");
+        edited["model"]["vocab"].as_object_mut().unwrap().remove("<|cot|>");
+        let err = load_edited(&edited, "missing").unwrap_err();
+        assert!(matches!(err, TokenizerError::MissingSpecial { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("<|cot|>") && msg.contains("tokenizer.json"), "{msg}");
+    }
+
+    #[test]
+    fn non_byte_level_decoder_is_refused() {
+        let mut json: serde_json::Value =
+            serde_json::from_str(&TOK_512.to_json().unwrap()).unwrap();
+        json["decoder"] = serde_json::Value::Null;
+        let err =
+            Tokenizer::from_bytes(serde_json::to_string(&json).unwrap().as_bytes()).unwrap_err();
+        assert!(matches!(err, TokenizerError::NotByteLevel { .. }), "{err}");
+    }
+
+    #[test]
+    fn last_chunk_start_finds_the_final_pre_token() {
+        let tok = &*TOK_512;
+        assert_eq!(tok.last_chunk_start(""), 0);
+        assert_eq!(tok.last_chunk_start("let x"), 3);
+        // Punctuation before a word joins the word.
+        assert_eq!(tok.last_chunk_start("foo(bar"), 3);
+        assert_eq!(tok.last_chunk_start("a  "), 1);
+        assert_eq!(tok.last_chunk_start("x = 12345"), 7);
+        assert_eq!(tok.last_chunk_start("größe"), 0);
+    }
+
+    fn arbitrary_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[a-zA-Z0-9_ \t\r\n{}()<>|:;.,'\"!?#&*+=/\\\\-]{0,80}",
+            "[ \t\n\r\u{b}\u{c}\u{85}\u{a0}\u{2028}\u{3000}]{0,40}",
+            "[🦀🚀✨日本語ßé\u{0}-\u{1f}\u{7f}\u{200d}\u{fe0f} a]{0,40}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(hermetic_config(512))]
+
+        #[test]
+        fn arbitrary_text_round_trips(text in arbitrary_text()) {
+            for tok in [&*TOK_512, &*TOK_1024] {
+                let ids = tok.encode(&text).unwrap();
+                prop_assert!(ids.iter().all(|&id| !tok.special_ids().contains(id)));
+                prop_assert_eq!(tok.decode(&ids).unwrap(), text.clone());
+                let bytes: usize = ids.iter().map(|&id| tok.token_byte_len(id).unwrap()).sum();
+                prop_assert_eq!(bytes, text.len());
+            }
+        }
+    }
+}
