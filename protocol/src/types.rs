@@ -1,0 +1,377 @@
+//! Message types: requests from clients, events from the daemon. These are boundary types: they
+//! derive serde and are converted to engine types at the daemon's edge.
+
+use serde::{Deserialize, Serialize};
+
+/// A client-chosen request id, unique among the connection's in-flight requests.
+pub type RequestId = String;
+
+/// Everything a client can send.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Version handshake; must be the first message on a connection.
+    Hello {
+        /// The client's [`crate::PROTOCOL_VERSION`].
+        version: u32,
+        /// Free-form client name, for logs.
+        #[serde(default)]
+        client: String,
+    },
+    /// Raw continuation of `prompt`: stops only at end-of-text, stop strings, limits.
+    Generate {
+        /// Request id.
+        id: RequestId,
+        /// Text to continue.
+        prompt: String,
+        /// Generation parameters.
+        #[serde(default)]
+        params: GenerationParams,
+    },
+    /// Code completion after `prompt` (a Rust prefix), with the Rust-aware stop rules.
+    Complete {
+        /// Request id.
+        id: RequestId,
+        /// Text before the cursor.
+        prompt: String,
+        /// Generation parameters.
+        #[serde(default)]
+        params: GenerationParams,
+    },
+    /// Fill-in-the-middle at the cursor between `prefix` and `suffix`, with Rust-aware stops.
+    Fim {
+        /// Request id.
+        id: RequestId,
+        /// The FIM input.
+        #[serde(flatten)]
+        input: FimInput,
+        /// Generation parameters.
+        #[serde(default)]
+        params: GenerationParams,
+    },
+    /// Prefills a FIM prompt into the cache without generating (sent when a file opens).
+    Warm {
+        /// Request id.
+        id: RequestId,
+        /// The FIM input to prefill.
+        #[serde(flatten)]
+        input: FimInput,
+    },
+    /// Stops request `id` between tokens or prefill chunks; it ends with `done` (`cancelled`).
+    Cancel {
+        /// Id of the request to stop.
+        id: RequestId,
+    },
+    /// Asks for an [`Event::Status`].
+    Status {
+        /// Request id.
+        id: RequestId,
+    },
+    /// Asks the daemon to finish in-flight work and exit.
+    Shutdown {
+        /// Request id.
+        id: RequestId,
+    },
+}
+
+impl Request {
+    /// The request's id (`None` for `hello`).
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            Request::Hello { .. } => None,
+            Request::Generate { id, .. }
+            | Request::Complete { id, .. }
+            | Request::Fim { id, .. }
+            | Request::Warm { id, .. }
+            | Request::Cancel { id }
+            | Request::Status { id }
+            | Request::Shutdown { id } => Some(id),
+        }
+    }
+}
+
+/// Text around the cursor, plus other files for context.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FimInput {
+    /// Text before the cursor.
+    pub prefix: String,
+    /// Text after the cursor.
+    #[serde(default)]
+    pub suffix: String,
+    /// Other files, least relevant first; they go before the FIM block.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub context_files: Vec<ContextFile>,
+}
+
+/// One context file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContextFile {
+    /// Workspace-relative path.
+    pub path: String,
+    /// Its text.
+    pub text: String,
+}
+
+/// How to generate. Every field has a default; greedy decoding is deterministic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationParams {
+    /// Most tokens to generate (1..=4096).
+    pub max_tokens: u32,
+    /// 0 = greedy (default).
+    pub temperature: f32,
+    /// 0 = no limit.
+    pub top_k: u32,
+    /// 1 = no limit.
+    pub top_p: f32,
+    /// Sampling seed.
+    pub seed: u64,
+    /// Stop before any of these strings (at most 8, each 1..=64 bytes).
+    pub stop: Vec<String>,
+    /// Give up generating after this many milliseconds from arrival (0 = no deadline).
+    pub deadline_ms: u64,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 64,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+            deadline_ms: 0,
+        }
+    }
+}
+
+/// Everything the daemon sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Event {
+    /// Answer to `hello`.
+    Hello {
+        /// The daemon's protocol version.
+        version: u32,
+        /// Daemon name and version.
+        daemon: String,
+        /// The loaded model.
+        model: ModelInfo,
+    },
+    /// A piece of generated text (always whole UTF-8 characters).
+    Token {
+        /// Request id.
+        id: RequestId,
+        /// The new text.
+        text: String,
+    },
+    /// The request finished; exactly one per request unless it ended with `error`.
+    Done {
+        /// Request id.
+        id: RequestId,
+        /// Why generation ended.
+        stop: StopReason,
+        /// Token counts.
+        usage: Usage,
+        /// Where the time went.
+        timings: Timings,
+    },
+    /// The request (or, with no id, the frame) failed; the connection stays usable.
+    Error {
+        /// Request id, when the failing frame had one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        /// Machine-readable cause.
+        code: ErrorCode,
+        /// Human-readable cause naming the problem.
+        message: String,
+    },
+    /// Answer to `status`.
+    Status {
+        /// Request id.
+        id: RequestId,
+        /// The report.
+        #[serde(flatten)]
+        status: DaemonStatus,
+    },
+    /// Answer to `shutdown`, sent before the daemon stops.
+    ShuttingDown {
+        /// Request id.
+        id: RequestId,
+    },
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The model produced end-of-text or a FIM control token.
+    EndOfText,
+    /// `max_tokens` reached.
+    MaxTokens,
+    /// `deadline_ms` passed.
+    Deadline,
+    /// A stop string was produced (it is not included).
+    StopString,
+    /// A line dedented below the cursor's block.
+    Dedent,
+    /// A closing brace the suffix already provides.
+    ClosingBrace,
+    /// A blank line at item level.
+    BlankLine,
+    /// The context window is full.
+    ContextFull,
+    /// The client cancelled it.
+    Cancelled,
+    /// A `warm` request finished prefilling.
+    Warmed,
+}
+
+/// Token counts of one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Usage {
+    /// Tokens in the (possibly truncated) prompt.
+    pub prompt_tokens: u32,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: u32,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+}
+
+/// Where one request's time went, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timings {
+    /// Waiting for the engine.
+    pub queue_ms: f64,
+    /// Evaluating the uncached prompt tokens.
+    pub prefill_ms: f64,
+    /// Generating.
+    pub decode_ms: f64,
+    /// Arrival to done.
+    pub total_ms: f64,
+}
+
+/// Machine-readable error causes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not valid JSON, or not a known message shape.
+    BadRequest,
+    /// The frame exceeded [`crate::MAX_FRAME_BYTES`].
+    FrameTooLarge,
+    /// The frame is not valid UTF-8.
+    InvalidUtf8,
+    /// The first message was not `hello`, or the version differs.
+    VersionMismatch,
+    /// A parameter is out of range.
+    InvalidParams,
+    /// The id is already in flight on this connection.
+    DuplicateId,
+    /// The prompt cannot fit the context window.
+    ContextOverflow,
+    /// The engine's queue is full; retry later.
+    Overloaded,
+    /// The daemon is shutting down.
+    ShuttingDown,
+    /// A bug; the daemon keeps serving.
+    Internal,
+}
+
+/// The loaded model, as told in `hello`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelInfo {
+    /// `metadata.json`'s model version.
+    pub version: String,
+    /// Trainable parameters.
+    pub parameters: u64,
+    /// Context window in tokens.
+    pub context_length: u32,
+    /// Weight precision (`f32`, `f16`).
+    pub precision: String,
+}
+
+/// Daemon state, as told in `status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonStatus {
+    /// The loaded model.
+    pub model: ModelInfo,
+    /// Seconds since start.
+    pub uptime_s: f64,
+    /// Open connections.
+    pub connections: u32,
+    /// Jobs waiting for the engine.
+    pub queued: u32,
+    /// Sequences in the prefix cache.
+    pub cache_entries: u32,
+    /// Tokens held by the prefix cache.
+    pub cache_tokens: u64,
+    /// Bytes allocated by the prefix cache.
+    pub cache_bytes: u64,
+    /// The cache's memory budget.
+    pub cache_budget_bytes: u64,
+    /// Resident memory of the daemon.
+    pub resident_bytes: u64,
+    /// Requests completed (any outcome).
+    pub requests: u64,
+    /// Of which cancelled.
+    pub cancelled: u64,
+    /// Of which failed.
+    pub errors: u64,
+    /// Prompt tokens served from cache, over all requests.
+    pub cached_tokens: u64,
+    /// Prompt tokens evaluated, over all requests.
+    pub prefilled_tokens: u64,
+    /// Tokens generated, over all requests.
+    pub generated_tokens: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_reject_unknown_keys() {
+        let fim: Request = serde_json::from_str(
+            r#"{"type":"fim","id":"7","prefix":"fn a() {","suffix":"}","params":{"max_tokens":8}}"#,
+        )
+        .unwrap();
+        let Request::Fim { id, input, params } = &fim else { panic!("{fim:?}") };
+        assert_eq!((id.as_str(), input.suffix.as_str(), params.max_tokens), ("7", "}", 8));
+        assert_eq!(params.temperature, 0.0);
+        let text = serde_json::to_string(&fim).unwrap();
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), fim);
+        for bad in [
+            r#"{"type":"generate","id":"1","prompt":"x","bogus":1}"#,
+            r#"{"type":"generate","id":"1","prompt":"x","params":{"max_token":3}}"#,
+            r#"{"type":"teleport","id":"1"}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn events_round_trip() {
+        let events = [
+            Event::Token { id: "1".into(), text: "let".into() },
+            Event::Done {
+                id: "1".into(),
+                stop: StopReason::MaxTokens,
+                usage: Usage { prompt_tokens: 3, cached_tokens: 2, completion_tokens: 1 },
+                timings: Timings::default(),
+            },
+            Event::Error { id: None, code: ErrorCode::FrameTooLarge, message: "big".into() },
+            Event::Status { id: "s".into(), status: DaemonStatus::default() },
+        ];
+        for e in events {
+            let text = serde_json::to_string(&e).unwrap();
+            assert_eq!(serde_json::from_str::<Event>(&text).unwrap(), e, "{text}");
+        }
+    }
+}
