@@ -334,7 +334,7 @@ mod tests {
         let budget = FimBudget { max_prompt_tokens: 100_000, ..FimBudget::default() };
         let context = [("src/lib.rs", RUST_FIXTURE[0]), ("src/util.rs", "pub fn f() {}\n")];
         let (mut cases, mut strong) = (0usize, 0usize);
-        for cut in cut_points(&text, 3) {
+        for cut in cut_points(&text, 13) {
             let (prefix, suffix) = text.split_at(cut);
             let old = serving_prompt(tok, &context, prefix, suffix, &budget).unwrap();
             assert_eq!(old.prefix_tokens_dropped, 0);

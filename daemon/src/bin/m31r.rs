@@ -1,0 +1,3 @@
+//! `m31r`: command-line client of the daemon.
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! `m31rd`: the completion daemon.
+
+fn main() {}
