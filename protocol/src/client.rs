@@ -58,10 +58,9 @@ pub struct Client {
 impl Client {
     /// Connects to the socket at `path` without the handshake (tests of bad handshakes use this).
     pub async fn connect_raw(path: &Path) -> Result<Self, ClientError> {
-        let stream = UnixStream::connect(path).await.map_err(|source| ClientError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| ClientError::Connect { path: path.display().to_string(), source })?;
         let (read, write) = stream.into_split();
         Ok(Self {
             reader: ClientReader {

@@ -82,7 +82,9 @@ impl<R: AsyncBufRead + Unpin> FrameReader<R> {
             let bytes = std::mem::take(&mut self.buf);
             return match String::from_utf8(bytes) {
                 Ok(text) => Ok(Some(text)),
-                Err(e) => Err(FrameError::InvalidUtf8 { valid_up_to: e.utf8_error().valid_up_to() }),
+                Err(e) => {
+                    Err(FrameError::InvalidUtf8 { valid_up_to: e.utf8_error().valid_up_to() })
+                }
             };
         }
     }

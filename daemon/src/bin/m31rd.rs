@@ -1,3 +1,148 @@
-//! `m31rd`: the completion daemon.
+//! `m31rd`: the completion daemon. Loads one release bundle once, then serves completion requests
+//! on a private Unix socket until SIGTERM/SIGINT or a `shutdown` request.
 
-fn main() {}
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device};
+use clap::Parser;
+use m31r_daemon::config::{DaemonConfig, Precision};
+use m31r_daemon::engine::Engine;
+use m31r_daemon::server::{self, Server};
+use m31r_model::Bundle;
+use m31r_protocol::ModelInfo;
+use serde::Serialize;
+
+/// The M31R completion daemon: owns the model and its caches, serves editors over a Unix socket.
+///
+/// Configuration layers (later wins): built-in defaults, the `[daemon]` table of
+/// ~/.config/m31r/m31r.toml (or --config), M31R_* environment variables (M31R_BUNDLE,
+/// M31R_SOCKET, M31R_THREADS, ...), then these flags.
+#[derive(Debug, Parser, Serialize)]
+#[command(version)]
+struct Args {
+    /// Release bundle directory to load.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bundle: Option<PathBuf>,
+    /// Socket path [default: $XDG_RUNTIME_DIR/m31r/m31rd.sock].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    socket: Option<PathBuf>,
+    /// Weight precision: f32 or f16.
+    #[arg(long, value_parser = ["f32", "f16"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    precision: Option<String>,
+    /// Compute threads (0 = all cores).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    threads: Option<usize>,
+    /// Log file [default: stderr].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_file: Option<PathBuf>,
+    /// Config file [default: ~/.config/m31r/m31r.toml].
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Print the resolved configuration and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    print_config: bool,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("m31rd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config =
+        DaemonConfig::resolve(args.config.as_deref(), &args).context("invalid configuration")?;
+    if args.print_config {
+        print!("{}", toml::to_string(&config).context("cannot print the configuration")?);
+        return Ok(());
+    }
+    init_logging(&config)?;
+    if config.threads > 0 {
+        // SAFETY: no other thread exists yet; candle's thread pool reads this on first use.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", config.threads.to_string()) };
+    }
+    let Some(bundle_dir) = config.bundle.clone() else {
+        bail!("no bundle to serve: pass --bundle DIR or set M31R_BUNDLE or `bundle` in [daemon]");
+    };
+
+    let started = Instant::now();
+    let bundle = Bundle::open(&bundle_dir)
+        .with_context(|| format!("cannot load bundle {}", bundle_dir.display()))?;
+    let dtype = match config.precision {
+        Precision::F32 => DType::F32,
+        Precision::F16 => DType::F16,
+    };
+    let model = bundle
+        .model(dtype, &Device::Cpu)
+        .with_context(|| format!("cannot build the model from {}", bundle_dir.display()))?;
+    let info = ModelInfo {
+        version: bundle.metadata().model_version.clone(),
+        parameters: bundle.config().param_count(),
+        context_length: bundle.config().context_length() as u32,
+        precision: format!("{:?}", config.precision).to_lowercase(),
+    };
+    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+    tracing::info!(bundle = %bundle_dir.display(), parameters = info.parameters, load_ms, "model loaded");
+    let engine = Engine::start(model, bundle.tokenizer().clone(), config.engine());
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let socket = config.socket_path();
+        let listener = server::bind(&socket).await?;
+        let server = Server::new(engine, info, config.max_connections, config.max_frame_bytes);
+        tracing::info!(socket = %socket.display(), "listening");
+        let signals = server.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) =
+                (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+            else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            }
+            signals.request_shutdown();
+        });
+        server.serve(&listener).await;
+        drop(listener); // removes the socket file
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })
+}
+
+fn init_logging(config: &DaemonConfig) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(&config.log)
+        .with_context(|| format!("invalid log filter {:?}", config.log))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match &config.log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open log file {}", path.display()))?;
+            builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}

@@ -1,0 +1,529 @@
+//! The engine: one thread that owns the model, the tokenizer and the prefix cache, and runs jobs
+//! from a bounded queue one at a time. Async code never runs the model; it submits jobs and reads
+//! their events from a channel. A panic inside a job answers that job with an error, drops the
+//! cache (its state is in doubt), and the engine carries on.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, IndexOp};
+use m31r_model::fim::{FimBudget, FimError, serving_prompt};
+use m31r_model::sampling::{Sampler, SamplingParams};
+use m31r_model::{Model, ModelError, Tokenizer};
+use m31r_protocol::{ErrorCode, Event, FimInput, GenerationParams, StopReason, Timings, Usage};
+
+use crate::cache::{CacheStats, PrefixCache};
+use crate::stops::{CodeContext, StopScanner};
+
+/// Tunables of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Jobs that may wait for the engine; more are refused as overloaded.
+    pub queue_len: usize,
+    /// Prompt tokens evaluated per forward call; cancellation is checked between chunks.
+    pub prefill_chunk: usize,
+    /// Memory budget of the prefix cache.
+    pub cache_budget_bytes: usize,
+    /// Most cached sequences.
+    pub max_cache_entries: usize,
+    /// The prompt is cut from its start in steps of this many tokens (keeps the cut stable).
+    pub prompt_cut_step: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            queue_len: 64,
+            prefill_chunk: 256,
+            cache_budget_bytes: 512 << 20,
+            max_cache_entries: 8,
+            prompt_cut_step: 256,
+        }
+    }
+}
+
+/// What a job asks for.
+#[derive(Debug, Clone)]
+pub enum JobKind {
+    /// Raw continuation.
+    Generate {
+        /// Text to continue.
+        prompt: String,
+    },
+    /// Code continuation with the Rust stop rules.
+    Complete {
+        /// Text before the cursor.
+        prompt: String,
+    },
+    /// Fill-in-the-middle (SPM layout) with the Rust stop rules.
+    Fim(FimInput),
+    /// Prefill a FIM prompt only.
+    Warm(FimInput),
+}
+
+/// One request for the engine.
+#[derive(Debug)]
+pub struct Job {
+    /// The client's request id, echoed in every event.
+    pub id: String,
+    /// What to do.
+    pub kind: JobKind,
+    /// How to generate.
+    pub params: GenerationParams,
+    /// Set to stop the job between tokens and prefill chunks.
+    pub cancel: Arc<AtomicBool>,
+    /// Where its events go; a closed receiver cancels the job.
+    pub events: tokio::sync::mpsc::UnboundedSender<Event>,
+    /// When the request arrived.
+    pub arrived: Instant,
+}
+
+/// Why a job could not be queued.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The queue is full.
+    #[error("the engine queue is full ({0} jobs waiting); retry later")]
+    Overloaded(usize),
+    /// The engine has stopped.
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Counters shared between the engine thread and the server.
+#[derive(Debug, Default)]
+pub struct EngineCounters {
+    /// Jobs submitted but not yet started.
+    pub queued: AtomicU64,
+    /// Jobs finished, any outcome.
+    pub requests: AtomicU64,
+    /// Of which cancelled.
+    pub cancelled: AtomicU64,
+    /// Of which failed.
+    pub errors: AtomicU64,
+    /// Prompt tokens served from the cache.
+    pub cached_tokens: AtomicU64,
+    /// Prompt tokens evaluated.
+    pub prefilled_tokens: AtomicU64,
+    /// Tokens generated.
+    pub generated_tokens: AtomicU64,
+}
+
+/// Handle to the engine thread.
+#[derive(Debug)]
+pub struct Engine {
+    jobs: Option<SyncSender<Job>>,
+    thread: Option<JoinHandle<()>>,
+    queue_len: usize,
+    counters: Arc<EngineCounters>,
+    cache_stats: Arc<Mutex<CacheStats>>,
+    cache_budget_bytes: usize,
+    context_length: usize,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Engine {
+    /// Starts the engine thread, which owns `model` and `tokenizer` from now on.
+    pub fn start(model: Model, tokenizer: Tokenizer, config: EngineConfig) -> Self {
+        let (tx, rx) = sync_channel(config.queue_len.max(1));
+        let counters = Arc::new(EngineCounters::default());
+        let cache_stats = Arc::new(Mutex::new(CacheStats::default()));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let context_length = model.config().context_length();
+        let worker = Worker {
+            cache: PrefixCache::new(config.cache_budget_bytes, config.max_cache_entries),
+            model,
+            tokenizer,
+            config: config.clone(),
+            counters: counters.clone(),
+            cache_stats: cache_stats.clone(),
+            stopping: stopping.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("m31r-engine".into())
+            .spawn(move || worker.run(rx))
+            .ok();
+        Self {
+            jobs: Some(tx),
+            thread,
+            queue_len: config.queue_len,
+            counters,
+            cache_stats,
+            cache_budget_bytes: config.cache_budget_bytes,
+            context_length,
+            stopping,
+        }
+    }
+
+    /// Queues a job without blocking.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        let jobs = self.jobs.as_ref().ok_or(SubmitError::Stopped)?;
+        self.counters.queued.fetch_add(1, Ordering::Relaxed);
+        match jobs.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::Overloaded(self.queue_len),
+                    TrySendError::Disconnected(_) => SubmitError::Stopped,
+                })
+            }
+        }
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &EngineCounters {
+        &self.counters
+    }
+
+    /// Prefix-cache size after the last job.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache_stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    /// The prefix cache's budget.
+    pub fn cache_budget_bytes(&self) -> usize {
+        self.cache_budget_bytes
+    }
+
+    /// The model's context window.
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    /// Makes every running and queued job stop at its next check (used at shutdown).
+    pub fn cancel_all(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Cancels everything, stops the thread and waits for it.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.cancel_all();
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The state the engine thread owns.
+struct Worker {
+    model: Model,
+    tokenizer: Tokenizer,
+    cache: PrefixCache,
+    config: EngineConfig,
+    counters: Arc<EngineCounters>,
+    cache_stats: Arc<Mutex<CacheStats>>,
+    stopping: Arc<AtomicBool>,
+}
+
+/// How a job failed.
+struct JobError {
+    code: ErrorCode,
+    message: String,
+}
+
+impl From<ModelError> for JobError {
+    fn from(e: ModelError) -> Self {
+        let code = match e {
+            ModelError::ContextOverflow { .. } => ErrorCode::ContextOverflow,
+            _ => ErrorCode::Internal,
+        };
+        Self { code, message: e.to_string() }
+    }
+}
+
+impl From<candle_core::Error> for JobError {
+    fn from(e: candle_core::Error) -> Self {
+        ModelError::from(e).into()
+    }
+}
+
+fn bad_params(message: String) -> JobError {
+    JobError { code: ErrorCode::InvalidParams, message }
+}
+
+impl Worker {
+    fn run(mut self, jobs: Receiver<Job>) {
+        while let Ok(job) = jobs.recv() {
+            self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+            let (id, events) = (job.id.clone(), job.events.clone());
+            let outcome = catch_unwind(AssertUnwindSafe(|| self.run_job(&job)));
+            let event = match outcome {
+                Ok(Ok(done)) => {
+                    if let Event::Done { stop: StopReason::Cancelled, .. } = done {
+                        self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                    }
+                    done
+                }
+                Ok(Err(e)) => {
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    Event::Error { id: Some(id.clone()), code: e.code, message: e.message }
+                }
+                Err(panic) => {
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    // The job may have died mid-update: nothing cached can be trusted.
+                    self.cache.clear();
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    tracing::error!(request = %id, panic = %what, "job panicked; cache dropped");
+                    Event::Error {
+                        id: Some(id.clone()),
+                        code: ErrorCode::Internal,
+                        message: format!("internal error while running request {id}: {what}"),
+                    }
+                }
+            };
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            let cache = self.cache.stats();
+            if let Ok(mut stats) = self.cache_stats.lock() {
+                *stats = cache;
+            }
+            log_outcome(&id, &event, cache);
+            let _ = events.send(event);
+        }
+    }
+
+    fn cancelled(&self, job: &Job) -> bool {
+        job.cancel.load(Ordering::Relaxed)
+            || self.stopping.load(Ordering::Relaxed)
+            || job.events.is_closed()
+    }
+
+    fn run_job(&mut self, job: &Job) -> Result<Event, JobError> {
+        let started = Instant::now();
+        let queue_ms = ms(started - job.arrived);
+        let params = &job.params;
+        let sampling = SamplingParams {
+            temperature: params.temperature,
+            top_k: params.top_k as usize,
+            top_p: params.top_p,
+            seed: params.seed,
+        };
+        let mut sampler = Sampler::new(sampling).map_err(|e| bad_params(e.to_string()))?;
+        let context = self.model.config().context_length();
+        let max_new = params.max_tokens as usize;
+        let warm = matches!(job.kind, JobKind::Warm(_));
+        let budget = context.checked_sub(if warm { 1 } else { max_new }).filter(|b| *b >= 4);
+        let budget = budget.ok_or_else(|| JobError {
+            code: ErrorCode::ContextOverflow,
+            message: format!(
+                "max_tokens = {max_new} leaves no room for a prompt in the {context}-token context"
+            ),
+        })?;
+        let (prompt, code) = self.build_prompt(&job.kind, budget)?;
+        let deadline = (params.deadline_ms > 0)
+            .then(|| job.arrived + Duration::from_millis(params.deadline_ms));
+
+        let capacity = (prompt.len() + max_new).min(context);
+        let (index, cached) = self.cache.acquire(&self.model, &prompt, capacity)?;
+        let mut usage = Usage {
+            prompt_tokens: prompt.len() as u32,
+            cached_tokens: cached as u32,
+            completion_tokens: 0,
+        };
+        self.counters.cached_tokens.fetch_add(cached as u64, Ordering::Relaxed);
+        let done = |stop, usage, prefill_ms, decode_ms| Event::Done {
+            id: job.id.clone(),
+            stop,
+            usage,
+            timings: Timings {
+                queue_ms,
+                prefill_ms,
+                decode_ms,
+                total_ms: ms(job.arrived.elapsed()),
+            },
+        };
+
+        // Prefill in chunks, checking for cancellation between them.
+        let prefill_start = Instant::now();
+        let mut logits = None;
+        for chunk in prompt[cached..].chunks(self.config.prefill_chunk.max(1)) {
+            if self.cancelled(job) {
+                return Ok(done(StopReason::Cancelled, usage, ms(prefill_start.elapsed()), 0.0));
+            }
+            let out = self.cache.get_mut(index).extend(&self.model, chunk)?;
+            self.counters.prefilled_tokens.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            logits = Some(out.i((0, chunk.len() - 1))?);
+        }
+        let prefill_ms = ms(prefill_start.elapsed());
+        let index = self.cache.enforce_budget(index);
+        if warm {
+            return Ok(done(StopReason::Warmed, usage, prefill_ms, 0.0));
+        }
+
+        // Decode, checking cancellation and deadline between tokens.
+        let decode_start = Instant::now();
+        let special = *self.tokenizer.special_ids();
+        let mut scanner = StopScanner::new(code, params.stop.clone());
+        let mut pending: Vec<u32> = Vec::new();
+        let mut stop = StopReason::MaxTokens;
+        let mut logits = logits.ok_or_else(|| JobError {
+            code: ErrorCode::Internal,
+            message: "no logits after prefill".into(),
+        })?;
+        for step in 0..max_new {
+            if self.cancelled(job) {
+                stop = StopReason::Cancelled;
+                break;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                stop = StopReason::Deadline;
+                break;
+            }
+            let row: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+            let next = sampler.sample(&row).map_err(|e| bad_params(e.to_string()))?;
+            if special.contains(next) {
+                stop = StopReason::EndOfText;
+                break;
+            }
+            usage.completion_tokens += 1;
+            pending.push(next);
+            let text = self
+                .tokenizer
+                .decode(&pending)
+                .map_err(|e| JobError { code: ErrorCode::Internal, message: e.to_string() })?;
+            // A token can end inside a multi-byte character; wait for the rest of it.
+            if !text.ends_with('\u{FFFD}') || pending.len() >= 4 {
+                pending.clear();
+                let (emit, hit) = scanner.push(&text);
+                if !emit.is_empty() {
+                    let _ = job.events.send(Event::Token { id: job.id.clone(), text: emit });
+                }
+                if let Some(reason) = hit {
+                    stop = reason;
+                    break;
+                }
+            }
+            if step + 1 == max_new {
+                break;
+            }
+            let seq = self.cache.get_mut(index);
+            if seq.tokens().len() + 1 > context {
+                stop = StopReason::ContextFull;
+                break;
+            }
+            let out = seq.extend(&self.model, &[next])?;
+            logits = out.i((0, 0))?;
+        }
+        if stop != StopReason::Cancelled {
+            // Held-back text (a trailing whitespace line, a partial stop string) is part of the
+            // answer once nothing more can follow it; after a stop hit nothing is held.
+            let rest = scanner.finish();
+            if !rest.is_empty() {
+                let _ = job.events.send(Event::Token { id: job.id.clone(), text: rest });
+            }
+        }
+        self.counters
+            .generated_tokens
+            .fetch_add(u64::from(usage.completion_tokens), Ordering::Relaxed);
+        Ok(done(stop, usage, prefill_ms, ms(decode_start.elapsed())))
+    }
+
+    /// Token ids of the prompt, cut to `budget` by the documented rules, and the code context
+    /// for the Rust stop rules (none for raw generation).
+    fn build_prompt(
+        &self,
+        kind: &JobKind,
+        budget: usize,
+    ) -> Result<(Vec<u32>, Option<CodeContext>), JobError> {
+        let encode =
+            |text: &str| self.tokenizer.encode(text).map_err(|e| bad_params(e.to_string()));
+        match kind {
+            JobKind::Generate { prompt } | JobKind::Complete { prompt } => {
+                let mut ids = encode(prompt)?;
+                if ids.is_empty() {
+                    // Nothing to condition on: start as a document starts.
+                    ids.push(self.tokenizer.special_ids().end_of_text);
+                }
+                if ids.len() > budget {
+                    // Drop the distant start in whole steps so the cut point, and with it the
+                    // cache, stays put while the user types.
+                    let step = self.config.prompt_cut_step.clamp(1, budget);
+                    let drop = (ids.len() - budget).div_ceil(step) * step;
+                    ids.drain(..drop.min(ids.len() - 1));
+                }
+                let code =
+                    matches!(kind, JobKind::Complete { .. }).then(|| CodeContext::new(prompt, ""));
+                Ok((ids, code))
+            }
+            JobKind::Fim(input) | JobKind::Warm(input) => {
+                let files: Vec<(&str, &str)> = input
+                    .context_files
+                    .iter()
+                    .map(|f| (f.path.as_str(), f.text.as_str()))
+                    .collect();
+                let fim_budget = FimBudget {
+                    max_prompt_tokens: budget,
+                    prefix_cut_step: self.config.prompt_cut_step,
+                    ..FimBudget::default()
+                };
+                let prompt = serving_prompt(
+                    &self.tokenizer,
+                    &files,
+                    &input.prefix,
+                    &input.suffix,
+                    &fim_budget,
+                )
+                .map_err(|e| match e {
+                    FimError::BudgetTooSmall { .. } => {
+                        JobError { code: ErrorCode::ContextOverflow, message: e.to_string() }
+                    }
+                    other => bad_params(other.to_string()),
+                })?;
+                Ok((prompt.ids, Some(CodeContext::new(&input.prefix, &input.suffix))))
+            }
+        }
+    }
+}
+
+/// One structured log line per request, inside a span carrying its id.
+fn log_outcome(id: &str, event: &Event, cache: CacheStats) {
+    let span = tracing::info_span!("request", id = %id);
+    let _guard = span.enter();
+    match event {
+        Event::Done { stop, usage, timings, .. } => {
+            let tokens_per_s = if timings.decode_ms > 0.0 {
+                f64::from(usage.completion_tokens) * 1e3 / timings.decode_ms
+            } else {
+                0.0
+            };
+            tracing::info!(
+                prompt_tokens = usage.prompt_tokens,
+                cached_tokens = usage.cached_tokens,
+                new_tokens = usage.completion_tokens,
+                queue_ms = format!("{:.1}", timings.queue_ms),
+                prefill_ms = format!("{:.1}", timings.prefill_ms),
+                decode_ms = format!("{:.1}", timings.decode_ms),
+                tokens_per_s = format!("{tokens_per_s:.1}"),
+                stop = ?stop,
+                cache_entries = cache.entries,
+                cache_mb = cache.bytes >> 20,
+                resident_mb = crate::server::resident_bytes() >> 20,
+                "done"
+            );
+        }
+        Event::Error { code, message, .. } => tracing::warn!(code = ?code, %message, "failed"),
+        _ => {}
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
