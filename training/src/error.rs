@@ -1,0 +1,86 @@
+//! The data pipeline's error type: every variant names the file or directory at fault.
+
+use std::io;
+use std::path::PathBuf;
+
+use m31r_model::tokenizer::TokenizerError;
+
+/// Why a pipeline stage could not run. Per-file problems inside a corpus (an unreadable or
+/// non-UTF-8 file) are not errors: they are recorded as drop reasons and counted.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// An input directory does not exist or is not a directory.
+    #[error("input directory {} does not exist or is not a directory", path.display())]
+    MissingInput {
+        /// The directory asked for.
+        path: PathBuf,
+    },
+    /// The input directories hold no Rust file that survived the filters.
+    #[error("no Rust source kept from {inputs}: {reason}")]
+    EmptyCorpus {
+        /// The input directories, for the message.
+        inputs: String,
+        /// What was found instead.
+        reason: String,
+    },
+    /// The output directory holds data from another dataset (or something that is not a data
+    /// directory) and `--force` was not given.
+    #[error("{}: {reason}; pass --force to overwrite it", path.display())]
+    WouldOverwrite {
+        /// The output directory.
+        path: PathBuf,
+        /// What is there.
+        reason: String,
+    },
+    /// A file or directory could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A file exists but its content is wrong: bad syntax, a hash mismatch, a missing entry.
+    #[error("{}: {reason}", path.display())]
+    Invalid {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An earlier stage has not been run on this data directory.
+    #[error("{}: {missing} not found; run `m31r-train {stage}` first", dir.display())]
+    StageMissing {
+        /// The data directory.
+        dir: PathBuf,
+        /// The file that is missing.
+        missing: &'static str,
+        /// The stage that produces it.
+        stage: &'static str,
+    },
+    /// Training, loading or using the tokenizer failed.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    /// `cargo fetch` could not be run or failed.
+    #[error("fetching crates listed in {}: {reason}", list.display())]
+    Fetch {
+        /// The crate list.
+        list: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Shorthand for the pipeline's results.
+pub type Result<T, E = DataError> = std::result::Result<T, E>;
+
+/// Builds a closure that wraps an I/O error with the path it concerns.
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> DataError {
+    let path = path.into();
+    move |source| DataError::Io { path, source }
+}
+
+/// Builds an [`DataError::Invalid`].
+pub(crate) fn invalid(path: impl Into<PathBuf>, reason: impl Into<String>) -> DataError {
+    DataError::Invalid { path: path.into(), reason: reason.into() }
+}
