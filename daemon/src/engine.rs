@@ -63,6 +63,9 @@ pub enum JobKind {
     Fim(FimInput),
     /// Prefill a FIM prompt only.
     Warm(FimInput),
+    /// Panics inside the engine (tests of panic isolation only).
+    #[cfg(test)]
+    Panic,
 }
 
 /// One request for the engine.
@@ -446,6 +449,8 @@ impl Worker {
         let encode =
             |text: &str| self.tokenizer.encode(text).map_err(|e| bad_params(e.to_string()));
         match kind {
+            #[cfg(test)]
+            JobKind::Panic => panic!("panic requested by a test"),
             JobKind::Generate { prompt } | JobKind::Complete { prompt } => {
                 let mut ids = encode(prompt)?;
                 if ids.is_empty() {
@@ -526,4 +531,115 @@ fn log_outcome(id: &str, event: &Event, cache: CacheStats) {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+    use m31r_model::{ModelConfig, RawModelConfig};
+    use tokio::sync::mpsc::unbounded_channel;
+
+    use super::*;
+
+    fn engine(config: EngineConfig) -> Engine {
+        let text = "fn main() { let x = 1; println!(\"{x}\"); }\n".repeat(20);
+        let tokenizer = Tokenizer::train([text].iter(), 300).unwrap();
+        let config_m = ModelConfig::new(&RawModelConfig {
+            vocab_size: tokenizer.vocab_size(),
+            d_model: 32,
+            n_layers: 1,
+            n_heads: 2,
+            n_kv_heads: None,
+            d_ff: 64,
+            context_length: 256,
+            rope_theta: 10_000.0,
+            norm_eps: 1e-5,
+            tie_embeddings: true,
+        })
+        .unwrap();
+        let (model, _) = Model::init(&config_m, 1, &Device::Cpu).unwrap();
+        Engine::start(model, tokenizer, config)
+    }
+
+    fn submit(engine: &Engine, kind: JobKind, cancel: bool) -> Vec<Event> {
+        let (tx, mut rx) = unbounded_channel();
+        engine
+            .submit(Job {
+                id: "j".into(),
+                kind,
+                params: GenerationParams { max_tokens: 8, ..Default::default() },
+                cancel: Arc::new(AtomicBool::new(cancel)),
+                events: tx,
+                arrived: Instant::now(),
+            })
+            .unwrap();
+        let mut events = Vec::new();
+        while let Some(e) = rx.blocking_recv() {
+            let end = matches!(e, Event::Done { .. } | Event::Error { .. });
+            events.push(e);
+            if end {
+                break;
+            }
+        }
+        events
+    }
+
+    #[test]
+    fn a_panicking_job_is_answered_and_the_engine_carries_on() {
+        let engine = engine(EngineConfig::default());
+        let prompt = || JobKind::Generate { prompt: "fn main".into() };
+        let before = submit(&engine, prompt(), false);
+        let events = submit(&engine, JobKind::Panic, false);
+        assert!(
+            matches!(&events[..], [Event::Error { code: ErrorCode::Internal, message, .. }] if message.contains("panic requested")),
+            "{events:?}"
+        );
+        let without_timings = |events: Vec<Event>| -> Vec<Event> {
+            events
+                .into_iter()
+                .map(|e| match e {
+                    Event::Done { id, stop, usage, .. } => {
+                        Event::Done { id, stop, usage, timings: Timings::default() }
+                    }
+                    other => other,
+                })
+                .collect()
+        };
+        let after = submit(&engine, prompt(), false);
+        assert_eq!(
+            without_timings(after),
+            without_timings(before),
+            "output changed after the panic"
+        );
+        assert_eq!(engine.counters().errors.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_job_cancelled_before_it_runs_does_no_work() {
+        let engine = engine(EngineConfig { prefill_chunk: 4, ..EngineConfig::default() });
+        let events = submit(&engine, JobKind::Generate { prompt: "fn main() { let".into() }, true);
+        match &events[..] {
+            [Event::Done { stop: StopReason::Cancelled, usage, .. }] => {
+                assert_eq!(usage.completion_tokens, 0)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(engine.counters().prefilled_tokens.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_full_queue_is_reported_not_blocked_on() {
+        let engine = engine(EngineConfig { queue_len: 1, ..EngineConfig::default() });
+        let (tx, _rx) = unbounded_channel();
+        let job = |id: &str| Job {
+            id: id.into(),
+            kind: JobKind::Generate { prompt: "fn".into() },
+            params: GenerationParams { max_tokens: 200, ..Default::default() },
+            cancel: Arc::new(AtomicBool::new(false)),
+            events: tx.clone(),
+            arrived: Instant::now(),
+        };
+        let results: Vec<_> = (0..20).map(|i| engine.submit(job(&i.to_string()))).collect();
+        assert!(results.contains(&Err(SubmitError::Overloaded(1))), "{results:?}");
+    }
 }
