@@ -1,0 +1,634 @@
+//! `m31r bench`: start-up, cold prefill, keystroke latency, decode and memory of the engine, each
+//! printed beside the physical bound this machine sets, measured in the same run. The parent
+//! measures the machine and builds bundles; a child process per model (`bench-worker`) loads it
+//! and measures, so start-up and memory are a fresh process's, as the daemon's would be.
+
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use candle_core::{Device, Tensor};
+use clap::Args;
+use m31r_model::{BundleInfo, Model, ModelConfig, Tokenizer, write_bundle};
+use m31r_protocol::{Event, FimInput, GenerationParams, Request, StopReason, Usage};
+use serde::{Deserialize, Serialize};
+
+use crate::target::Target;
+use crate::{Connection, corpus};
+
+/// The fastest peer on this machine (DESIGN §8): llama.cpp, 2 threads, a 55M LLaMA shape in f16.
+const PEER: &str = "llama.cpp, 55M f16";
+const PEER_PREFILL_1000_MS: f64 = 850.0;
+const PEER_KEYSTROKE_MS: f64 = 6.0;
+const PEER_DECODE_MS: f64 = 4.7;
+/// Start-up goal of issue 4.
+const STARTUP_GOAL_MS: f64 = 500.0;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Fewer repetitions and a smaller tokenizer corpus (about a minute on 2 cores).
+    #[arg(long)]
+    quick: bool,
+    /// Presets to bench with random weights, comma-separated (ignored with --bundle).
+    #[arg(long, value_delimiter = ',', default_value = "tiny,small")]
+    presets: Vec<String>,
+    /// Prompt tokens of the cold-prefill and keystroke prompts (capped by the context).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    prompt_tokens: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Rust text to cut prompts from.
+    #[arg(long)]
+    text: PathBuf,
+    #[arg(long)]
+    quick: bool,
+    #[arg(long)]
+    prompt_tokens: usize,
+}
+
+/// What a worker measured; sent to the parent as one JSON line on stdout.
+#[derive(Debug, Serialize, Deserialize)]
+struct Report {
+    model_version: String,
+    params: u64,
+    vocab: usize,
+    n_layers: usize,
+    d_model: usize,
+    context: usize,
+    kv_bytes_per_token: usize,
+    weight_file_bytes: u64,
+    threads: usize,
+    startup_ms: f64,
+    /// Best of the repetitions, each on a prompt sharing nothing with the cache.
+    prefill: Sample,
+    prefill_reps: usize,
+    /// Median over the keystrokes.
+    keystroke: Sample,
+    keystroke_p90_ms: f64,
+    keystrokes: usize,
+    /// Tokens evaluated per keystroke, mean.
+    keystroke_new_tokens: f64,
+    decode_ms_per_token: f64,
+    decode_tokens: u32,
+    decode_context: f64,
+    resident_before: u64,
+    resident_after: u64,
+    cache_bytes: u64,
+}
+
+/// One measured request.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct Sample {
+    ms: f64,
+    prompt_tokens: u32,
+    cached_tokens: u32,
+}
+
+/// This machine's limits, measured at the start of the run.
+struct Machine {
+    gflops: f64,
+    bandwidth_gbs: f64,
+    sha256_gbs: f64,
+}
+
+/// Removes the bench's temporary directory however the run ends.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn run(conn: &Connection, args: &BenchArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let reps = if args.quick { 2 } else { 4 };
+    let threads = rayon_threads();
+    println!("m31r bench: engine in-process, f32 on CPU, {threads} threads");
+    let machine = Machine {
+        gflops: matmul_gflops(reps)?,
+        bandwidth_gbs: memory_bandwidth(reps),
+        sha256_gbs: sha256_gbs(),
+    };
+    println!(
+        "machine: f32 matmul {:.1} GFLOP/s (candle, 1024³) · memory read {:.1} GB/s · sha256 {:.2} GB/s",
+        machine.gflops, machine.bandwidth_gbs, machine.sha256_gbs
+    );
+
+    let temp = std::env::temp_dir().join(format!("m31r-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&temp)
+        .with_context(|| format!("cannot create bench directory {}", temp.display()))?;
+    let temp = TempDir(temp);
+    let corpus = corpus::collect(if args.quick { 2 << 20 } else { 4 << 20 })?;
+    // Prompts come from the end of the corpus: they need not be text the tokenizer saw.
+    let text_path = temp.0.join("prompts.rs");
+    let mut prompt_text = String::new();
+    for file in corpus.files.iter().rev() {
+        if prompt_text.len() >= 512 << 10 {
+            break;
+        }
+        prompt_text.push_str(file);
+        prompt_text.push('\n');
+    }
+    std::fs::write(&text_path, &prompt_text)
+        .with_context(|| format!("cannot write {}", text_path.display()))?;
+
+    let bundles: Vec<(String, PathBuf)> = match &conn.bundle {
+        Some(dir) => {
+            println!("bundle: {} (its own weights)", dir.display());
+            vec![(dir.display().to_string(), dir.clone())]
+        }
+        None => {
+            println!(
+                "weights: RANDOM, seeded (speed does not depend on weight values); tokenizers \
+                 trained here on {:.1} MB of Rust from {}",
+                corpus.bytes() as f64 / 1e6,
+                corpus.root.display()
+            );
+            let mut bundles = Vec::new();
+            for preset in &args.presets {
+                let dir = temp.0.join(preset);
+                build_random_bundle(preset, &corpus, &dir)?;
+                bundles.push((preset.clone(), dir));
+            }
+            bundles
+        }
+    };
+
+    for (name, dir) in &bundles {
+        let report = spawn_worker(dir, &text_path, args)?;
+        print_report(name, &report, &machine, conn.bundle.is_none());
+    }
+    socket_round_trip(conn);
+    println!(
+        "bounds: start-up = sha256 of the weights + one copy at memory bandwidth; prefill = \
+         2·params·tokens ÷ matmul FLOP/s (attention not counted); keystroke and decode = (f32 \
+         weights + KV read) ÷ memory bandwidth (one pass over the weights per forward); memory = \
+         f32 weights + allocated KV. × bound = measured ÷ bound (1.00 is the physical limit)."
+    );
+    println!(
+        "prefill: best of its repetitions, each a prompt sharing nothing with the cache; \
+         keystroke: a FIM prompt warmed once, then one typed character per request \
+         (max_tokens 1), time from submit to the first event, median; decode: per forward pass."
+    );
+    println!("bench took {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// A bundle of `preset`'s shape with random weights and a tokenizer trained on `corpus`, whose
+/// vocabulary size the config then takes (a small corpus may give fewer tokens than asked).
+fn build_random_bundle(preset: &str, corpus: &corpus::Corpus, dir: &Path) -> anyhow::Result<()> {
+    let config = ModelConfig::preset(preset)
+        .with_context(|| format!("unknown preset {preset:?} (try tiny, small, medium, large)"))?;
+    let t = Instant::now();
+    let tokenizer = Tokenizer::train(corpus.files.iter(), config.vocab_size())
+        .with_context(|| format!("cannot train the {preset} tokenizer"))?;
+    let train_s = t.elapsed().as_secs_f64();
+    let mut raw = config.to_raw();
+    raw.vocab_size = tokenizer.vocab_size();
+    let config = ModelConfig::new(&raw)
+        .with_context(|| format!("{preset} with vocab_size {}", raw.vocab_size))?;
+    let t = Instant::now();
+    let (model, _vars) = Model::init(&config, 0, &Device::Cpu)
+        .with_context(|| format!("cannot initialise the {preset} model"))?;
+    let info = BundleInfo {
+        model_version: format!("{preset}-random-seed0"),
+        dataset_id: "random-weights".into(),
+        ..BundleInfo::default()
+    };
+    write_bundle(dir, &model.named_tensors(), &tokenizer, &config, &info)
+        .with_context(|| format!("cannot write bundle {}", dir.display()))?;
+    println!(
+        "built {preset}: tokenizer {} tokens in {train_s:.1} s, random weights written in {:.1} s",
+        tokenizer.vocab_size(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn spawn_worker(bundle: &Path, text: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
+    let exe = std::env::current_exe().context("cannot find the m31r executable to re-run")?;
+    let mut command = Command::new(&exe);
+    command
+        .arg("bench-worker")
+        .arg("--bundle")
+        .arg(bundle)
+        .arg("--text")
+        .arg(text)
+        .arg("--prompt-tokens")
+        .arg(args.prompt_tokens.to_string());
+    if args.quick {
+        command.arg("--quick");
+    }
+    let output = command
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {}", exe.display()))?;
+    if !output.status.success() {
+        bail!("benching bundle {} failed ({})", bundle.display(), output.status);
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line)
+        .with_context(|| format!("bench worker for {} printed {line:?}", bundle.display()))
+}
+
+fn print_report(name: &str, r: &Report, m: &Machine, random: bool) {
+    let bw = m.bandwidth_gbs * 1e9;
+    let weights = r.params as f64 * 4.0;
+    let file = r.weight_file_bytes as f64;
+    let startup_bound = (file / (m.sha256_gbs * 1e9) + file / bw) * 1e3;
+    let prefill_bound =
+        2.0 * r.params as f64 * f64::from(r.prefill.prompt_tokens) / (m.gflops * 1e9) * 1e3;
+    let pass_ms = |context: f64| (weights + r.kv_bytes_per_token as f64 * context) / bw * 1e3;
+    let keystroke_bound = pass_ms(f64::from(r.keystroke.prompt_tokens));
+    let decode_bound = pass_ms(r.decode_context);
+    let memory_bound = weights + r.cache_bytes as f64;
+    // The peer's numbers are for a model of about small's size; beside tiny they would mislead.
+    let peer = r.params > 20_000_000;
+    let reference =
+        |value: f64| if peer { format!("{PEER} ≈ {value} ms") } else { String::new() };
+
+    println!();
+    println!(
+        "── {name}: {:.1}M parameters · vocab {} · {} layers × d_model {} · context {}{} · \
+         {} threads ──",
+        r.params as f64 / 1e6,
+        r.vocab,
+        r.n_layers,
+        r.d_model,
+        r.context,
+        if random { " · random weights" } else { "" },
+        r.threads,
+    );
+    println!("{:<40} {:>12} {:>12} {:>8}   reference", "", "measured", "bound", "× bound");
+    let row = |what: String, measured: f64, bound: f64, unit: &str, reference: String| {
+        println!(
+            "{what:<40} {:>12} {:>12} {:>8.2}   {reference}",
+            format!("{measured:.1} {unit}"),
+            format!("{bound:.1} {unit}"),
+            measured / bound
+        );
+    };
+    row(
+        "start-up (open + verify + build)".into(),
+        r.startup_ms,
+        startup_bound,
+        "ms",
+        format!("goal ≤ {STARTUP_GOAL_MS} ms"),
+    );
+    let tokens = r.prefill.prompt_tokens;
+    row(
+        format!(
+            "cold prefill, {tokens} tokens ({:.0} tok/s)",
+            f64::from(tokens) * 1e3 / r.prefill.ms
+        ),
+        r.prefill.ms,
+        prefill_bound,
+        "ms",
+        if peer {
+            format!("{PEER} ≈ {:.0} ms", PEER_PREFILL_1000_MS * f64::from(tokens) / 1000.0)
+        } else {
+            String::new()
+        },
+    );
+    row(
+        format!("keystroke → first token ({:.1} new tok)", r.keystroke_new_tokens),
+        r.keystroke.ms,
+        keystroke_bound,
+        "ms",
+        reference(PEER_KEYSTROKE_MS),
+    );
+    row(
+        format!("decode per token ({:.0} tok/s)", 1e3 / r.decode_ms_per_token),
+        r.decode_ms_per_token,
+        decode_bound,
+        "ms",
+        reference(PEER_DECODE_MS),
+    );
+    let mib = |b: f64| b / f64::from(1u32 << 20);
+    row(
+        "resident memory".into(),
+        mib(r.resident_after as f64),
+        mib(memory_bound),
+        "MiB",
+        format!(
+            "{:.1} MiB before load · KV cache {:.1} MiB",
+            mib(r.resident_before as f64),
+            mib(r.cache_bytes as f64)
+        ),
+    );
+    println!(
+        "  keystroke: {} keystrokes on a {}-token FIM prompt ({} cached on the median one), \
+         p90 {:.1} ms · prefill: best of {}, {} cached · decode: {} tokens at ~{:.0} tokens of \
+         context",
+        r.keystrokes,
+        r.keystroke.prompt_tokens,
+        r.keystroke.cached_tokens,
+        r.keystroke_p90_ms,
+        r.prefill_reps,
+        r.prefill.cached_tokens,
+        r.decode_tokens,
+        r.decode_context,
+    );
+}
+
+/// One request through the daemon's socket, if one answers: what the socket adds to the engine.
+fn socket_round_trip(conn: &Connection) {
+    let socket = crate::socket_path(conn);
+    if !socket.exists() {
+        println!("\nsocket: no m31rd at {}; round trip not measured", socket.display());
+        return;
+    }
+    let measured = (|| -> anyhow::Result<String> {
+        let mut target = Target::connect(&socket)?;
+        let handshake = match &target {
+            Target::Daemon(d) => d.handshake(),
+            Target::Local(_) => Duration::ZERO,
+        };
+        let t = Instant::now();
+        target.run(&Request::Status { id: "bench-status".into() }, &mut |_| {})?;
+        let status = t.elapsed();
+        let request = Request::Generate {
+            id: "bench-generate".into(),
+            prompt: "fn main() {".into(),
+            params: GenerationParams { max_tokens: 1, ..GenerationParams::default() },
+        };
+        let t = Instant::now();
+        let event = target.run(&request, &mut |_| {})?;
+        let wall = t.elapsed().as_secs_f64() * 1e3;
+        let Event::Done { timings, .. } = event else {
+            bail!("the 1-token request ended with {event:?}");
+        };
+        Ok(format!(
+            "connect + hello {:.2} ms · status round trip {:.2} ms · 1-token generate {wall:.2} ms \
+             of which the daemon reports {:.2} ms → socket and framing {:.2} ms",
+            handshake.as_secs_f64() * 1e3,
+            status.as_secs_f64() * 1e3,
+            timings.total_ms,
+            wall - timings.total_ms
+        ))
+    })();
+    match measured {
+        Ok(line) => println!("\nsocket: m31rd at {}: {line}", socket.display()),
+        Err(e) => println!("\nsocket: m31rd at {} not measured: {e:#}", socket.display()),
+    }
+}
+
+/// The child side: load the bundle, measure, print one JSON line.
+pub fn worker(conn: &Connection, args: &WorkerArgs) -> anyhow::Result<()> {
+    let Some(bundle) = &conn.bundle else { bail!("bench-worker needs --bundle DIR") };
+    let resident_before = m31r_daemon::server::resident_bytes();
+    let weight_file = bundle.join("model.safetensors");
+    let weight_file_bytes = std::fs::metadata(&weight_file)
+        .with_context(|| format!("cannot stat {}", weight_file.display()))?
+        .len();
+    let text = std::fs::read_to_string(&args.text)
+        .with_context(|| format!("cannot read prompt text {}", args.text.display()))?;
+
+    let mut target = Target::load(bundle)?;
+    let Target::Local(local) = &target else { bail!("expected an in-process engine") };
+    let startup_ms = local.load_time().as_secs_f64() * 1e3;
+    let config = local.config().clone();
+    let model_version = target.model().version.clone();
+    let ids = local.tokenizer().encode(&text).context("cannot encode the prompt text")?;
+    let prompts = Prompts { tokenizer: local.tokenizer().clone(), ids, next: 0 };
+    let mut bench = Bench { target: &mut target, prompts, requests: 0 };
+    let context = config.context_length();
+    let reps = if args.quick { 2 } else { 3 };
+
+    // Spin up the thread pool and touch every weight once, so the first measurement is not
+    // charged for it.
+    let warmup = bench.prompts.take(32)?;
+    bench.request(|id| generate(id, warmup, 2))?;
+
+    // Margins keep re-encoded windows (which may differ by a token or two) within the budget.
+    let prefill_len = args.prompt_tokens.min(context.saturating_sub(8)).max(8);
+    let mut prefill = Sample { ms: f64::MAX, ..Sample::default() };
+    for _ in 0..reps {
+        let prompt = bench.prompts.take(prefill_len)?;
+        let (done, _) = bench.request(|id| generate(id, prompt, 1))?;
+        if done.ms < prefill.ms {
+            prefill = done;
+        }
+    }
+
+    // Keystrokes: the prefix is limited so the whole FIM prompt fits without truncation moving.
+    let suffix_len = 64.min(context / 8);
+    let prefix_len = args.prompt_tokens.min(context.saturating_sub(suffix_len + 64)).max(8);
+    let mut prefix = bench.prompts.take(prefix_len)?;
+    let typed: Vec<char> = bench.prompts.take(48)?.chars().collect();
+    let suffix = bench.prompts.take(suffix_len)?;
+    let fim = |id: String, prefix: &str, max_tokens| -> Request {
+        let input =
+            FimInput { prefix: prefix.into(), suffix: suffix.clone(), context_files: vec![] };
+        match max_tokens {
+            None => Request::Warm { id, input },
+            Some(max_tokens) => Request::Fim {
+                id,
+                input,
+                params: GenerationParams { max_tokens, ..GenerationParams::default() },
+            },
+        }
+    };
+    bench.request(|id| fim(id, &prefix, None))?;
+    let keystrokes = if args.quick { 12 } else { 24 };
+    let mut samples = Vec::new();
+    for &c in typed.iter().take(keystrokes) {
+        prefix.push(c);
+        let (done, first) = bench.request(|id| fim(id, &prefix, Some(1)))?;
+        samples.push(Sample { ms: first, ..done });
+    }
+    samples.sort_by(|a, b| a.ms.total_cmp(&b.ms));
+    let keystroke = samples.get(samples.len() / 2).copied().unwrap_or_default();
+    let keystroke_p90_ms = samples.get(samples.len() * 9 / 10).map_or(0.0, |s| s.ms);
+    let keystroke_new_tokens =
+        samples.iter().map(|s| f64::from(s.prompt_tokens - s.cached_tokens)).sum::<f64>()
+            / samples.len().max(1) as f64;
+
+    // Decode: random weights may pick end-of-text early; retry on other prompts and keep the
+    // longest run.
+    let decode_prompt = 256.min(context / 4);
+    let want = (if args.quick { 32 } else { 64 }).min(context - decode_prompt - 16) as u32;
+    let mut best: Option<(Usage, f64)> = None;
+    for _ in 0..4 {
+        let prompt = bench.prompts.take(decode_prompt)?;
+        let event = bench.target.run(&generate("decode".into(), prompt, want), &mut |_| {})?;
+        let Event::Done { usage, timings, .. } = event else {
+            bail!("decode request ended with {event:?}");
+        };
+        if best.is_none_or(|(u, _)| usage.completion_tokens > u.completion_tokens) {
+            best = Some((usage, timings.decode_ms));
+        }
+        if usage.completion_tokens >= want / 2 {
+            break;
+        }
+    }
+    let (usage, decode_ms) = best.context("no decode measurement")?;
+    // Each generated token but the first costs one forward pass.
+    let passes = usage.completion_tokens.saturating_sub(1).max(1);
+    let decode_context = f64::from(usage.prompt_tokens) + f64::from(usage.completion_tokens) / 2.0;
+
+    let Target::Local(local) = &*bench.target else { bail!("expected an in-process engine") };
+    let report = Report {
+        model_version,
+        params: config.param_count(),
+        vocab: config.vocab_size(),
+        n_layers: config.n_layers(),
+        d_model: config.d_model(),
+        context,
+        kv_bytes_per_token: config.kv_bytes_per_token(4),
+        weight_file_bytes,
+        threads: rayon_threads(),
+        startup_ms,
+        prefill,
+        prefill_reps: reps,
+        keystroke,
+        keystroke_p90_ms,
+        keystrokes: samples.len(),
+        keystroke_new_tokens,
+        decode_ms_per_token: decode_ms / f64::from(passes),
+        decode_tokens: usage.completion_tokens,
+        decode_context,
+        resident_before,
+        resident_after: m31r_daemon::server::resident_bytes(),
+        cache_bytes: local.cache_bytes() as u64,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn generate(id: String, prompt: String, max_tokens: u32) -> Request {
+    Request::Generate {
+        id,
+        prompt,
+        params: GenerationParams { max_tokens, ..GenerationParams::default() },
+    }
+}
+
+/// Consecutive windows of the prompt text, so no two prompts share a prefix.
+struct Prompts {
+    tokenizer: Tokenizer,
+    ids: Vec<u32>,
+    next: usize,
+}
+
+impl Prompts {
+    /// The text of the next `n` tokens.
+    fn take(&mut self, n: usize) -> anyhow::Result<String> {
+        if self.next + n > self.ids.len() {
+            bail!(
+                "the bench's prompt text has only {} tokens; {} more needed",
+                self.ids.len(),
+                self.next + n - self.ids.len()
+            );
+        }
+        let text = self.tokenizer.decode(&self.ids[self.next..self.next + n])?;
+        self.next += n;
+        Ok(text)
+    }
+}
+
+struct Bench<'a> {
+    target: &'a mut Target,
+    prompts: Prompts,
+    requests: u64,
+}
+
+impl Bench<'_> {
+    /// Runs one request; returns its done sample (engine prefill time) and the wall time in ms
+    /// from submitting to the first event (a token, or done when none came).
+    fn request(&mut self, make: impl FnOnce(String) -> Request) -> anyhow::Result<(Sample, f64)> {
+        self.requests += 1;
+        let request = make(format!("bench-{}", self.requests));
+        let t = Instant::now();
+        let mut first = None;
+        let event = self.target.run(&request, &mut |_| {
+            first.get_or_insert_with(Instant::now);
+        })?;
+        let end = Instant::now();
+        match event {
+            Event::Done { stop, usage, timings, .. } if stop != StopReason::Cancelled => {
+                let first = first.unwrap_or(end) - t;
+                let sample = Sample {
+                    ms: timings.prefill_ms,
+                    prompt_tokens: usage.prompt_tokens,
+                    cached_tokens: usage.cached_tokens,
+                };
+                Ok((sample, first.as_secs_f64() * 1e3))
+            }
+            other => bail!("bench request {} ended with {other:?}", request.id().unwrap_or("?")),
+        }
+    }
+}
+
+/// Threads candle's CPU kernels use.
+fn rayon_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn best_of(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
+    f()?; // warm-up: page in, spin up the thread pool
+    let mut best = Duration::MAX;
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed());
+    }
+    Ok(best)
+}
+
+/// candle's f32 matmul on 1024³, as `model/benches/model.rs` measures it.
+fn matmul_gflops(reps: usize) -> anyhow::Result<f64> {
+    let n = 1024;
+    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let t = best_of(reps, || {
+        black_box(a.matmul(&b)?);
+        Ok(())
+    })?;
+    Ok(2.0 * (n * n * n) as f64 / t.as_secs_f64() / 1e9)
+}
+
+/// Sequential read bandwidth over 512 MiB, one reader per core, in GB/s (as the model bench).
+fn memory_bandwidth(reps: usize) -> f64 {
+    let words: usize = 64 << 20;
+    let buffer: Vec<u64> = (0..words as u64).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut best = f64::MAX;
+    for _ in 0..reps + 1 {
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for part in buffer.chunks(words.div_ceil(threads)) {
+                s.spawn(move || {
+                    // Eight independent lanes so the loop vectorises and is bound by memory.
+                    let mut acc = [0u64; 8];
+                    for chunk in part.chunks_exact(8) {
+                        for (a, &x) in acc.iter_mut().zip(chunk) {
+                            *a = a.wrapping_add(x);
+                        }
+                    }
+                    black_box(acc);
+                });
+            }
+        });
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (words * 8) as f64 / best / 1e9
+}
+
+/// Throughput of the bundle checksum (one thread, as `Bundle::open` hashes), in GB/s.
+fn sha256_gbs() -> f64 {
+    let buffer = vec![0x5au8; 64 << 20];
+    let t = Instant::now();
+    black_box(m31r_model::bundle::sha256_hex(black_box(&buffer)));
+    buffer.len() as f64 / t.elapsed().as_secs_f64() / 1e9
+}
