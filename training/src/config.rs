@@ -115,8 +115,8 @@ impl Default for TokenizerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShardConfig {
-    /// A shard is closed once it holds at least this many tokens; documents never straddle
-    /// shards, so one document longer than this gets a shard of its own.
+    /// A shard holds at most this many tokens; documents never straddle shards, so one
+    /// document longer than this gets a shard of its own.
     pub shard_tokens: u64,
 }
 

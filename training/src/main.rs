@@ -78,9 +78,7 @@ fn main() -> Result<()> {
             let config = load_config(&config)?;
             let mut inputs = dirs;
             if let Some(list) = &fetch_crates {
-                std::fs::create_dir_all(&out)
-                    .with_context(|| format!("creating {}", out.display()))?;
-                let fetched = fetch::fetch_crates(list, &out)
+                let fetched = fetch::fetch_crates(list)
                     .with_context(|| format!("fetching the crates of {}", list.display()))?;
                 eprintln!("fetched {} crates listed in {}", fetched.len(), list.display());
                 inputs.extend(fetched);

@@ -206,3 +206,22 @@ fn an_edited_manifest_is_refused_by_name() {
     let err = Corpus::open(tmp.path()).unwrap_err().to_string();
     assert!(err.contains(MANIFEST_FILE) && err.contains("does not match"), "{err}");
 }
+
+#[test]
+fn the_shipped_crate_list_pins_a_few_hundred_crates() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/corpus/crates.txt");
+    let crates = m31r_train::fetch::parse_crate_list(&path).unwrap();
+    assert!(crates.len() >= 200, "{}", crates.len());
+    let names: BTreeSet<&str> = crates.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names.len(), crates.len());
+    assert!(names.iter().all(|n| !m31r_train::filters::is_sys_crate(n)));
+
+    let tmp = TempDir::new().unwrap();
+    let bad = tmp.path().join("bad.txt");
+    fs::write(&bad, "serde = \"^1\"\n").unwrap();
+    let err = m31r_train::fetch::parse_crate_list(&bad).unwrap_err().to_string();
+    assert!(err.contains("bad.txt") && err.contains("serde"), "{err}");
+    fs::write(&bad, "# nothing\n").unwrap();
+    assert!(m31r_train::fetch::parse_crate_list(&bad).is_err());
+}
