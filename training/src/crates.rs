@@ -112,11 +112,12 @@ pub struct CrateId {
     pub version: Version,
 }
 
-/// Splits a registry directory name `<name>-<semver>` at the last `-` followed by a valid
-/// version (so `foo-sys-1.0.0-rc.1` is `foo-sys` version `1.0.0-rc.1`).
+/// Splits a registry directory name `<name>-<semver>` at the first `-` followed by a valid
+/// version. Crate names never contain `.`, so that is where the version starts even when the
+/// version itself has dashes: `foo-sys-1.0.0-rc.1` is `foo-sys` at `1.0.0-rc.1`, and
+/// `toml_edit-0.25.18+spec-1.1.0` is `toml_edit` at `0.25.18+spec-1.1.0`.
 pub fn parse_dir_name(dir_name: &str) -> Option<CrateId> {
-    let dashes: Vec<usize> = dir_name.match_indices('-').map(|(i, _)| i).collect();
-    dashes.into_iter().rev().find_map(|i| {
+    dir_name.match_indices('-').map(|(i, _)| i).find_map(|i| {
         let (name, version) = (&dir_name[..i], &dir_name[i + 1..]);
         let starts_with_digit = version.as_bytes().first().is_some_and(u8::is_ascii_digit);
         if name.is_empty() || !starts_with_digit {
@@ -216,6 +217,12 @@ mod tests {
             (id.name.as_str(), id.version.to_string().as_str()),
             ("zeta", "1.2.3-beta.1+build.5")
         );
+        let id = parse_dir_name("toml_edit-0.25.18+spec-1.1.0").unwrap();
+        assert_eq!(
+            (id.name.as_str(), id.version.to_string().as_str()),
+            ("toml_edit", "0.25.18+spec-1.1.0")
+        );
+        assert!(id.version > Version::parse("0.22.27").unwrap());
         let id = parse_dir_name("windows_x86_64_gnu-0.52.6").unwrap();
         assert_eq!(id.name, "windows_x86_64_gnu");
         assert!(parse_dir_name("src").is_none());

@@ -48,7 +48,8 @@ impl Split {
 
 impl fmt::Display for Split {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        // `pad` honours width and alignment, which the summary tables use.
+        f.pad(self.as_str())
     }
 }
 

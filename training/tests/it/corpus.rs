@@ -225,3 +225,29 @@ fn the_shipped_crate_list_pins_a_few_hundred_crates() {
     fs::write(&bad, "# nothing\n").unwrap();
     assert!(m31r_train::fetch::parse_crate_list(&bad).is_err());
 }
+
+#[test]
+fn the_summary_table_reports_splits_and_drops() {
+    let tmp = TempDir::new().unwrap();
+    let info = fixture_corpus(tmp.path());
+    expect_test::expect![[r#"
+        dataset 37daa5d1e7195065f3bf82ec09cd8557548ab9e051fa5d77a782bbb3410e5cd2
+        split            crates      files          bytes
+        train                 7         16          12825
+        validation            1          2           2242
+        test                  1          2            400
+        dropped                      files          bytes
+        not_rust                        12           1001
+        old_version                      3            305
+        unreadable                       0              0
+        huge_file                        1          25502
+        non_utf8                         1             87
+        generated                        1            225
+        huge_line                        1           1306
+        sys_bindings                     1           1703
+        table_dump                       1           1780
+        duplicate                        1            999
+        files seen                      42
+    "#]]
+    .assert_eq(&info.table());
+}
