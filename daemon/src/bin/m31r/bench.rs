@@ -76,6 +76,7 @@ struct Report {
     decode_tokens: u32,
     decode_context: f64,
     resident_before: u64,
+    resident_loaded: u64,
     resident_after: u64,
     cache_bytes: u64,
 }
@@ -83,7 +84,11 @@ struct Report {
 /// One measured request.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct Sample {
-    ms: f64,
+    /// Wall time from submitting to the first event (a token, or `done` when none came).
+    first_ms: f64,
+    /// The engine's own timings: evaluating the uncached prompt tokens, and arrival to done.
+    prefill_ms: f64,
+    total_ms: f64,
     prompt_tokens: u32,
     cached_tokens: u32,
 }
@@ -123,7 +128,8 @@ pub fn run(conn: &Connection, args: &BenchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&temp)
         .with_context(|| format!("cannot create bench directory {}", temp.display()))?;
     let temp = TempDir(temp);
-    let corpus = corpus::collect(if args.quick { 2 << 20 } else { 4 << 20 })?;
+    // Enough text that the small preset's tokenizer gets (nearly) its whole vocabulary.
+    let corpus = corpus::collect(if args.quick { 4 << 20 } else { 12 << 20 })?;
     // Prompts come from the end of the corpus: they need not be text the tokenizer saw.
     let text_path = temp.0.join("prompts.rs");
     let mut prompt_text = String::new();
@@ -171,9 +177,9 @@ pub fn run(conn: &Connection, args: &BenchArgs) -> anyhow::Result<()> {
          f32 weights + allocated KV. × bound = measured ÷ bound (1.00 is the physical limit)."
     );
     println!(
-        "prefill: best of its repetitions, each a prompt sharing nothing with the cache; \
-         keystroke: a FIM prompt warmed once, then one typed character per request \
-         (max_tokens 1), time from submit to the first event, median; decode: per forward pass."
+        "keystroke: a FIM prompt warmed once, then one request per typed character \
+         (max_tokens 1), timed from submit to the first event, median. decode: per forward pass \
+         (every generated token but the first)."
     );
     println!("bench took {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
@@ -285,9 +291,9 @@ fn print_report(name: &str, r: &Report, m: &Machine, random: bool) {
     row(
         format!(
             "cold prefill, {tokens} tokens ({:.0} tok/s)",
-            f64::from(tokens) * 1e3 / r.prefill.ms
+            f64::from(tokens) * 1e3 / r.prefill.prefill_ms
         ),
-        r.prefill.ms,
+        r.prefill.prefill_ms,
         prefill_bound,
         "ms",
         if peer {
@@ -298,7 +304,7 @@ fn print_report(name: &str, r: &Report, m: &Machine, random: bool) {
     );
     row(
         format!("keystroke → first token ({:.1} new tok)", r.keystroke_new_tokens),
-        r.keystroke.ms,
+        r.keystroke.first_ms,
         keystroke_bound,
         "ms",
         reference(PEER_KEYSTROKE_MS),
@@ -310,30 +316,41 @@ fn print_report(name: &str, r: &Report, m: &Machine, random: bool) {
         "ms",
         reference(PEER_DECODE_MS),
     );
-    let mib = |b: f64| b / f64::from(1u32 << 20);
+    let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
     row(
         "resident memory".into(),
-        mib(r.resident_after as f64),
-        mib(memory_bound),
+        mib(r.resident_after),
+        mib(memory_bound as u64),
         "MiB",
-        format!(
-            "{:.1} MiB before load · KV cache {:.1} MiB",
-            mib(r.resident_before as f64),
-            mib(r.cache_bytes as f64)
-        ),
+        String::new(),
+    );
+    let k = &r.keystroke;
+    println!(
+        "  prefill    best of {} prompts sharing nothing with the cache ({} cached tokens)",
+        r.prefill_reps, r.prefill.cached_tokens
     );
     println!(
-        "  keystroke: {} keystrokes on a {}-token FIM prompt ({} cached on the median one), \
-         p90 {:.1} ms · prefill: best of {}, {} cached · decode: {} tokens at ~{:.0} tokens of \
-         context",
+        "  keystroke  {} typed characters on a {}-token FIM prompt warmed once; the median one: \
+         {} tokens cached, engine {:.1} ms of which forward {:.1} ms (the rest: encoding the \
+         prompt, cache lookup, sampling); p90 {:.1} ms",
         r.keystrokes,
-        r.keystroke.prompt_tokens,
-        r.keystroke.cached_tokens,
+        k.prompt_tokens,
+        k.cached_tokens,
+        k.total_ms,
+        k.prefill_ms,
         r.keystroke_p90_ms,
-        r.prefill_reps,
-        r.prefill.cached_tokens,
-        r.decode_tokens,
-        r.decode_context,
+    );
+    println!(
+        "  decode     {} tokens, ~{:.0} tokens of context on average",
+        r.decode_tokens, r.decode_context
+    );
+    println!(
+        "  memory     {:.1} MiB before loading, {:.1} MiB loaded, {:.1} MiB after the runs \
+         (KV cache {:.1} MiB)",
+        mib(r.resident_before),
+        mib(r.resident_loaded),
+        mib(r.resident_after),
+        mib(r.cache_bytes),
     );
 }
 
@@ -391,6 +408,7 @@ pub fn worker(conn: &Connection, args: &WorkerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read prompt text {}", args.text.display()))?;
 
     let mut target = Target::load(bundle)?;
+    let resident_loaded = m31r_daemon::server::resident_bytes();
     let Target::Local(local) = &target else { bail!("expected an in-process engine") };
     let startup_ms = local.load_time().as_secs_f64() * 1e3;
     let config = local.config().clone();
@@ -408,11 +426,11 @@ pub fn worker(conn: &Connection, args: &WorkerArgs) -> anyhow::Result<()> {
 
     // Margins keep re-encoded windows (which may differ by a token or two) within the budget.
     let prefill_len = args.prompt_tokens.min(context.saturating_sub(8)).max(8);
-    let mut prefill = Sample { ms: f64::MAX, ..Sample::default() };
+    let mut prefill = Sample { prefill_ms: f64::MAX, ..Sample::default() };
     for _ in 0..reps {
         let prompt = bench.prompts.take(prefill_len)?;
-        let (done, _) = bench.request(|id| generate(id, prompt, 1))?;
-        if done.ms < prefill.ms {
+        let done = bench.request(|id| generate(id, prompt, 1))?;
+        if done.prefill_ms < prefill.prefill_ms {
             prefill = done;
         }
     }
@@ -440,12 +458,11 @@ pub fn worker(conn: &Connection, args: &WorkerArgs) -> anyhow::Result<()> {
     let mut samples = Vec::new();
     for &c in typed.iter().take(keystrokes) {
         prefix.push(c);
-        let (done, first) = bench.request(|id| fim(id, &prefix, Some(1)))?;
-        samples.push(Sample { ms: first, ..done });
+        samples.push(bench.request(|id| fim(id, &prefix, Some(1)))?);
     }
-    samples.sort_by(|a, b| a.ms.total_cmp(&b.ms));
+    samples.sort_by(|a, b| a.first_ms.total_cmp(&b.first_ms));
     let keystroke = samples.get(samples.len() / 2).copied().unwrap_or_default();
-    let keystroke_p90_ms = samples.get(samples.len() * 9 / 10).map_or(0.0, |s| s.ms);
+    let keystroke_p90_ms = samples.get(samples.len() * 9 / 10).map_or(0.0, |s| s.first_ms);
     let keystroke_new_tokens =
         samples.iter().map(|s| f64::from(s.prompt_tokens - s.cached_tokens)).sum::<f64>()
             / samples.len().max(1) as f64;
@@ -495,6 +512,7 @@ pub fn worker(conn: &Connection, args: &WorkerArgs) -> anyhow::Result<()> {
         decode_tokens: usage.completion_tokens,
         decode_context,
         resident_before,
+        resident_loaded,
         resident_after: m31r_daemon::server::resident_bytes(),
         cache_bytes: local.cache_bytes() as u64,
     };
@@ -540,9 +558,8 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    /// Runs one request; returns its done sample (engine prefill time) and the wall time in ms
-    /// from submitting to the first event (a token, or done when none came).
-    fn request(&mut self, make: impl FnOnce(String) -> Request) -> anyhow::Result<(Sample, f64)> {
+    /// Runs one request and measures it.
+    fn request(&mut self, make: impl FnOnce(String) -> Request) -> anyhow::Result<Sample> {
         self.requests += 1;
         let request = make(format!("bench-{}", self.requests));
         let t = Instant::now();
@@ -553,13 +570,13 @@ impl Bench<'_> {
         let end = Instant::now();
         match event {
             Event::Done { stop, usage, timings, .. } if stop != StopReason::Cancelled => {
-                let first = first.unwrap_or(end) - t;
-                let sample = Sample {
-                    ms: timings.prefill_ms,
+                Ok(Sample {
+                    first_ms: (first.unwrap_or(end) - t).as_secs_f64() * 1e3,
+                    prefill_ms: timings.prefill_ms,
+                    total_ms: timings.total_ms,
                     prompt_tokens: usage.prompt_tokens,
                     cached_tokens: usage.cached_tokens,
-                };
-                Ok((sample, first.as_secs_f64() * 1e3))
+                })
             }
             other => bail!("bench request {} ended with {other:?}", request.id().unwrap_or("?")),
         }
