@@ -37,6 +37,10 @@ pub struct BenchArgs {
     /// Prompt tokens of the cold-prefill and keystroke prompts (capped by the context).
     #[arg(long, value_name = "N", default_value_t = 1000)]
     prompt_tokens: usize,
+    /// Write the random-weight bundles to DIR/<preset> and keep them (to try `m31rd` or
+    /// `m31r --bundle` without a trained model); by default they go to a temporary directory.
+    #[arg(long, value_name = "DIR")]
+    keep: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -143,6 +147,10 @@ pub fn run(conn: &Connection, args: &BenchArgs) -> anyhow::Result<()> {
     std::fs::write(&text_path, &prompt_text)
         .with_context(|| format!("cannot write {}", text_path.display()))?;
 
+    if let Some(keep) = &args.keep {
+        std::fs::create_dir_all(keep)
+            .with_context(|| format!("cannot create bundle directory {}", keep.display()))?;
+    }
     let bundles: Vec<(String, PathBuf)> = match &conn.bundle {
         Some(dir) => {
             println!("bundle: {} (its own weights)", dir.display());
@@ -157,8 +165,12 @@ pub fn run(conn: &Connection, args: &BenchArgs) -> anyhow::Result<()> {
             );
             let mut bundles = Vec::new();
             for preset in &args.presets {
-                let dir = temp.0.join(preset);
-                build_random_bundle(preset, &corpus, &dir)?;
+                let dir = args.keep.as_ref().unwrap_or(&temp.0).join(preset);
+                if args.keep.is_some() && dir.exists() {
+                    println!("reusing {} (kept by an earlier --keep)", dir.display());
+                } else {
+                    build_random_bundle(preset, &corpus, &dir)?;
+                }
                 bundles.push((preset.clone(), dir));
             }
             bundles

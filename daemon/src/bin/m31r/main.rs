@@ -38,8 +38,8 @@ struct Cli {
 /// Where requests go.
 #[derive(Debug, Args)]
 pub struct Connection {
-    /// Daemon socket [default: m31rd's: --socket in its config file, $M31R_SOCKET, else
-    /// $XDG_RUNTIME_DIR/m31r/m31rd.sock].
+    /// Daemon socket [default: where m31rd listens: $M31R_SOCKET, else `socket` in its config
+    /// file, else $XDG_RUNTIME_DIR/m31r/m31rd.sock].
     #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Load this release bundle and run the engine in this process instead of using the daemon.
@@ -246,8 +246,8 @@ fn run() -> anyhow::Result<()> {
     }
 }
 
-/// The socket `m31rd` would listen on: `--socket`, else the daemon's own resolution (its config
-/// file's `socket`, `$M31R_SOCKET`, the default path).
+/// The socket `m31rd` would listen on: `--socket`, else the daemon's own resolution
+/// (`$M31R_SOCKET` over its config file's `socket` over the default path).
 pub fn socket_path(conn: &Connection) -> PathBuf {
     #[derive(Serialize)]
     struct NoFlags {}
@@ -412,6 +412,31 @@ mod tests {
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn example_config_documents_every_key_with_its_default() {
+        use m31r_daemon::config::DaemonConfig;
+        #[derive(serde::Deserialize)]
+        struct File {
+            daemon: DaemonConfig,
+        }
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/daemon/m31r.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let file: File = toml::from_str(&text).unwrap();
+        assert_eq!(file.daemon, DaemonConfig::default(), "{path} must show the defaults");
+        let every_key = DaemonConfig {
+            bundle: Some("b".into()),
+            socket: Some("s".into()),
+            log_file: Some("l".into()),
+            ..DaemonConfig::default()
+        };
+        let keys = toml::Table::try_from(&every_key).unwrap();
+        for key in keys.keys() {
+            let set = format!("\n{key} = ");
+            let unset = format!("\n# {key} = ");
+            assert!(text.contains(&set) || text.contains(&unset), "{path} lacks `{key}`");
+        }
     }
 
     #[test]

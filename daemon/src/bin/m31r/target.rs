@@ -54,10 +54,11 @@ impl Target {
             .build()
             .context("cannot start the async runtime")?;
         let started = Instant::now();
-        let connected = runtime.block_on(tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            Client::connect(socket, concat!("m31r/", env!("CARGO_PKG_VERSION"))),
-        ));
+        // The timer must be created inside the runtime, hence the async block.
+        let connected = runtime.block_on(async {
+            let name = concat!("m31r/", env!("CARGO_PKG_VERSION"));
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, Client::connect(socket, name)).await
+        });
         let (client, model) = match connected {
             Ok(Ok(connected)) => connected,
             Ok(Err(m31r_protocol::ClientError::Connect { source, .. })) => bail!(
