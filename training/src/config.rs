@@ -39,6 +39,9 @@ pub struct DataConfig {
     /// Token shards.
     #[serde(default)]
     pub shards: ShardConfig,
+    /// The training loop.
+    #[serde(default)]
+    pub train: crate::train::TrainConfig,
 }
 
 /// Thresholds of the corpus filters (see [`crate::filters`]).
@@ -171,6 +174,7 @@ impl DataConfig {
             split: SplitConfig::default(),
             tokenizer: TokenizerConfig::default(),
             shards: ShardConfig::default(),
+            train: crate::train::TrainConfig::default(),
         })
     }
 

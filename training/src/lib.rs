@@ -16,6 +16,7 @@ pub mod progress;
 pub mod shards;
 pub mod split;
 pub mod tok;
+pub mod train;
 
 pub use config::DataConfig;
 pub use corpus::{Corpus, CorpusOptions, DatasetInfo, ManifestEntry, build_corpus};

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use m31r_train::corpus::{CorpusOptions, build_corpus, default_registry_src};
 use m31r_train::shards::{PrepareOptions, prepare};
 use m31r_train::tok::{TokenizerOptions, train_tokenizer};
+use m31r_train::train::TrainOptions;
 use m31r_train::{DataConfig, Progress, fetch};
 
 /// Default data directory, relative to the working directory.
@@ -66,6 +67,43 @@ enum Command {
         /// Training config: a TOML file or a shipped preset name (tiny, small).
         #[arg(long, value_name = "FILE|PRESET", default_value = "tiny")]
         config: String,
+    },
+    /// Train the model on the prepared shards (next-token + FIM + CoT objectives).
+    ///
+    /// Writes run.json (the resolved run), metrics.jsonl (a JSON line per log step and per
+    /// validation pass) and checkpoints/ to the run directory. Ctrl-C checkpoints and stops;
+    /// --resume continues exactly where the newest checkpoint left off.
+    Train {
+        /// Data directory with shards (from `prepare`).
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA)]
+        data: PathBuf,
+        /// Training config: a TOML file or a shipped preset name (tiny, small).
+        #[arg(long, value_name = "FILE|PRESET", default_value = "tiny")]
+        config: String,
+        /// Run directory.
+        #[arg(long, value_name = "DIR", default_value = "runs/tiny")]
+        run_dir: PathBuf,
+        /// Continue the run in --run-dir from its newest checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Replace a run directory that holds another run.
+        #[arg(long)]
+        force: bool,
+        /// Override train.steps.
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Override train.lr.
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Override train.batch_size.
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Override train.seq_len.
+        #[arg(long)]
+        seq_len: Option<usize>,
+        /// Override train.seed.
+        #[arg(long)]
+        seed: Option<u64>,
     },
 }
 
@@ -128,9 +166,61 @@ fn main() -> Result<()> {
                 .with_context(|| format!("preparing shards in {}", data.display()))?;
             print!("{}", index.table());
         }
+        Command::Train {
+            data,
+            config,
+            run_dir,
+            resume,
+            force,
+            steps,
+            lr,
+            batch_size,
+            seq_len,
+            seed,
+        } => {
+            let config = load_config(&config)?;
+            let mut train = config.train.clone();
+            train.steps = steps.unwrap_or(train.steps);
+            train.lr = lr.unwrap_or(train.lr);
+            train.batch_size = batch_size.unwrap_or(train.batch_size);
+            train.seq_len = seq_len.unwrap_or(train.seq_len);
+            train.seed = seed.unwrap_or(train.seed);
+            install_interrupt_handler();
+            let opts = TrainOptions {
+                data,
+                run_dir: run_dir.clone(),
+                model: config.model,
+                train,
+                resume,
+                force,
+                progress,
+            };
+            let s = m31r_train::train::train(&opts)
+                .with_context(|| format!("training run {}", run_dir.display()))?;
+            println!(
+                "steps {} · tokens {} · loss {:.4} · {:.0} tok/s{}",
+                s.steps,
+                s.tokens_seen,
+                s.final_loss,
+                s.tokens_per_s,
+                if s.interrupted { " · interrupted (checkpoint written)" } else { "" }
+            );
+            if let Some((loss, bpb)) = s.validation {
+                println!("validation loss {loss:.4} nats/token · {bpb:.4} bits/byte");
+            }
+        }
     }
     println!("wall time {:.2}s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Ctrl-C sets a flag the training loop checks between steps: it checkpoints, then stops.
+fn install_interrupt_handler() {
+    extern "C" fn on_interrupt(_: libc::c_int) {
+        m31r_train::train::INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t) };
 }
 
 fn load_config(spec: &str) -> Result<DataConfig> {

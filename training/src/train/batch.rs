@@ -74,7 +74,8 @@ impl<'a> BatchSampler<'a> {
     pub fn micro_batch(&self, step: u64, micro: usize) -> Vec<Sequence> {
         (0..self.config.batch_size)
             .map(|row| {
-                let mut rng = Rng::for_stream(self.config.seed, &format!("batch/{step}/{micro}/{row}"));
+                let mut rng =
+                    Rng::for_stream(self.config.seed, &format!("batch/{step}/{micro}/{row}"));
                 self.sequence(&mut rng)
             })
             .collect()
@@ -128,27 +129,8 @@ impl<'a> BatchSampler<'a> {
 
     /// Applies FIM to the longest `<|endoftext|>`-free segment of `ids`.
     fn fim(&self, ids: &[u32], mode: FimMode, rng: &mut Rng) -> Option<Sequence> {
-        let eot = self.shards.end_of_text();
-        let (start, end) = longest_segment(ids, eot);
-        let text = self.tokenizer.decode(&ids[start..end]).ok()?;
-        // A window may begin or end inside a multi-byte character; drop those fragments.
-        let text = text.trim_matches('\u{FFFD}');
-        let chars: Vec<usize> = text.char_indices().map(|(i, _)| i).chain([text.len()]).collect();
-        if chars.len() < 3 {
-            return None;
-        }
-        let a = chars[rng.below(chars.len() as u64) as usize];
-        let b = chars[rng.below(chars.len() as u64) as usize];
-        let (i, j) = (a.min(b), a.max(b));
-        let encode = |s: &str| self.tokenizer.encode(s).ok();
-        let (p, m, s) = (encode(&text[..i])?, encode(&text[i..j])?, encode(&text[j..])?);
-        let special = self.tokenizer.special_ids();
-        let layout = training_sequence(special, mode, &p, &m, &s);
-        // The layout ends with <|endoftext|>: it replaces the segment and the separator after it.
-        let after = if end < ids.len() { end + 1 } else { end };
-        let mut out = ids[..start].to_vec();
-        out.extend(layout);
-        out.extend_from_slice(&ids[after..]);
+        let (a, b) = (rng.next_u64(), rng.next_u64());
+        let (out, _) = fim_transform(self.tokenizer, ids, self.shards.end_of_text(), mode, a, b)?;
         Some(self.fit(out, Objective::Fim))
     }
 
@@ -190,6 +172,38 @@ impl<'a> BatchSampler<'a> {
     }
 }
 
+/// The FIM transform of a window: its longest `eot`-free segment is decoded (fragments of
+/// characters cut by the window edges dropped), split at the character positions picked by `a` and
+/// `b` into prefix, middle and suffix, each encoded separately and laid out in `mode`; the layout
+/// replaces the segment and its trailing separator. Returns the new ids (not yet fitted to the
+/// window length) and the segment's text, which the layout's pieces reassemble exactly.
+pub fn fim_transform(
+    tokenizer: &Tokenizer,
+    ids: &[u32],
+    eot: u32,
+    mode: FimMode,
+    a: u64,
+    b: u64,
+) -> Option<(Vec<u32>, String)> {
+    let (start, end) = longest_segment(ids, eot);
+    let text = tokenizer.decode(&ids[start..end]).ok()?;
+    let text = text.trim_matches('\u{FFFD}');
+    let chars: Vec<usize> = text.char_indices().map(|(i, _)| i).chain([text.len()]).collect();
+    if chars.len() < 3 {
+        return None;
+    }
+    let pick = |r: u64| chars[(r % chars.len() as u64) as usize];
+    let (i, j) = (pick(a).min(pick(b)), pick(a).max(pick(b)));
+    let encode = |s: &str| tokenizer.encode(s).ok();
+    let (p, m, s) = (encode(&text[..i])?, encode(&text[i..j])?, encode(&text[j..])?);
+    let layout = training_sequence(tokenizer.special_ids(), mode, &p, &m, &s);
+    let after = if end < ids.len() { end + 1 } else { end };
+    let mut out = ids[..start].to_vec();
+    out.extend(layout);
+    out.extend_from_slice(&ids[after..]);
+    Some((out, text.to_string()))
+}
+
 /// `[start, end)` of the longest run of ids without `eot`.
 fn longest_segment(ids: &[u32], eot: u32) -> (usize, usize) {
     let mut best = (0, 0);
@@ -227,14 +241,17 @@ pub fn comment_code_pairs(text: &str) -> Vec<(String, String)> {
             i += 1;
         }
         let comment: String = lines[start..i].concat();
-        let words = comment.split_whitespace().filter(|w| w.chars().any(char::is_alphabetic)).count();
+        let words =
+            comment.split_whitespace().filter(|w| w.chars().any(char::is_alphabetic)).count();
         let base = indent(lines[start]);
         let code_start = i;
         while i < lines.len()
             && i - code_start < 40
             && !lines[i].trim().is_empty()
             && !is_comment(lines[i])
-            && (i == code_start || indent(lines[i]) >= base || lines[i].trim_start().starts_with('}'))
+            && (i == code_start
+                || indent(lines[i]) >= base
+                || lines[i].trim_start().starts_with('}'))
         {
             i += 1;
         }

@@ -63,10 +63,8 @@ pub fn save(
         vars.save(tmp.join(WEIGHTS)).map_err(candle(&tmp.join(WEIGHTS)))?;
         candle_core::safetensors::save(&optimizer.state(), tmp.join(OPTIMIZER))
             .map_err(candle(&tmp.join(OPTIMIZER)))?;
-        let json = serde_json::to_vec_pretty(state).map_err(|e| TrainError::Invalid {
-            path: tmp.join(STATE),
-            reason: e.to_string(),
-        })?;
+        let json = serde_json::to_vec_pretty(state)
+            .map_err(|e| TrainError::Invalid { path: tmp.join(STATE), reason: e.to_string() })?;
         fs::write(tmp.join(STATE), json).map_err(io(&tmp.join(STATE)))?;
         for file in [WEIGHTS, OPTIMIZER, STATE] {
             let p = tmp.join(file);
@@ -123,7 +121,8 @@ pub fn load(dir: &Path, vars: &mut VarMap, optimizer: &mut AdamW) -> Result<Loop
     let weights = dir.join(WEIGHTS);
     vars.load(&weights).map_err(candle(&weights))?;
     let opt_path = dir.join(OPTIMIZER);
-    let moments = candle_core::safetensors::load(&opt_path, &Device::Cpu).map_err(candle(&opt_path))?;
+    let moments =
+        candle_core::safetensors::load(&opt_path, &Device::Cpu).map_err(candle(&opt_path))?;
     optimizer.load_state(&moments, state.step).map_err(candle(&opt_path))?;
     Ok(state)
 }

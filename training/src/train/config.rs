@@ -166,7 +166,9 @@ impl TrainConfig {
             Schedule::Cosine => {
                 let progress = (after / span).min(1.0);
                 self.min_lr
-                    + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+                    + 0.5
+                        * (self.lr - self.min_lr)
+                        * (1.0 + (std::f64::consts::PI * progress).cos())
             }
             Schedule::Wsd => {
                 let decay_steps = (self.decay_fraction * self.steps as f64).max(1.0);
@@ -175,7 +177,8 @@ impl TrainConfig {
                 if s < decay_start {
                     self.lr
                 } else {
-                    let t = ((s - decay_start) / decay_steps).min(1.0);
+                    // +1 so the last step lands exactly on `min_lr`.
+                    let t = ((s + 1.0 - decay_start) / decay_steps).min(1.0);
                     self.lr + (self.min_lr - self.lr) * t
                 }
             }
@@ -190,7 +193,8 @@ mod tests {
     #[test]
     fn schedules_warm_up_then_decay_to_min() {
         for schedule in [Schedule::Cosine, Schedule::Wsd] {
-            let c = TrainConfig { steps: 100, warmup_steps: 10, schedule, ..TrainConfig::default() };
+            let c =
+                TrainConfig { steps: 100, warmup_steps: 10, schedule, ..TrainConfig::default() };
             assert!(c.lr_at(0) < c.lr_at(9));
             assert!((c.lr_at(9) - c.lr).abs() < 1e-12);
             assert!((c.lr_at(99) - c.min_lr).abs() < 0.02 * c.lr);

@@ -9,3 +9,4 @@ mod common;
 mod corpus;
 mod shards;
 mod tokenizer;
+mod train;
