@@ -87,8 +87,11 @@ fn run_cargo_fetch(project: &Path, crates: &[PinnedCrate], list: &Path) -> Resul
          [workspace]\n\n[dependencies]\n",
     );
     for c in crates {
+        // Cargo ignores build metadata in requirements (and warns about it); the directory it
+        // unpacks to still carries the full version.
+        let version = c.version.split('+').next().unwrap_or(&c.version);
         manifest +=
-            &format!("{} = {{ version = \"={}\", default-features = false }}\n", c.name, c.version);
+            &format!("{} = {{ version = \"={version}\", default-features = false }}\n", c.name);
     }
     let manifest_path = project.join("Cargo.toml");
     std::fs::write(&manifest_path, manifest).map_err(io_err(&manifest_path))?;

@@ -9,6 +9,7 @@ pub mod config;
 pub mod corpus;
 pub mod crates;
 pub mod error;
+pub mod export;
 pub mod fetch;
 pub mod filters;
 pub mod fsutil;

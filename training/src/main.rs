@@ -105,6 +105,18 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Export a run's newest checkpoint as a release bundle (weights, tokenizer, config,
+    /// metadata, checksums), loadable by m31rd.
+    Export {
+        /// Run directory written by `train`.
+        run_dir: PathBuf,
+        /// Data directory whose tokenizer the run used.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA)]
+        data: PathBuf,
+        /// Bundle directory to create (must not exist).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -208,6 +220,17 @@ fn main() -> Result<()> {
             if let Some((loss, bpb)) = s.validation {
                 println!("validation loss {loss:.4} nats/token · {bpb:.4} bits/byte");
             }
+        }
+        Command::Export { run_dir, data, out } => {
+            let meta = m31r_train::export::export(&run_dir, &data, &out)
+                .with_context(|| format!("exporting {} to {}", run_dir.display(), out.display()))?;
+            println!(
+                "bundle {} · step {} · {} tokens seen · dataset {}",
+                out.display(),
+                meta.steps,
+                meta.tokens_seen,
+                meta.dataset_id
+            );
         }
     }
     println!("wall time {:.2}s", started.elapsed().as_secs_f64());

@@ -1,0 +1,70 @@
+//! `m31r-train export`: turns a run's newest checkpoint into a release bundle (DESIGN §4) whose
+//! metadata traces the dataset, tokenizer, seed, steps, tokens seen and last validation results.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use m31r_model::bundle::{BundleInfo, BundleMetadata, write_bundle};
+use m31r_model::config::ModelConfig;
+use m31r_model::tokenizer::Tokenizer;
+
+use crate::corpus::read_json;
+use crate::train::checkpoint::{self, LoopState};
+use crate::train::{METRICS_FILE, RUN_FILE, RunSpec, TrainError};
+
+/// Writes the bundle of `run_dir`'s newest checkpoint to `out` (which must not exist), using the
+/// tokenizer of the data directory `data`.
+pub fn export(run_dir: &Path, data: &Path, out: &Path) -> Result<BundleMetadata, TrainError> {
+    let invalid = |path: PathBuf, reason: String| TrainError::Invalid { path, reason };
+    let spec: RunSpec = read_json(&run_dir.join(RUN_FILE))?;
+    let Some((_, ckpt)) = checkpoint::list(run_dir)?.pop() else {
+        return Err(invalid(run_dir.to_path_buf(), "has no complete checkpoint to export".into()));
+    };
+    let tokenizer_path = data.join("tokenizer.json");
+    let json = std::fs::read(&tokenizer_path)
+        .map_err(|source| TrainError::Io { path: tokenizer_path.clone(), source })?;
+    if m31r_model::bundle::sha256_hex(&json) != spec.tokenizer_id {
+        return Err(invalid(
+            tokenizer_path,
+            format!("is not the tokenizer this run trained with ({})", spec.tokenizer_id),
+        ));
+    }
+    let tokenizer =
+        Tokenizer::from_bytes(&json).map_err(|e| invalid(tokenizer_path.clone(), e.to_string()))?;
+    let config = ModelConfig::new(&spec.model)
+        .map_err(|e| invalid(run_dir.join(RUN_FILE), e.to_string()))?;
+    let weights_path = ckpt.join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)
+        .map_err(|e| invalid(weights_path.clone(), e.to_string()))?;
+    let state: LoopState = read_json(&ckpt.join("state.json"))?;
+    let info = BundleInfo {
+        model_version: format!("{}-step{}", spec.model.d_model, state.step),
+        dataset_id: spec.dataset_id.clone(),
+        dataset_hash: spec.dataset_id.clone(),
+        training_seed: spec.train.seed,
+        steps: state.step,
+        tokens_seen: state.tokens_seen,
+        eval: last_validation(&run_dir.join(METRICS_FILE)),
+    };
+    let mut named: Vec<(String, candle_core::Tensor)> = tensors.into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    write_bundle(out, &named, &tokenizer, &config, &info)
+        .map_err(|e| invalid(out.to_path_buf(), e.to_string()))
+}
+
+/// The last validation line of the metrics, as metric → value.
+fn last_validation(metrics: &Path) -> BTreeMap<String, f64> {
+    let text = std::fs::read_to_string(metrics).unwrap_or_default();
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("val_loss").is_some())
+        .map(|v| {
+            ["val_loss", "val_bits_per_byte"]
+                .iter()
+                .filter_map(|k| v[*k].as_f64().map(|x| (k.to_string(), x)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
