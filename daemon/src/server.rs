@@ -200,16 +200,26 @@ impl Server {
     /// One connection: a writer task drains the event channel; this loop reads frames.
     async fn handle(self: &Arc<Self>, stream: UnixStream) {
         let (read, mut write) = stream.into_split();
+        // Immediate replies and the engine's job events travel on separate channels: only a job's
+        // own terminal event unregisters its id, never a refusal of a later request that reused it.
         let (events, mut outbox) = mpsc::unbounded_channel::<Event>();
+        let (job_events, mut job_outbox) = mpsc::unbounded_channel::<Event>();
         let inflight: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>> = Arc::default();
         let writer_inflight = inflight.clone();
         let writer = tokio::spawn(async move {
-            while let Some(event) = outbox.recv().await {
-                if let Event::Done { id, .. } | Event::Error { id: Some(id), .. } = &event
-                    && let Ok(mut map) = writer_inflight.lock()
-                {
-                    map.remove(id);
-                }
+            loop {
+                let event = tokio::select! {
+                    Some(event) = outbox.recv() => event,
+                    Some(event) = job_outbox.recv() => {
+                        if let Event::Done { id, .. } | Event::Error { id: Some(id), .. } = &event
+                            && let Ok(mut map) = writer_inflight.lock()
+                        {
+                            map.remove(id);
+                        }
+                        event
+                    }
+                    else => break,
+                };
                 if write_frame(&mut write, &event).await.is_err() {
                     break; // the client is gone; the reader notices too
                 }
@@ -250,7 +260,9 @@ impl Server {
                     continue;
                 }
             };
-            if let Some(event) = self.dispatch(request, &mut greeted, &events, &inflight) {
+            if let Some(event) =
+                self.dispatch(request, &mut greeted, &events, &job_events, &inflight)
+            {
                 let _ = events.send(event);
             }
         }
@@ -261,6 +273,7 @@ impl Server {
             }
         }
         drop(events);
+        drop(job_events);
         let _ = writer.await;
     }
 
@@ -270,6 +283,7 @@ impl Server {
         request: Request,
         greeted: &mut bool,
         events: &mpsc::UnboundedSender<Event>,
+        job_events: &mpsc::UnboundedSender<Event>,
         inflight: &Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
     ) -> Option<Event> {
         let error = |id: Option<&str>, code, message: String| {
@@ -343,7 +357,7 @@ impl Server {
             kind,
             params,
             cancel,
-            events: events.clone(),
+            events: job_events.clone(),
             arrived: Instant::now(),
         };
         match self.engine.submit(job) {

@@ -92,9 +92,13 @@ fn run() -> anyhow::Result<()> {
         context_length: bundle.config().context_length() as u32,
         precision: format!("{:?}", config.precision).to_lowercase(),
     };
+    let tokenizer = bundle.tokenizer().clone();
+    // The verified weights now live in the model; unmapping the file keeps its pages (all touched
+    // by hashing) out of resident memory.
+    drop(bundle);
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     tracing::info!(bundle = %bundle_dir.display(), parameters = info.parameters, load_ms, "model loaded");
-    let engine = Engine::start(model, bundle.tokenizer().clone(), config.engine());
+    let engine = Engine::start(model, tokenizer, config.engine());
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -142,7 +146,10 @@ fn init_logging(config: &DaemonConfig) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot open log file {}", path.display()))?;
             builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
         }
-        None => builder.with_writer(std::io::stderr).init(),
+        None => {
+            use std::io::IsTerminal;
+            builder.with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init()
+        }
     }
     Ok(())
 }

@@ -239,7 +239,7 @@ async fn bad_input_gets_a_named_error_and_the_connection_survives() {
 async fn duplicate_ids_in_flight_are_refused() {
     let daemon = Daemon::start(&[]);
     let mut client = daemon.client().await;
-    client.send(&generate("same", &long_prompt(), 300)).await.unwrap();
+    client.send(&generate("same", &long_prompt(), 400)).await.unwrap();
     client.send(&generate("same", "fn", 4)).await.unwrap();
     let mut saw_duplicate = false;
     loop {
@@ -248,7 +248,11 @@ async fn duplicate_ids_in_flight_are_refused() {
                 saw_duplicate = true;
                 client.send(&Request::Cancel { id: "same".into() }).await.unwrap();
             }
-            Event::Done { .. } => break,
+            Event::Done { stop, .. } => {
+                // The refusal must not have unregistered the running request: the cancel works.
+                assert_eq!(stop, StopReason::Cancelled);
+                break;
+            }
             _ => {}
         }
     }

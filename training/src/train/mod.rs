@@ -1,5 +1,6 @@
 //! `m31r-train train`: the training loop. Reads top to bottom in the order it runs: batch,
-//! forward, loss, backward, step, schedule, eval, checkpoint, log.
+//! forward, loss, backward, step, schedule, eval, log, checkpoint (log first, so that the metrics
+//! of every checkpointed step are on disk before the checkpoint is).
 //!
 //! Loss: L = L_next + α·L_fim + β·L_cot, each term the mean token cross-entropy over its
 //! objective's sequences in the micro-batch. Batches are a pure function of (seed, step), so a
@@ -229,11 +230,6 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
                 }),
             )?;
         }
-        // Checkpoint.
-        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
-        if state.step.is_multiple_of(cfg.checkpoint_every) || last || interrupted {
-            checkpoint::save(&opts.run_dir, &vars, &optimizer, &state, cfg.keep_checkpoints)?;
-        }
         // Log.
         let elapsed = started.elapsed().as_secs_f64();
         let tokens_per_s =
@@ -249,6 +245,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
                 line[format!("loss_{}", objective.name())] = serde_json::json!(value);
             }
             log_line(&mut metrics, &opts.run_dir, line)?;
+        }
+        // Checkpoint, after the step's metrics are on disk: a run killed right after a checkpoint
+        // then has every metric line up to it, and a resume rewrites nothing twice.
+        let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+        if state.step.is_multiple_of(cfg.checkpoint_every) || last || interrupted {
+            checkpoint::save(&opts.run_dir, &vars, &optimizer, &state, cfg.keep_checkpoints)?;
         }
         bar.set_position(state.step);
         bar.set_message(format!("loss {loss:.3} · {tokens_per_s:.0} tok/s"));
