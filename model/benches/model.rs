@@ -19,8 +19,8 @@ fn main() -> anyhow::Result<()> {
     };
     let reps = if quick { 2 } else { 5 };
 
-    let gflops = matmul_gflops(reps)?;
-    let bandwidth = memory_bandwidth(reps);
+    let gflops = m31r_model::machine::matmul_gflops(reps)?;
+    let bandwidth = m31r_model::machine::memory_bandwidth_gbs(reps);
     println!(
         "machine: f32 matmul {gflops:.1} GFLOP/s (1024³, candle), memory read {bandwidth:.1} GB/s"
     );
@@ -99,43 +99,4 @@ fn best_of(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Re
         best = best.min(t.elapsed());
     }
     Ok(best)
-}
-
-fn matmul_gflops(reps: usize) -> anyhow::Result<f64> {
-    let n = 1024;
-    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let t = best_of(reps, || {
-        black_box(a.matmul(&b)?);
-        Ok(())
-    })?;
-    Ok(2.0 * (n * n * n) as f64 / t.as_secs_f64() / 1e9)
-}
-
-/// Sequential read bandwidth over a buffer far larger than the caches, in GB/s, with one reader
-/// per core (decode also runs on every core).
-fn memory_bandwidth(reps: usize) -> f64 {
-    let words: usize = 64 << 20; // 512 MiB
-    let buffer: Vec<u64> = (0..words as u64).collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut best = f64::MAX;
-    for _ in 0..reps + 1 {
-        let t = Instant::now();
-        std::thread::scope(|s| {
-            for part in buffer.chunks(words.div_ceil(threads)) {
-                s.spawn(move || {
-                    // Eight independent lanes so the loop vectorises and is bound by memory.
-                    let mut acc = [0u64; 8];
-                    for chunk in part.chunks_exact(8) {
-                        for (a, &x) in acc.iter_mut().zip(chunk) {
-                            *a = a.wrapping_add(x);
-                        }
-                    }
-                    black_box(acc);
-                });
-            }
-        });
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    (words * 8) as f64 / best / 1e9
 }

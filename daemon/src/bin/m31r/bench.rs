@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use clap::Args;
 use m31r_model::{BundleInfo, Model, ModelConfig, Tokenizer, write_bundle};
 use m31r_protocol::{Event, FimInput, GenerationParams, Request, StopReason, Usage};
@@ -119,8 +119,8 @@ pub fn run(conn: &Connection, args: &BenchArgs) -> anyhow::Result<()> {
     let threads = rayon_threads();
     println!("m31r bench: engine in-process, f32 on CPU, {threads} threads");
     let machine = Machine {
-        gflops: matmul_gflops(reps)?,
-        bandwidth_gbs: memory_bandwidth(reps),
+        gflops: m31r_model::machine::matmul_gflops(reps)?,
+        bandwidth_gbs: m31r_model::machine::memory_bandwidth_gbs(reps),
         sha256_gbs: sha256_gbs(),
     };
     println!(
@@ -602,56 +602,6 @@ fn rayon_threads() -> usize {
         .and_then(|n| n.parse().ok())
         .filter(|&n| n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-fn best_of(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Duration> {
-    f()?; // warm-up: page in, spin up the thread pool
-    let mut best = Duration::MAX;
-    for _ in 0..reps {
-        let t = Instant::now();
-        f()?;
-        best = best.min(t.elapsed());
-    }
-    Ok(best)
-}
-
-/// candle's f32 matmul on 1024³, as `model/benches/model.rs` measures it.
-fn matmul_gflops(reps: usize) -> anyhow::Result<f64> {
-    let n = 1024;
-    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let t = best_of(reps, || {
-        black_box(a.matmul(&b)?);
-        Ok(())
-    })?;
-    Ok(2.0 * (n * n * n) as f64 / t.as_secs_f64() / 1e9)
-}
-
-/// Sequential read bandwidth over 512 MiB, one reader per core, in GB/s (as the model bench).
-fn memory_bandwidth(reps: usize) -> f64 {
-    let words: usize = 64 << 20;
-    let buffer: Vec<u64> = (0..words as u64).collect();
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut best = f64::MAX;
-    for _ in 0..reps + 1 {
-        let t = Instant::now();
-        std::thread::scope(|s| {
-            for part in buffer.chunks(words.div_ceil(threads)) {
-                s.spawn(move || {
-                    // Eight independent lanes so the loop vectorises and is bound by memory.
-                    let mut acc = [0u64; 8];
-                    for chunk in part.chunks_exact(8) {
-                        for (a, &x) in acc.iter_mut().zip(chunk) {
-                            *a = a.wrapping_add(x);
-                        }
-                    }
-                    black_box(acc);
-                });
-            }
-        });
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    (words * 8) as f64 / best / 1e9
 }
 
 /// Throughput of the bundle checksum (one thread, as `Bundle::open` hashes), in GB/s.

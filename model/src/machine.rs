@@ -1,0 +1,50 @@
+//! Measurements of this machine that performance claims are stated against (DESIGN §8): candle's
+//! f32 matmul throughput and memory read bandwidth. Used by every bench, so they measure alike.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+
+/// candle's f32 matmul on 1024×1024 by 1024×1024, best of `reps` (after a warm-up), in GFLOP/s.
+pub fn matmul_gflops(reps: usize) -> candle_core::Result<f64> {
+    let n = 1024;
+    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    black_box(a.matmul(&b)?); // warm-up: spin up the thread pool
+    let mut best = Duration::MAX;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        black_box(a.matmul(&b)?);
+        best = best.min(t.elapsed());
+    }
+    Ok(2.0 * (n * n * n) as f64 / best.as_secs_f64() / 1e9)
+}
+
+/// Sequential read bandwidth over 512 MiB (far beyond the caches), one reader per core as decode
+/// uses every core, best of `reps` (after a warm-up), in GB/s.
+pub fn memory_bandwidth_gbs(reps: usize) -> f64 {
+    let words: usize = 64 << 20;
+    let buffer: Vec<u64> = (0..words as u64).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut best = f64::MAX;
+    for _ in 0..reps.max(1) + 1 {
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for part in buffer.chunks(words.div_ceil(threads)) {
+                s.spawn(move || {
+                    // Eight independent lanes so the loop vectorises and is bound by memory.
+                    let mut acc = [0u64; 8];
+                    for chunk in part.chunks_exact(8) {
+                        for (a, &x) in acc.iter_mut().zip(chunk) {
+                            *a = a.wrapping_add(x);
+                        }
+                    }
+                    black_box(acc);
+                });
+            }
+        });
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (words * 8) as f64 / best / 1e9
+}
