@@ -698,7 +698,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
+        #![proptest_config(crate::tokenizer::tests::hermetic_config(64))]
 
         #[test]
         fn rope_preserves_norms(x in vec_of(16), pos in 0usize..250, fused in any::<bool>()) {
@@ -755,8 +755,9 @@ mod tests {
 
         #[test]
         fn rms_norm_is_scale_invariant(x in vec_of(32), w in vec_of(32), scale in 0.05f32..20.0) {
+            // ε is a numerical guard, not part of the property: leave it out and keep x away from 0.
             prop_assume!(x.iter().map(|v| v * v).sum::<f32>() > 0.1);
-            let norm = RmsNorm { weight: tensor(&w, &[32]), eps: 1e-6 };
+            let norm = RmsNorm { weight: tensor(&w, &[32]), eps: 0.0 };
             let x = tensor(&x, &[1, 32]);
             let scaled = (&x * f64::from(scale)).unwrap();
             for (p, q) in [
