@@ -96,6 +96,16 @@ pub enum SubmitError {
     Stopped,
 }
 
+impl SubmitError {
+    /// The protocol error code a client sees for this refusal.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            SubmitError::Overloaded(_) => ErrorCode::Overloaded,
+            SubmitError::Stopped => ErrorCode::ShuttingDown,
+        }
+    }
+}
+
 /// Counters shared between the engine thread and the server.
 #[derive(Debug, Default)]
 pub struct EngineCounters {
@@ -185,6 +195,35 @@ impl Engine {
     /// Prefix-cache size after the last job.
     pub fn cache_stats(&self) -> CacheStats {
         self.cache_stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    /// A status report of this engine serving `model`, up for `uptime`, with `connections` open.
+    pub fn status(
+        &self,
+        model: &m31r_protocol::ModelInfo,
+        uptime: Duration,
+        connections: u32,
+    ) -> m31r_protocol::DaemonStatus {
+        let c = &self.counters;
+        let cache = self.cache_stats();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        m31r_protocol::DaemonStatus {
+            model: model.clone(),
+            uptime_s: uptime.as_secs_f64(),
+            connections,
+            queued: load(&c.queued) as u32,
+            cache_entries: cache.entries as u32,
+            cache_tokens: cache.tokens as u64,
+            cache_bytes: cache.bytes as u64,
+            cache_budget_bytes: self.cache_budget_bytes as u64,
+            resident_bytes: crate::server::resident_bytes(),
+            requests: load(&c.requests),
+            cancelled: load(&c.cancelled),
+            errors: load(&c.errors),
+            cached_tokens: load(&c.cached_tokens),
+            prefilled_tokens: load(&c.prefilled_tokens),
+            generated_tokens: load(&c.generated_tokens),
+        }
     }
 
     /// The prefix cache's budget.

@@ -17,7 +17,7 @@ use tokio::io::BufReader;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 
-use crate::engine::{Engine, Job, JobKind, SubmitError};
+use crate::engine::{Engine, Job, JobKind};
 
 /// Largest `max_tokens` a request may ask for.
 pub const MAX_NEW_TOKENS: u32 = 4096;
@@ -175,26 +175,11 @@ impl Server {
     }
 
     fn status(&self) -> DaemonStatus {
-        let c = self.engine.counters();
-        let cache = self.engine.cache_stats();
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        DaemonStatus {
-            model: self.model.clone(),
-            uptime_s: self.started.elapsed().as_secs_f64(),
-            connections: self.connections.load(Ordering::Relaxed),
-            queued: load(&c.queued) as u32,
-            cache_entries: cache.entries as u32,
-            cache_tokens: cache.tokens as u64,
-            cache_bytes: cache.bytes as u64,
-            cache_budget_bytes: self.engine.cache_budget_bytes() as u64,
-            resident_bytes: resident_bytes(),
-            requests: load(&c.requests),
-            cancelled: load(&c.cancelled),
-            errors: load(&c.errors),
-            cached_tokens: load(&c.cached_tokens),
-            prefilled_tokens: load(&c.prefilled_tokens),
-            generated_tokens: load(&c.generated_tokens),
-        }
+        self.engine.status(
+            &self.model,
+            self.started.elapsed(),
+            self.connections.load(Ordering::Relaxed),
+        )
     }
 
     /// One connection: a writer task drains the event channel; this loop reads frames.
@@ -366,11 +351,7 @@ impl Server {
                 if let Ok(mut map) = inflight.lock() {
                     map.remove(&id);
                 }
-                let code = match e {
-                    SubmitError::Overloaded(_) => ErrorCode::Overloaded,
-                    SubmitError::Stopped => ErrorCode::ShuttingDown,
-                };
-                error(Some(&id), code, e.to_string())
+                error(Some(&id), e.code(), e.to_string())
             }
         }
     }

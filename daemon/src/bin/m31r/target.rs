@@ -3,12 +3,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device};
-use m31r_daemon::engine::{Engine, EngineConfig, Job, JobKind, SubmitError};
+use m31r_daemon::engine::{Engine, EngineConfig, Job, JobKind};
 use m31r_model::{Bundle, ModelConfig, Tokenizer};
 use m31r_protocol::{
     Client, DaemonStatus, ErrorCode, Event, GenerationParams, ModelInfo, PROTOCOL_VERSION, Request,
@@ -222,11 +222,7 @@ impl Local {
             arrived: Instant::now(),
         };
         if let Err(e) = self.engine.submit(job) {
-            let code = match e {
-                SubmitError::Overloaded(_) => ErrorCode::Overloaded,
-                SubmitError::Stopped => ErrorCode::ShuttingDown,
-            };
-            return Ok(error(code, e.to_string()));
+            return Ok(error(e.code(), e.to_string()));
         }
         while let Some(event) = inbox.blocking_recv() {
             match event {
@@ -239,25 +235,6 @@ impl Local {
     }
 
     fn status(&self) -> DaemonStatus {
-        let c = self.engine.counters();
-        let cache = self.engine.cache_stats();
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        DaemonStatus {
-            model: self.model.clone(),
-            uptime_s: self.started.elapsed().as_secs_f64(),
-            connections: 0,
-            queued: load(&c.queued) as u32,
-            cache_entries: cache.entries as u32,
-            cache_tokens: cache.tokens as u64,
-            cache_bytes: cache.bytes as u64,
-            cache_budget_bytes: self.engine.cache_budget_bytes() as u64,
-            resident_bytes: m31r_daemon::server::resident_bytes(),
-            requests: load(&c.requests),
-            cancelled: load(&c.cancelled),
-            errors: load(&c.errors),
-            cached_tokens: load(&c.cached_tokens),
-            prefilled_tokens: load(&c.prefilled_tokens),
-            generated_tokens: load(&c.generated_tokens),
-        }
+        self.engine.status(&self.model, self.started.elapsed(), 0)
     }
 }
