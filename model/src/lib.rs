@@ -10,6 +10,7 @@ pub mod params;
 pub mod rng;
 pub mod sampling;
 pub mod tokenizer;
+pub mod train_ops;
 pub mod transformer;
 
 pub use bundle::{Bundle, BundleError, BundleInfo, BundleMetadata, write_bundle};

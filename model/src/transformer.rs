@@ -1,10 +1,11 @@
 //! The LLaMA-shaped decoder (DESIGN §2), read top-down: KV cache → RoPE → attention → MLP → block →
-//! model. One set of weights serves two forwards: a differentiable training forward built from
-//! composed ops, and an inference forward with candle-nn's fused kernels and a truncatable KV cache.
+//! model. One set of weights serves two forwards: a differentiable training forward (fused CPU
+//! kernels with hand-written backward passes from [`crate::train_ops`], composed candle ops on other
+//! devices), and an inference forward with candle-nn's fused kernels and a truncatable KV cache.
 
 use std::collections::HashMap;
 
-use candle_core::{D, DType, Device, Module, Tensor, Var};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::attention::AttnMask;
 use candle_nn::{Embedding, Linear, VarBuilder, VarMap};
 
@@ -202,16 +203,11 @@ impl Rope {
         Ok(candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &cos, &sin)?)
     }
 
-    /// The same rotation from differentiable ops (candle's fused rope has no backward pass).
-    fn apply_composed(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let (_, seq, _, dim) = x.dims4()?;
-        let (cos, sin) = self.tables(start, seq)?;
-        let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?.reshape((1, seq, 1, dim))?;
-        let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?.reshape((1, seq, 1, dim))?;
-        let first = x.narrow(D::Minus1, 0, dim / 2)?;
-        let second = x.narrow(D::Minus1, dim / 2, dim / 2)?;
-        let rotated = Tensor::cat(&[&second.neg()?, &first], D::Minus1)?;
-        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+    /// The same rotation, differentiable (fused with a hand-written backward on CPU, composed
+    /// elsewhere): candle's fused rope has no backward pass.
+    fn apply_train(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (cos, sin) = self.tables(start, x.dim(1)?)?;
+        Ok(crate::train_ops::rope(x, &cos, &sin)?)
     }
 }
 
@@ -231,10 +227,9 @@ impl RmsNorm {
         Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?)
     }
 
-    fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
-        let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = x.broadcast_div(&(mean_square + self.eps)?.sqrt()?)?;
-        Ok(normed.broadcast_mul(&self.weight)?)
+    /// Differentiable RMSNorm (see [`crate::train_ops::rms_norm`]).
+    fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(crate::train_ops::rms_norm(x, &self.weight, self.eps)?)
     }
 }
 
@@ -301,7 +296,7 @@ impl Attention {
         let k = self.k_proj.forward(x)?.reshape((batch, seq, self.n_kv_heads, self.head_dim))?;
         let v = self.v_proj.forward(x)?.reshape((batch, seq, self.n_kv_heads, self.head_dim))?;
         let (q, k) = match path {
-            Path::Train => (rope.apply_composed(&q, start)?, rope.apply_composed(&k, start)?),
+            Path::Train => (rope.apply_train(&q, start)?, rope.apply_train(&k, start)?),
             Path::Infer(_) => (rope.apply_fused(&q, start)?, rope.apply_fused(&k, start)?),
         };
         let (k, v) = match cache {
@@ -325,7 +320,8 @@ impl Attention {
 
 /// Reference attention over `(batch, seq, heads, dim)` queries and `(batch, kv_len, kv_heads, dim)`
 /// keys/values; returns `(batch, seq, heads, dim)`. Query `i` sits at absolute position `start + i`
-/// and sees keys `0..=start + i`. The differentiable variant uses the composed softmax.
+/// and sees keys `0..=start + i`. The differentiable variant masks and normalises with
+/// [`crate::train_ops::causal_softmax`] (which takes `start` from the shapes).
 fn plain_attention(
     q: &Tensor,
     k: &Tensor,
@@ -339,12 +335,13 @@ fn plain_attention(
     let q = q.transpose(1, 2)?.contiguous()?;
     let k = repeat_kv(&k.transpose(1, 2)?, n_heads / n_kv_heads)?;
     let v = repeat_kv(&v.transpose(1, 2)?, n_heads / n_kv_heads)?;
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let scores = scores.broadcast_add(&causal_mask(seq, kv_len, start, q.dtype(), q.device())?)?;
+    let scores = q.matmul(&k.t()?)?;
     let probs = if differentiable {
-        candle_nn::ops::softmax(&scores, D::Minus1)?
+        crate::train_ops::causal_softmax(&scores, scale)?
     } else {
-        candle_nn::ops::softmax_last_dim(&scores)?
+        let scores = (scores * scale)?;
+        let mask = causal_mask(seq, kv_len, start, q.dtype(), q.device())?;
+        candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?
     };
     Ok(probs.matmul(&v)?.transpose(1, 2)?)
 }
@@ -434,7 +431,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = (self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?)?;
+        let gated =
+            crate::train_ops::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
         Ok(self.down_proj.forward(&gated)?)
     }
 }
@@ -467,7 +465,7 @@ impl Block {
         cache: Option<(&KvCache, usize)>,
     ) -> Result<Tensor> {
         let norm = |n: &RmsNorm, x: &Tensor| match path {
-            Path::Train => n.forward_composed(x),
+            Path::Train => n.forward_train(x),
             Path::Infer(_) => n.forward_fused(x),
         };
         let h =
@@ -615,7 +613,7 @@ impl Model {
         for layer in &self.layers {
             x = layer.forward(&x, &self.rope, Path::Train, None)?;
         }
-        Ok(self.lm_head.forward(&self.norm.forward_composed(&x)?)?)
+        Ok(self.lm_head.forward(&self.norm.forward_train(&x)?)?)
     }
 
     /// Inference forward of one chunk `(1, seq)` of ids that continue the sequence in `cache`;
@@ -704,7 +702,7 @@ mod tests {
         fn rope_preserves_norms(x in vec_of(16), pos in 0usize..250, fused in any::<bool>()) {
             let rope = Rope::new(&config(16), DType::F32, &Device::Cpu).unwrap();
             let x = tensor(&x, &[1, 1, 1, 16]);
-            let y = if fused { rope.apply_fused(&x, pos) } else { rope.apply_composed(&x, pos) }.unwrap();
+            let y = if fused { rope.apply_fused(&x, pos) } else { rope.apply_train(&x, pos) }.unwrap();
             let (nx, ny) = (dot(&x, &x).sqrt(), dot(&y, &y).sqrt());
             prop_assert!((nx - ny).abs() <= 1e-4 * nx.max(1.0), "{nx} vs {ny}");
         }
@@ -723,11 +721,11 @@ mod tests {
         }
 
         #[test]
-        fn fused_and_composed_rope_agree(x in vec_of(3 * 2 * 16), start in 0usize..200) {
+        fn inference_and_training_rope_agree(x in vec_of(3 * 2 * 16), start in 0usize..200) {
             let rope = Rope::new(&config(16), DType::F32, &Device::Cpu).unwrap();
             let x = tensor(&x, &[1, 3, 2, 16]);
             let a = rope.apply_fused(&x, start).unwrap();
-            let b = rope.apply_composed(&x, start).unwrap();
+            let b = rope.apply_train(&x, start).unwrap();
             let diff: f32 = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
             prop_assert!(diff <= 1e-5);
         }
@@ -762,7 +760,7 @@ mod tests {
             let scaled = (&x * f64::from(scale)).unwrap();
             for (p, q) in [
                 (norm.forward_fused(&x).unwrap(), norm.forward_fused(&scaled).unwrap()),
-                (norm.forward_composed(&x).unwrap(), norm.forward_composed(&scaled).unwrap()),
+                (norm.forward_train(&x).unwrap(), norm.forward_train(&scaled).unwrap()),
             ] {
                 let diff: f32 = (p - q).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
                 prop_assert!(diff <= 1e-4, "{diff}");

@@ -9,6 +9,7 @@ use m31r_train::corpus::{CorpusOptions, build_corpus, default_registry_src};
 use m31r_train::shards::{PrepareOptions, prepare};
 use m31r_train::tok::{TokenizerOptions, train_tokenizer};
 use m31r_train::train::TrainOptions;
+use m31r_train::train::bench::BenchShape;
 use m31r_train::{DataConfig, Progress, fetch};
 
 /// Default data directory, relative to the working directory.
@@ -116,6 +117,22 @@ enum Command {
         /// Bundle directory to create (must not exist).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+    },
+    /// Measure training throughput (tokens/s, achieved GFLOP/s as a share of this machine's f32
+    /// matmul throughput, measured in the same run) of the real training step on preset shapes.
+    Bench {
+        /// Presets to measure.
+        #[arg(long, value_delimiter = ',', default_value = "tiny,small")]
+        presets: Vec<String>,
+        /// Timed steps per preset [default: 5 for tiny, 2 for larger presets].
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Sequences per step [default: 8 for tiny, 2 for larger presets].
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Tokens per sequence [default: 256 for tiny, 512 for larger presets].
+        #[arg(long)]
+        seq_len: Option<usize>,
     },
 }
 
@@ -231,6 +248,19 @@ fn main() -> Result<()> {
                 meta.tokens_seen,
                 meta.dataset_id
             );
+        }
+        Command::Bench { presets, steps, batch_size, seq_len } => {
+            let shapes: Vec<_> = presets
+                .iter()
+                .map(|p| {
+                    let mut shape = BenchShape::default_for(p);
+                    shape.steps = steps.unwrap_or(shape.steps);
+                    shape.batch_size = batch_size.unwrap_or(shape.batch_size);
+                    shape.seq_len = seq_len.unwrap_or(shape.seq_len);
+                    shape
+                })
+                .collect();
+            print!("{}", m31r_train::train::bench::run(&shapes).context("training bench")?);
         }
     }
     println!("wall time {:.2}s", started.elapsed().as_secs_f64());

@@ -7,6 +7,7 @@
 //! checkpoint's step is its whole data position and a resumed run repeats the uninterrupted one.
 
 pub mod batch;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod optim;
@@ -330,7 +331,7 @@ fn device(name: &str) -> Result<Device, TrainError> {
 
 /// Per-objective sums of token losses and counts.
 #[derive(Debug, Default, Clone)]
-struct LossTotals {
+pub(crate) struct LossTotals {
     nats: [f64; 3],
     tokens: [f64; 3],
 }
@@ -371,7 +372,7 @@ fn index(objective: Objective) -> usize {
 }
 
 /// Forward and loss of one micro-batch: the weighted sum of per-objective mean token losses.
-fn micro_loss(
+pub(crate) fn micro_loss(
     model: &Model,
     sequences: &[Sequence],
     cfg: &TrainConfig,
@@ -393,12 +394,10 @@ fn micro_loss(
         weights.extend(s.mask.iter().map(|&m| if m { w as f32 } else { 0.0 }));
     }
     let input = Tensor::from_vec(inputs, (b, t), device)?;
-    let target = Tensor::from_vec(targets, (b, t, 1), device)?;
     let logits = model.forward_train(&input)?;
-    let nll = candle_nn::ops::log_softmax(&logits, D::Minus1)?
-        .gather(&target, D::Minus1)?
-        .squeeze(D::Minus1)?
-        .neg()?;
+    let vocab = logits.dim(D::Minus1)?;
+    let nll = m31r_model::train_ops::cross_entropy(&logits.reshape((b * t, vocab))?, &targets)?
+        .reshape((b, t))?;
     let weights = Tensor::from_vec(weights, (b, t), device)?;
     let loss = (&nll * &weights)?.sum_all()?;
 
