@@ -1,6 +1,7 @@
 //! Daemon configuration (DESIGN §7): built-in defaults < `~/.config/m31r/m31r.toml` (its `[daemon]`
 //! table) < `M31R_*` environment variables < command-line flags. Unknown keys are errors.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
@@ -47,6 +48,54 @@ pub struct DaemonConfig {
     pub log_file: Option<PathBuf>,
     /// Log filter (`tracing` syntax), e.g. `info` or `m31r_daemon=debug`.
     pub log: String,
+    /// The optional localhost HTTP API (`[daemon.http]`).
+    pub http: HttpConfig,
+}
+
+/// The HTTP API (docs/http.md): off by default, loopback only unless explicitly allowed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Serve HTTP at all.
+    pub enabled: bool,
+    /// Address to listen on; port 0 picks a free port (see `addr_file`).
+    pub bind: SocketAddr,
+    /// Permit a `bind` address that is not loopback (logged as a warning): anyone who can reach
+    /// it can use the model, as there is no authentication.
+    pub allow_non_loopback: bool,
+    /// Host names accepted in the `Host` header besides `localhost`, `127.0.0.1`, `[::1]` and the
+    /// bound address (DNS-rebinding protection).
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins (`scheme://host[:port]`) allowed to call the API, with CORS headers for
+    /// them; requests carrying any other `Origin` are refused.
+    pub allowed_origins: Vec<String>,
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+    /// Time a client has to send a request's headers, in milliseconds.
+    pub header_timeout_ms: u64,
+    /// Time a client has to send a request's body, in milliseconds.
+    pub body_timeout_ms: u64,
+    /// Once listening, write the bound address (`IP:PORT` and a newline) to this file.
+    pub addr_file: Option<PathBuf>,
+}
+
+/// The HTTP API's default port (unassigned by IANA).
+pub const DEFAULT_HTTP_PORT: u16 = 8731;
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            bind: SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_HTTP_PORT)),
+            allow_non_loopback: false,
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            max_body_bytes: m31r_protocol::MAX_FRAME_BYTES,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            addr_file: None,
+        }
+    }
 }
 
 impl Default for DaemonConfig {
@@ -65,11 +114,13 @@ impl Default for DaemonConfig {
             max_cache_entries: engine.max_cache_entries,
             log_file: None,
             log: "info".into(),
+            http: HttpConfig::default(),
         }
     }
 }
 
-/// Keys accepted from `M31R_*` variables (others, like `M31R_SLOW_TESTS`, belong to other tools).
+/// Keys accepted from `M31R_*` variables (others, like `M31R_SLOW_TESTS`, belong to other tools);
+/// a double underscore reaches into a table: `M31R_HTTP__ENABLED` sets `http.enabled`.
 const ENV_KEYS: &[&str] = &[
     "bundle",
     "socket",
@@ -83,6 +134,15 @@ const ENV_KEYS: &[&str] = &[
     "max_cache_entries",
     "log_file",
     "log",
+    "http.enabled",
+    "http.bind",
+    "http.allow_non_loopback",
+    "http.allowed_hosts",
+    "http.allowed_origins",
+    "http.max_body_bytes",
+    "http.header_timeout_ms",
+    "http.body_timeout_ms",
+    "http.addr_file",
 ];
 
 impl DaemonConfig {
@@ -98,7 +158,7 @@ impl DaemonConfig {
             figment = figment.merge(Figment::from(Toml::file(file)).focus("daemon"));
         }
         figment
-            .merge(Env::prefixed("M31R_").only(ENV_KEYS))
+            .merge(Env::prefixed("M31R_").split("__").only(ENV_KEYS))
             .merge(Serialized::defaults(flags))
             .extract()
             .map_err(Box::new)

@@ -115,6 +115,31 @@ impl Server {
         *self.shutdown.borrow()
     }
 
+    /// Resolves when shutdown is requested (the HTTP listener stops with the socket).
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// The engine, for other front ends (HTTP) to submit admitted jobs to.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The loaded model.
+    pub fn model(&self) -> &ModelInfo {
+        &self.model
+    }
+
+    /// The checks every request passes before it may become a job, whichever front end it came
+    /// through (socket or HTTP): the daemon is not shutting down and the parameters are in range.
+    pub fn admit(&self, id: &str, params: &GenerationParams) -> Result<(), (ErrorCode, String)> {
+        if self.shutting_down() {
+            return Err((ErrorCode::ShuttingDown, "the daemon is shutting down".into()));
+        }
+        validate(params)
+            .map_err(|message| (ErrorCode::InvalidParams, format!("request {id}: {message}")))
+    }
+
     /// Serves until shutdown is requested; then cancels in-flight work, waits briefly for
     /// connections to drain and returns (the caller drops the listener, removing the socket).
     pub async fn serve(self: &Arc<Self>, listener: &Listener) {
@@ -317,11 +342,8 @@ impl Server {
             Request::Fim { input, params, .. } => (JobKind::Fim(input), params),
             Request::Warm { input, .. } => (JobKind::Warm(input), GenerationParams::default()),
         };
-        if self.shutting_down() {
-            return error(Some(&id), ErrorCode::ShuttingDown, "the daemon is shutting down".into());
-        }
-        if let Err(message) = validate(&params) {
-            return error(Some(&id), ErrorCode::InvalidParams, format!("request {id}: {message}"));
+        if let Err((code, message)) = self.admit(&id, &params) {
+            return error(Some(&id), code, message);
         }
         let cancel = Arc::new(AtomicBool::new(false));
         {

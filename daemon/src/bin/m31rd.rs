@@ -1,5 +1,8 @@
 //! `m31rd`: the completion daemon. Loads one release bundle once, then serves completion requests
-//! on a private Unix socket until SIGTERM/SIGINT or a `shutdown` request.
+//! on a private Unix socket, and optionally over localhost HTTP, until SIGTERM/SIGINT or a
+//! `shutdown` request.
+
+use std::net::SocketAddr;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -9,6 +12,7 @@ use candle_core::{DType, Device};
 use clap::Parser;
 use m31r_daemon::config::{DaemonConfig, Precision};
 use m31r_daemon::engine::Engine;
+use m31r_daemon::http;
 use m31r_daemon::server::{self, Server};
 use m31r_model::Bundle;
 use m31r_protocol::ModelInfo;
@@ -18,7 +22,10 @@ use serde::Serialize;
 ///
 /// Configuration layers (later wins): built-in defaults, the `[daemon]` table of
 /// ~/.config/m31r/m31r.toml (or --config), M31R_* environment variables (M31R_BUNDLE,
-/// M31R_SOCKET, M31R_THREADS, ...), then these flags.
+/// M31R_SOCKET, M31R_THREADS, M31R_HTTP__ENABLED, ...), then these flags.
+///
+/// The optional HTTP API (docs/http.md) is off by default: enable it with --http or
+/// `enabled = true` in [daemon.http].
 #[derive(Debug, Parser, Serialize)]
 #[command(version)]
 struct Args {
@@ -42,6 +49,20 @@ struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     log_file: Option<PathBuf>,
+    /// Also serve the HTTP API, on ADDR if given [config default: 127.0.0.1:8731]; port 0 picks a
+    /// free port (see --http-addr-file).
+    #[arg(long, value_name = "ADDR", num_args = 0..=1)]
+    #[serde(skip)]
+    http: Option<Option<SocketAddr>>,
+    /// Allow the HTTP API on a non-loopback address. It has no authentication: anyone who can
+    /// reach the address can use the model.
+    #[arg(long)]
+    #[serde(skip)]
+    http_allow_non_loopback: bool,
+    /// Once the HTTP API listens, write its address (IP:PORT) to this file.
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip)]
+    http_addr_file: Option<PathBuf>,
     /// Config file [default: ~/.config/m31r/m31r.toml].
     #[arg(long)]
     #[serde(skip)]
@@ -59,10 +80,49 @@ fn main() {
     }
 }
 
+/// The command-line layer of the configuration: the flags that were given, `http` as a table.
+#[derive(Serialize)]
+struct Flags<'a> {
+    #[serde(flatten)]
+    args: &'a Args,
+    #[serde(skip_serializing_if = "HttpFlags::is_empty")]
+    http: HttpFlags,
+}
+
+#[derive(Default, Serialize)]
+struct HttpFlags {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bind: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allow_non_loopback: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    addr_file: Option<PathBuf>,
+}
+
+impl HttpFlags {
+    fn is_empty(&self) -> bool {
+        self.enabled.is_none()
+            && self.bind.is_none()
+            && self.allow_non_loopback.is_none()
+            && self.addr_file.is_none()
+    }
+}
+
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
+    let flags = Flags {
+        args: &args,
+        http: HttpFlags {
+            enabled: args.http.map(|_| true),
+            bind: args.http.flatten(),
+            allow_non_loopback: args.http_allow_non_loopback.then_some(true),
+            addr_file: args.http_addr_file.clone(),
+        },
+    };
     let config =
-        DaemonConfig::resolve(args.config.as_deref(), &args).context("invalid configuration")?;
+        DaemonConfig::resolve(args.config.as_deref(), &flags).context("invalid configuration")?;
     if args.print_config {
         print!("{}", toml::to_string(&config).context("cannot print the configuration")?);
         return Ok(());
@@ -110,6 +170,17 @@ fn run() -> anyhow::Result<()> {
         let listener = server::bind(&socket).await?;
         let server = Server::new(engine, info, config.max_connections, config.max_frame_bytes);
         tracing::info!(socket = %socket.display(), "listening");
+        if config.http.enabled {
+            // Same engine, queue, admission checks and logs as the socket; stops with it.
+            let http = http::bind(&config.http).await.context("cannot start the HTTP API")?;
+            tracing::info!(addr = %http.local_addr(), "HTTP API listening");
+            tokio::spawn(http::serve(
+                server.clone(),
+                http,
+                config.http.clone(),
+                config.max_connections,
+            ));
+        }
         let signals = server.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
