@@ -226,4 +226,64 @@ mod tests {
         let err = DaemonConfig::resolve(Some(&file), Flags { threads: None }).unwrap_err();
         assert!(err.to_string().contains("thread"), "{err}");
     }
+
+    #[test]
+    fn the_http_table_is_optional_partial_and_strict() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("m31r.toml");
+        let resolve = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            DaemonConfig::resolve(Some(&file), Flags { threads: None })
+        };
+        assert_eq!(resolve("[daemon]\n").unwrap().http, HttpConfig::default());
+        let c = resolve("[daemon.http]\nenabled = true\nbind = \"127.0.0.1:0\"\n").unwrap();
+        assert!(c.http.enabled);
+        assert_eq!(c.http.bind.port(), 0);
+        assert_eq!(c.http.max_body_bytes, HttpConfig::default().max_body_bytes);
+        let c = resolve("[daemon]\nhttp = { enabled = true }\n").unwrap();
+        assert!(c.http.enabled);
+        let err = resolve("[daemon.http]\nenable = true\n").unwrap_err();
+        assert!(err.to_string().contains("enable"), "{err}");
+        let err = resolve("[daemon.http]\nbind = \"localhost\"\n").unwrap_err();
+        assert!(err.to_string().contains("bind"), "{err}");
+    }
+
+    /// Every key of the config, tables included, as `table.key` paths.
+    fn key_paths(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+        if let toml::Value::Table(table) = value {
+            for (key, value) in table {
+                let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                if value.is_table() {
+                    key_paths(value, &path, out);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn env_keys_name_every_key_and_the_example_documents_the_http_table() {
+        let every_key = DaemonConfig {
+            bundle: Some("b".into()),
+            socket: Some("s".into()),
+            log_file: Some("l".into()),
+            http: HttpConfig { addr_file: Some("a".into()), ..HttpConfig::default() },
+            ..DaemonConfig::default()
+        };
+        let mut paths = Vec::new();
+        key_paths(&toml::Value::try_from(&every_key).unwrap(), "", &mut paths);
+        paths.sort();
+        let mut env: Vec<String> = ENV_KEYS.iter().map(|k| k.to_string()).collect();
+        env.sort();
+        assert_eq!(env, paths, "ENV_KEYS must list every config key");
+
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/daemon/m31r.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let (_, table) = text.split_once("\n[daemon.http]\n").expect("a [daemon.http] table");
+        for key in paths.iter().filter_map(|p| p.strip_prefix("http.")) {
+            let (set, unset) = (format!("\n{key} = "), format!("\n# {key} = "));
+            assert!(table.contains(&set) || table.contains(&unset), "{path} lacks http.{key}");
+        }
+    }
 }
