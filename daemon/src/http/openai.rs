@@ -206,7 +206,7 @@ struct PromptDetails {
 impl OpenAiUsage {
     /// Adds choice `index`'s usage; each prompt counts once, for its first choice.
     fn add(&mut self, index: usize, n: usize, usage: &Usage) {
-        if index % n == 0 {
+        if index.is_multiple_of(n) {
             self.prompt_tokens += usage.prompt_tokens;
             self.prompt_tokens_details.cached_tokens += usage.cached_tokens;
         }

@@ -5,5 +5,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod http;
 mod lifecycle;
 mod requests;
