@@ -6,6 +6,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use m31r_train::corpus::{CorpusOptions, build_corpus, default_registry_src};
+use m31r_train::eval::{EvalOptions, evaluate_bundle};
+use m31r_train::params::{ParamsQuery, params_report};
 use m31r_train::shards::{PrepareOptions, prepare};
 use m31r_train::tok::{TokenizerOptions, train_tokenizer};
 use m31r_train::train::TrainOptions;
@@ -134,6 +136,58 @@ enum Command {
         #[arg(long)]
         seq_len: Option<usize>,
     },
+    /// Evaluate a bundle on the test split: bits/byte beside xz -9 and zstd -19, and single-line
+    /// completion (FIM and left to right) beside an n-gram baseline. See docs/eval.md.
+    Eval {
+        /// Release bundle directory.
+        #[arg(long, value_name = "DIR")]
+        bundle: PathBuf,
+        /// Data directory the model was trained on (same tokenizer).
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA)]
+        data: PathBuf,
+        /// Masked lines in the completion benchmark.
+        #[arg(long, value_name = "N", default_value_t = 200)]
+        items: usize,
+        /// Test bytes scored for bits/byte (whole documents until reached).
+        #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024)]
+        max_bytes: u64,
+        /// Seed of the line sample.
+        #[arg(long, default_value_t = 31)]
+        seed: u64,
+        /// Prompt budget in tokens [default: the context minus 64 generated tokens].
+        #[arg(long, value_name = "N")]
+        max_prompt_tokens: Option<usize>,
+        /// Order of the n-gram baseline.
+        #[arg(long, value_name = "N", default_value_t = 4)]
+        ngram_order: usize,
+        /// Train-split tokens the n-gram baseline counts.
+        #[arg(long, value_name = "N", default_value_t = 4_000_000)]
+        ngram_tokens: u64,
+        /// Write the JSON report here.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Draw a run's training and validation curves (SVG) and print its summary.
+    Report {
+        /// Run directory written by `train`.
+        run_dir: PathBuf,
+        /// Picture to write [default: RUN_DIR/loss.svg].
+        #[arg(long, value_name = "FILE.svg")]
+        out: Option<PathBuf>,
+    },
+    /// Print the parameter table of a preset or of the solver's shape for a target size.
+    #[command(group(clap::ArgGroup::new("model").required(true).args(["preset", "target_params"])))]
+    Params {
+        /// Model preset (tiny, small, medium, large).
+        #[arg(long, value_name = "NAME")]
+        preset: Option<String>,
+        /// Target parameter count (solved with the small preset's ratios and head size).
+        #[arg(long, value_name = "N")]
+        target_params: Option<u64>,
+        /// Vocabulary size [default: the preset's; 16384 for --target-params].
+        #[arg(long, value_name = "V")]
+        vocab: Option<usize>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -261,6 +315,54 @@ fn main() -> Result<()> {
                 })
                 .collect();
             print!("{}", m31r_train::train::bench::run(&shapes).context("training bench")?);
+        }
+        Command::Eval {
+            bundle,
+            data,
+            items,
+            max_bytes,
+            seed,
+            max_prompt_tokens,
+            ngram_order,
+            ngram_tokens,
+            out,
+        } => {
+            let opts = EvalOptions {
+                items,
+                max_bytes,
+                seed,
+                max_prompt_tokens,
+                ngram_order,
+                ngram_max_tokens: ngram_tokens,
+                progress,
+                ..EvalOptions::new(&bundle, &data)
+            };
+            let report = evaluate_bundle(&opts).with_context(|| {
+                format!("evaluating {} on the test split of {}", bundle.display(), data.display())
+            })?;
+            if let Some(out) = &out {
+                let json = serde_json::to_string_pretty(&report).context("serialising the report")?;
+                std::fs::write(out, json + "\n")
+                    .with_context(|| format!("writing the eval report {}", out.display()))?;
+            }
+            print!("{}", report.table());
+            if let Some(out) = &out {
+                println!("report {}", out.display());
+            }
+        }
+        Command::Report { run_dir, out } => {
+            let (summary, svg) = m31r_train::report::report(&run_dir, out.as_deref())
+                .with_context(|| format!("reporting on run {}", run_dir.display()))?;
+            print!("{}", summary.table());
+            println!("curves {}", svg.display());
+        }
+        Command::Params { preset, target_params, vocab } => {
+            let query = match (preset, target_params) {
+                (Some(name), _) => ParamsQuery::Preset { name, vocab },
+                (None, Some(n)) => ParamsQuery::target(n, vocab.unwrap_or(16_384)),
+                (None, None) => anyhow::bail!("give --preset NAME or --target-params N"),
+            };
+            print!("{}", params_report(&query).context("parameter table")?);
         }
     }
     println!("wall time {:.2}s", started.elapsed().as_secs_f64());

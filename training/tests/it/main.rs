@@ -7,6 +7,7 @@ mod bad_input;
 mod cli;
 mod common;
 mod corpus;
+mod eval;
 mod shards;
 mod tokenizer;
 mod train;
