@@ -341,7 +341,8 @@ fn main() -> Result<()> {
                 format!("evaluating {} on the test split of {}", bundle.display(), data.display())
             })?;
             if let Some(out) = &out {
-                let json = serde_json::to_string_pretty(&report).context("serialising the report")?;
+                let json =
+                    serde_json::to_string_pretty(&report).context("serialising the report")?;
                 std::fs::write(out, json + "\n")
                     .with_context(|| format!("writing the eval report {}", out.display()))?;
             }

@@ -113,7 +113,8 @@ pub fn read_metrics(run_dir: &Path) -> Result<RunMetrics, ReportError> {
                 tokens_seen: v["tokens_seen"].as_u64().unwrap_or(0),
                 tokens_per_s: num("tokens_per_s").unwrap_or(0.0),
             });
-        } else if let (Some(loss), Some(bits_per_byte)) = (num("val_loss"), num("val_bits_per_byte"))
+        } else if let (Some(loss), Some(bits_per_byte)) =
+            (num("val_loss"), num("val_bits_per_byte"))
         {
             metrics.val.push(ValPoint { step, loss, bits_per_byte });
         } else {
@@ -241,8 +242,18 @@ pub fn render_svg(metrics: &RunMetrics, title: &str) -> String {
         metrics.train.iter().filter_map(|p| f(p).map(|y| (p.step as f64, y))).collect()
     };
     let losses: Vec<Series> = [
-        Series { label: "train loss", color: "#1f77b4", dashed: false, points: train(|p| Some(p.loss)) },
-        Series { label: "next-token", color: "#2ca02c", dashed: true, points: train(|p| p.loss_next) },
+        Series {
+            label: "train loss",
+            color: "#1f77b4",
+            dashed: false,
+            points: train(|p| Some(p.loss)),
+        },
+        Series {
+            label: "next-token",
+            color: "#2ca02c",
+            dashed: true,
+            points: train(|p| p.loss_next),
+        },
         Series { label: "FIM", color: "#9467bd", dashed: true, points: train(|p| p.loss_fim) },
         Series { label: "CoT", color: "#8c564b", dashed: true, points: train(|p| p.loss_cot) },
         Series {

@@ -40,9 +40,12 @@ fn run(program: &str, args: &[&str], bytes: &[u8]) -> CompressorResult {
             bits_per_byte: (!bytes.is_empty()).then(|| 8.0 * len as f64 / bytes.len() as f64),
             error: None,
         },
-        Err(error) => {
-            CompressorResult { command, compressed_bytes: None, bits_per_byte: None, error: Some(error) }
-        }
+        Err(error) => CompressorResult {
+            command,
+            compressed_bytes: None,
+            bits_per_byte: None,
+            error: Some(error),
+        },
     }
 }
 

@@ -197,7 +197,10 @@ mod tests {
         assert_eq!(edit_similarity("", ""), 1.0);
         assert_eq!(edit_similarity("abc", "abc"), 1.0);
         assert_eq!(edit_similarity("abc", ""), 0.0);
-        assert_eq!(levenshtein(&['k', 'i', 't', 't', 'e', 'n'], &['s', 'i', 't', 't', 'i', 'n', 'g']), 3);
+        assert_eq!(
+            levenshtein(&['k', 'i', 't', 't', 'e', 'n'], &['s', 'i', 't', 't', 'i', 'n', 'g']),
+            3
+        );
         assert!((edit_similarity("kitten", "sitting") - (1.0 - 3.0 / 7.0)).abs() < 1e-12);
         assert!((edit_similarity("é", "e") - 0.0).abs() < 1e-12, "counts characters, not bytes");
     }

@@ -43,12 +43,12 @@ pub fn document_nats(
                 })
                 .collect();
             if !rows.is_empty() {
-                let targets: Vec<u32> =
-                    rows.iter().map(|&r| seq[pos + r as usize + 1]).collect();
+                let targets: Vec<u32> = rows.iter().map(|&r| seq[pos + r as usize + 1]).collect();
                 let n = rows.len();
                 let rows = Tensor::new(rows, model.device())?;
                 let targets = Tensor::new(targets, model.device())?.reshape((n, 1))?;
-                let log_probs = candle_nn::ops::log_softmax(&logits.index_select(&rows, 0)?, D::Minus1)?;
+                let log_probs =
+                    candle_nn::ops::log_softmax(&logits.index_select(&rows, 0)?, D::Minus1)?;
                 let picked = log_probs.gather(&targets, 1)?.sum_all()?.to_scalar::<f32>()?;
                 nats -= f64::from(picked);
             }

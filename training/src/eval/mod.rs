@@ -627,4 +627,3 @@ fn left_to_right_prompt(
     }
     Ok(ids)
 }
-

@@ -8,6 +8,7 @@ mod cli;
 mod common;
 mod corpus;
 mod eval;
+mod report;
 mod shards;
 mod tokenizer;
 mod train;
