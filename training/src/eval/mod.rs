@@ -453,12 +453,11 @@ pub fn evaluate_bundle(opts: &EvalOptions) -> Result<EvalReport, EvalError> {
         chosen.push(i);
     }
     let bar = opts.progress.bar(chosen.len() as u64, "bits/byte");
-    let mut cache = model.new_cache(context)?;
     let (mut nats, mut tokens) = (0.0, 0u64);
     let mut joined = Vec::with_capacity(bytes as usize);
     for &i in &chosen {
         let ids = test.document(i).unwrap_or_default();
-        nats += document_nats(&model, &mut cache, test.end_of_text(), &ids)?;
+        nats += document_nats(&model, test.end_of_text(), &ids)?;
         tokens += ids.len() as u64;
         joined.extend_from_slice(texts[i].as_bytes());
         bar.inc(1);
