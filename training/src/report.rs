@@ -387,7 +387,8 @@ fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     if lo > hi { (0.0, 1.0) } else { (lo, hi) }
 }
 
-/// About five round tick values (1, 2 or 5 times a power of ten apart) covering `lo..=hi`.
+/// About five round tick values (1, 2 or 5 times a power of ten apart) from at or below `lo` to
+/// at or above `hi`.
 fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     let span = if hi > lo { hi - lo } else { lo.abs().max(1.0) };
     let raw = span / 5.0;
@@ -400,7 +401,8 @@ fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     let first = (lo / step).floor() * step;
     let mut out = Vec::new();
     let mut t = first;
-    while t <= hi + step * 1e-9 || out.len() < 2 {
+    // Up to the first tick at or above `hi`, so the axis ends on a labelled value.
+    while out.last().is_none_or(|&last| last < hi - step * 1e-9) || out.len() < 2 {
         out.push(t);
         t = first + step * out.len() as f64;
     }
