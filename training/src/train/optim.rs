@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{Result, Tensor, Var};
 use candle_nn::VarMap;
+use m31r_model::train_ops::{self, AdamWStep};
 
 /// One trainable tensor and its moments.
 struct Param {
@@ -31,11 +32,9 @@ impl AdamW {
             vars.data().lock().map_err(|_| candle_core::Error::Msg("varmap poisoned".into()))?;
         let mut params = BTreeMap::new();
         for (name, var) in data.iter() {
-            let zeros = var.as_tensor().zeros_like()?;
-            params.insert(
-                name.clone(),
-                Param { var: var.clone(), m: zeros.clone(), v: zeros, decay: var.rank() >= 2 },
-            );
+            // Two allocations: the moments are updated in place, so they must not share storage.
+            let (m, v) = (var.as_tensor().zeros_like()?, var.as_tensor().zeros_like()?);
+            params.insert(name.clone(), Param { var: var.clone(), m, v, decay: var.rank() >= 2 });
         }
         Ok(Self { params, beta1, beta2, eps, step: 0 })
     }
@@ -45,21 +44,28 @@ impl AdamW {
         self.step
     }
 
-    /// One update with learning rate `lr` and weight decay `wd`.
+    /// One update with learning rate `lr` and weight decay `wd`, from the gradients scaled by
+    /// [`Grads::scale`] (in place on CPU: see [`train_ops::adamw`]).
     pub fn step(&mut self, grads: &Grads, lr: f64, wd: f64) -> Result<()> {
         self.step += 1;
-        let (b1, b2) = (self.beta1, self.beta2);
-        let correction1 = 1.0 - b1.powi(self.step as i32);
-        let correction2 = 1.0 - b2.powi(self.step as i32);
+        let corrections =
+            (1.0 - self.beta1.powi(self.step as i32), 1.0 - self.beta2.powi(self.step as i32));
         for (name, p) in self.params.iter_mut() {
             let Some(g) = grads.get(name) else { continue };
-            p.m = ((&p.m * b1)? + (g * (1.0 - b1))?)?;
-            p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let update = ((&p.m / correction1)? / ((&p.v / correction2)?.sqrt()? + self.eps)?)?;
-            let theta = p.var.as_tensor();
-            let decayed =
-                if p.decay && wd > 0.0 { (theta * (1.0 - lr * wd))? } else { theta.clone() };
-            p.var.set(&(decayed - (update * lr)?)?)?;
+            let step = AdamWStep {
+                lr,
+                weight_decay: if p.decay { wd } else { 0.0 },
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+                corrections,
+                grad_scale: grads.scale,
+            };
+            if let Some((theta, m, v)) = train_ops::adamw(p.var.as_tensor(), &p.m, &p.v, g, &step)?
+            {
+                p.var.set(&theta)?;
+                (p.m, p.v) = (m, v);
+            }
         }
         Ok(())
     }
@@ -91,10 +97,17 @@ impl AdamW {
     }
 }
 
-/// Gradients by variable name, summed over micro-batches.
-#[derive(Default)]
+/// Gradients by variable name, summed over micro-batches, with a pending scale factor (clipping
+/// records it here and the optimiser applies it inside its update, saving a pass over memory).
 pub struct Grads {
     by_name: HashMap<String, Tensor>,
+    scale: f64,
+}
+
+impl Default for Grads {
+    fn default() -> Self {
+        Self { by_name: HashMap::new(), scale: 1.0 }
+    }
 }
 
 impl Grads {
@@ -118,9 +131,14 @@ impl Grads {
         Ok(())
     }
 
-    /// The gradient of `name`.
+    /// The gradient of `name`, before [`Grads::scale`] is applied.
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.by_name.get(name)
+    }
+
+    /// The factor every gradient is to be multiplied by.
+    pub fn scale(&self) -> f64 {
+        self.scale
     }
 
     /// Number of tensors with a gradient.
@@ -133,28 +151,27 @@ impl Grads {
         self.by_name.is_empty()
     }
 
-    /// Global L2 norm.
+    /// Global L2 norm (of the scaled gradients), summed in name order so it is reproducible.
     pub fn norm(&self) -> Result<f64> {
+        let mut names: Vec<&String> = self.by_name.keys().collect();
+        names.sort();
         let mut total = 0f64;
-        for g in self.by_name.values() {
-            total += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+        for name in names {
+            total += train_ops::sum_squares(&self.by_name[name])?;
         }
-        Ok(total.sqrt())
+        Ok(total.sqrt() * self.scale.abs())
     }
 
-    /// Multiplies every gradient by `factor`.
-    pub fn scale(&mut self, factor: f64) -> Result<()> {
-        for g in self.by_name.values_mut() {
-            *g = (&*g * factor)?;
-        }
-        Ok(())
+    /// Multiplies every gradient by `factor` (lazily: see [`Grads::scale`]).
+    pub fn rescale(&mut self, factor: f64) {
+        self.scale *= factor;
     }
 
     /// Clips to global norm `max` (0 = off); returns the norm before clipping and whether it clipped.
     pub fn clip(&mut self, max: f64) -> Result<(f64, bool)> {
         let norm = self.norm()?;
         if max > 0.0 && norm > max {
-            self.scale(max / norm)?;
+            self.rescale(max / norm);
             return Ok((norm, true));
         }
         Ok((norm, false))
