@@ -172,7 +172,11 @@ child = vim.fn.jobstart({ vim.v.progpath, "--embed", "--headless", "--clean", "-
 check(child > 0, "cannot start the Neovim under test")
 
 local function lua(code, ...)
-  return vim.rpcrequest(child, "nvim_exec_lua", code, { ... })
+  local result = vim.rpcrequest(child, "nvim_exec_lua", code, { ... })
+  if result == vim.NIL then
+    return nil
+  end
+  return result
 end
 local function input(keys)
   vim.rpcrequest(child, "nvim_input", keys)
@@ -355,8 +359,8 @@ test(":M31RDisable makes m31r-lsp suppress completions", function()
     local r = c:request_sync("textDocument/inlineCompletion", p, 10000, 0)
     return r and r.result
   ]])
-  eq(result and result.items, {}, "items while disabled")
   vim.rpcrequest(child, "nvim_command", "M31REnable")
+  eq(result and result.items, {}, "items while disabled")
 end)
 
 test(":M31RRestart starts a new m31r-lsp", function()

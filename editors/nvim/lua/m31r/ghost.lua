@@ -22,6 +22,13 @@ local HL = "M31RGhostText"
 ---@type table<integer, m31r.GhostState>
 local states = {}
 
+local function resolve(buf)
+  if buf == nil or buf == 0 then
+    return vim.api.nvim_get_current_buf()
+  end
+  return buf
+end
+
 local function config()
   return require("m31r").config
 end
@@ -53,6 +60,7 @@ end
 
 --- Removes the ghost text of `buf` (the request in flight stays).
 function M.clear(buf)
+  buf = resolve(buf)
   local st = states[buf]
   if not st then
     return
@@ -66,12 +74,14 @@ end
 
 --- Whether ghost text is displayed in `buf`.
 function M.visible(buf)
+  buf = resolve(buf)
   local st = states[buf]
   return st ~= nil and st.shown ~= nil
 end
 
 --- The displayed ghost text of `buf`, or nil.
 function M.current(buf)
+  buf = resolve(buf)
   local st = states[buf]
   return st and st.shown and st.shown.text or nil
 end
@@ -146,6 +156,7 @@ end
 --- Asks m31r-lsp for a completion at the cursor of the current window (which must show `buf`).
 ---@param trigger_kind? integer 1 invoked, 2 automatic (default)
 function M.request(buf, trigger_kind)
+  buf = resolve(buf)
   local st = states[buf]
   local client = client_for(buf)
   if not st or not client or not config().settings.enabled or vim.api.nvim_get_current_buf() ~= buf then
@@ -226,6 +237,7 @@ end
 --- Inserts the whole ghost text, its next line or its next word; returns false when none is shown.
 ---@param kind? "whole"|"line"|"word"
 function M.accept(buf, kind)
+  buf = resolve(buf)
   local st = states[buf]
   local shown = st and st.shown
   if not st or not shown then
@@ -253,6 +265,7 @@ end
 
 --- Hides the ghost text and cancels the request in flight; returns false when nothing was shown.
 function M.dismiss(buf)
+  buf = resolve(buf)
   local st = states[buf]
   if not st then
     return false
