@@ -1,0 +1,151 @@
+//! Settings from the editor (`initializationOptions` and `workspace/didChangeConfiguration`'s
+//! `settings.m31r`), the same camelCase keys in both, applied key by key over the defaults.
+
+use std::path::PathBuf;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// The server's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Completions on at all (`enabled`).
+    pub enabled: bool,
+    /// Language ids served (`languages`).
+    pub languages: Vec<String>,
+    /// Most lines of one completion (`maxLines`, at least 1).
+    pub max_lines: u32,
+    /// Most tokens the daemon generates for one completion (`maxTokens`, 1..=4096).
+    pub max_tokens: u32,
+    /// Daemon socket (`socketPath`; `None` = the daemon's default).
+    pub socket_path: Option<PathBuf>,
+    /// Start the daemon when its socket does not answer (`autoStart`).
+    pub auto_start: bool,
+    /// Daemon executable (`daemonPath`).
+    pub daemon_path: String,
+    /// Extra daemon arguments (`daemonArgs`); `--socket` is always added.
+    pub daemon_args: Vec<String>,
+    /// Send other open documents as context (`contextFiles`).
+    pub context_files: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            languages: vec!["rust".into()],
+            max_lines: 8,
+            max_tokens: 128,
+            socket_path: None,
+            auto_start: true,
+            daemon_path: "m31rd".into(),
+            daemon_args: Vec::new(),
+            context_files: true,
+        }
+    }
+}
+
+impl Config {
+    /// Applies the keys present in `settings` (an object; `null` changes nothing). Returns one
+    /// message per key that was unknown or had a bad value; those keys keep their old value, so
+    /// one typo never resets the rest.
+    pub fn apply(&mut self, settings: &Value) -> Vec<String> {
+        let mut problems = Vec::new();
+        let map = match settings {
+            Value::Null => return problems,
+            Value::Object(map) => map,
+            other => return vec![format!("m31r settings must be an object, got {other}")],
+        };
+        for (key, value) in map {
+            let result = match key.as_str() {
+                "enabled" => set(&mut self.enabled, value),
+                "languages" => set(&mut self.languages, value),
+                "maxLines" => set_ranged(&mut self.max_lines, value, 1, 1000),
+                "maxTokens" => set_ranged(&mut self.max_tokens, value, 1, 4096),
+                "socketPath" => set::<Option<String>>(&mut None, value).map(|_| {
+                    self.socket_path = value.as_str().filter(|s| !s.is_empty()).map(PathBuf::from)
+                }),
+                "autoStart" => set(&mut self.auto_start, value),
+                "daemonPath" => set(&mut self.daemon_path, value),
+                "daemonArgs" => set(&mut self.daemon_args, value),
+                "contextFiles" => set(&mut self.context_files, value),
+                _ => Err("unknown setting".to_string()),
+            };
+            if let Err(why) = result {
+                problems.push(format!("m31r setting {key} = {value}: {why}"));
+            }
+        }
+        problems
+    }
+
+    /// The socket to use: the setting, else the daemon's default.
+    pub fn socket(&self) -> PathBuf {
+        self.socket_path.clone().unwrap_or_else(default_socket_path)
+    }
+}
+
+fn set<T: DeserializeOwned>(slot: &mut T, value: &Value) -> Result<(), String> {
+    *slot = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn set_ranged(slot: &mut u32, value: &Value, min: u32, max: u32) -> Result<(), String> {
+    let mut v = 0u32;
+    set(&mut v, value)?;
+    if !(min..=max).contains(&v) {
+        return Err(format!("outside {min}..={max}"));
+    }
+    *slot = v;
+    Ok(())
+}
+
+/// The daemon's default socket, the same rule as `m31rd`: `$XDG_RUNTIME_DIR/m31r/m31rd.sock`, else
+/// `run/m31rd.sock` in the per-user cache directory, else `$TMPDIR/m31r-<uid>/m31rd.sock`.
+pub fn default_socket_path() -> PathBuf {
+    let dirs = directories::ProjectDirs::from("", "", "m31r");
+    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(|d| PathBuf::from(d).join("m31r"))
+        .or_else(|| dirs.as_ref().map(|d| d.cache_dir().join("run")))
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("m31r-{}", current_uid())));
+    dir.join("m31rd.sock")
+}
+
+fn current_uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn applies_known_keys_and_reports_bad_ones() {
+        let mut config = Config::default();
+        let problems = config.apply(&json!({
+            "enabled": false, "languages": ["rust", "toml"], "maxLines": 3, "maxTokens": 0,
+            "socketPath": "/tmp/x.sock", "autoStart": false, "daemonPath": "/bin/m31rd",
+            "daemonArgs": ["--bundle", "b"], "contextFiles": "yes", "colour": 1
+        }));
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("maxTokens = 0: outside 1..=4096")));
+        assert!(problems.iter().any(|p| p.contains("contextFiles")));
+        assert!(problems.iter().any(|p| p.contains("colour = 1: unknown setting")));
+        let expected = Config {
+            enabled: false,
+            languages: vec!["rust".into(), "toml".into()],
+            max_lines: 3,
+            socket_path: Some("/tmp/x.sock".into()),
+            auto_start: false,
+            daemon_path: "/bin/m31rd".into(),
+            daemon_args: vec!["--bundle".into(), "b".into()],
+            ..Config::default()
+        };
+        assert_eq!(config, expected);
+        assert!(config.apply(&json!({"socketPath": null})).is_empty());
+        assert_eq!(config.socket_path, None);
+        assert!(config.socket().ends_with("m31rd.sock"));
+    }
+}

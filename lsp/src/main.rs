@@ -1,0 +1,3 @@
+//! `m31r-lsp` binary (filled in with the daemon connection).
+
+fn main() {}

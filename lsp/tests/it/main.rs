@@ -1,0 +1,8 @@
+//! `m31r-lsp`'s integration tests: positions, request building and post-processing snapshots, and
+//! the server against a fake daemon speaking the real protocol over a temporary socket.
+
+// Test helpers fail loudly by design.
+#![allow(clippy::unwrap_used)]
+
+mod fixture;
+mod positions;
