@@ -4,7 +4,8 @@
 # model, export a release bundle, start m31rd on a private socket, complete inside
 # examples/sample.rs, print the timings and daemon status, stop the daemon.
 #
-# Environment: M31R_STEPS (training steps, default 300), M31R_WORK (default runs/quickstart).
+# Environment: M31R_STEPS (training steps, default 300), M31R_WORK (default runs/quickstart),
+# M31R_EVAL_ITEMS (masked lines in the completion benchmark, default 40).
 # An existing bundle in $M31R_WORK/bundle is reused; delete it to retrain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,8 @@ if [ ! -f "$work/bundle/checksum.txt" ]; then
     "$bin/m31r-train" export "$work/run" --data "$work/data" --out "$work/bundle"
 fi
 (cd "$work/bundle" && sha256sum -c checksum.txt)
+step "eval (test split)"
+"$bin/m31r-train" eval --bundle "$work/bundle" --data "$work/data" --items "${M31R_EVAL_ITEMS:-40}" --out "$work/eval.json"
 
 step "start m31rd"
 sock_dir=$(mktemp -d)
