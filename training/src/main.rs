@@ -192,6 +192,7 @@ enum Command {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    m31r_model::machine::keep_freed_memory();
     let progress = Progress::stderr();
     let started = Instant::now();
     match cli.command {
