@@ -190,7 +190,10 @@ pub fn postprocess(raw: &str, site: &Site) -> Result<Edit, Reason> {
     };
     let next: Vec<&str> =
         site.next_lines.iter().map(|l| l.trim()).skip_while(|l| l.is_empty()).collect();
-    if let Some(cut) = (first_full..lines.len()).find(|&i| repeats(&lines[i..], &next)) {
+    // Closing lines the kept part opened are its own, not a repetition of the document's.
+    let repeat_at = (first_full..lines.len())
+        .find(|&i| repeats(&lines[i..], &next) && open_brackets(&lines[..i].join("\n")) == 0);
+    if let Some(cut) = repeat_at {
         lines.truncate(cut);
         if lines.iter().all(|l| l.trim().is_empty()) {
             return Err(Reason::RepeatsNextLines);
@@ -229,6 +232,28 @@ fn repeats(lines: &[&str], next: &[&str]) -> bool {
     let lines: Vec<&str> = lines.iter().map(|l| l.trim()).collect();
     let end = lines.iter().rposition(|l| !l.is_empty()).map_or(0, |i| i + 1);
     end > 0 && !lines[0].is_empty() && end <= next.len() && lines[..end] == next[..end]
+}
+
+/// Brackets `text` opens and does not close (strings and `//` comments skipped).
+fn open_brackets(text: &str) -> usize {
+    let mut depth = 0usize;
+    for line in text.split('\n') {
+        let mut in_string = false;
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' if in_string => {
+                    chars.next();
+                }
+                '"' => in_string = !in_string,
+                '/' if !in_string && chars.peek() == Some(&'/') => break,
+                '(' | '[' | '{' if !in_string => depth += 1,
+                ')' | ']' | '}' if !in_string => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    depth
 }
 
 /// How many bytes of the punctuation `suffix` the completion `text` types again: its closers

@@ -6,3 +6,4 @@
 
 mod fixture;
 mod positions;
+mod snapshots;
