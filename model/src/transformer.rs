@@ -7,9 +7,10 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::attention::AttnMask;
-use candle_nn::{Embedding, Linear, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
 
 use crate::config::ModelConfig;
+use crate::quant::{QLinear, QuantizedWeights, TokenEmbedding, Weight};
 use crate::rng::Rng;
 
 /// Standard deviation of the initial weights.
@@ -254,21 +255,21 @@ enum Path {
 /// Causal self-attention with RoPE and optional grouped-query key/value heads.
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: QLinear,
+    k_proj: QLinear,
+    v_proj: QLinear,
+    o_proj: QLinear,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, config: &ModelConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, config: &ModelConfig, quantized: &QuantizedWeights) -> Result<Self> {
         let d = config.d_model();
         let kv = config.n_kv_heads() * config.head_dim();
-        let linear = |out, inp, name: &str| -> Result<Linear> {
-            Ok(Linear::new(vb.pp(name).get((out, inp), "weight")?, None))
+        let linear = |out, inp, name: &str| -> Result<QLinear> {
+            Ok(QLinear::load(vb.pp(name), (out, inp), quantized)?)
         };
         Ok(Self {
             q_proj: linear(d, d, "q_proj")?,
@@ -412,16 +413,16 @@ fn causal_mask(
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: QLinear,
+    up_proj: QLinear,
+    down_proj: QLinear,
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, config: &ModelConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, config: &ModelConfig, quantized: &QuantizedWeights) -> Result<Self> {
         let (d, ff) = (config.d_model(), config.d_ff());
-        let linear = |out, inp, name: &str| -> Result<Linear> {
-            Ok(Linear::new(vb.pp(name).get((out, inp), "weight")?, None))
+        let linear = |out, inp, name: &str| -> Result<QLinear> {
+            Ok(QLinear::load(vb.pp(name), (out, inp), quantized)?)
         };
         Ok(Self {
             gate_proj: linear(ff, d, "gate_proj")?,
@@ -447,13 +448,13 @@ struct Block {
 }
 
 impl Block {
-    fn load(vb: VarBuilder, config: &ModelConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, config: &ModelConfig, quantized: &QuantizedWeights) -> Result<Self> {
         let (d, eps) = (config.d_model(), config.norm_eps());
         Ok(Self {
             input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), d, eps)?,
-            self_attn: Attention::load(vb.pp("self_attn"), config)?,
+            self_attn: Attention::load(vb.pp("self_attn"), config, quantized)?,
             post_attention_layernorm: RmsNorm::load(vb.pp("post_attention_layernorm"), d, eps)?,
-            mlp: Mlp::load(vb.pp("mlp"), config)?,
+            mlp: Mlp::load(vb.pp("mlp"), config, quantized)?,
         })
     }
 
@@ -478,10 +479,10 @@ impl Block {
 #[derive(Debug, Clone)]
 pub struct Model {
     config: ModelConfig,
-    embed_tokens: Embedding,
+    embed_tokens: TokenEmbedding,
     layers: Vec<Block>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: QLinear,
     rope: Rope,
     kernel: AttentionKernel,
 }
@@ -490,23 +491,33 @@ impl Model {
     /// Builds the model from weights named as in [`weight_shapes`]; a missing tensor or a shape
     /// mismatch is an error naming the tensor.
     pub fn load(config: &ModelConfig, vb: VarBuilder) -> Result<Self> {
-        let embed =
-            vb.pp("model.embed_tokens").get((config.vocab_size(), config.d_model()), "weight")?;
+        Self::load_with(config, vb, &QuantizedWeights::new())
+    }
+
+    /// [`Model::load`], taking the 2-D weights named in `quantized` from there (GGML blocks run
+    /// by candle's quantized matmul) and the others from `vb`.
+    fn load_with(
+        config: &ModelConfig,
+        vb: VarBuilder,
+        quantized: &QuantizedWeights,
+    ) -> Result<Self> {
+        let table = (config.vocab_size(), config.d_model());
+        let embed_tokens = TokenEmbedding::load(vb.pp("model.embed_tokens"), table, quantized)?;
         let layers = (0..config.n_layers())
-            .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), config))
+            .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), config, quantized))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(vb.pp("model.norm"), config.d_model(), config.norm_eps())?;
-        let head = if config.tie_embeddings() {
-            embed.clone()
+        let lm_head = if config.tie_embeddings() {
+            embed_tokens.tied_head()
         } else {
-            vb.pp("lm_head").get((config.vocab_size(), config.d_model()), "weight")?
+            QLinear::load(vb.pp("lm_head"), table, quantized)?
         };
         Ok(Self {
             config: config.clone(),
-            embed_tokens: Embedding::new(embed, config.d_model()),
+            embed_tokens,
             layers,
             norm,
-            lm_head: Linear::new(head, None),
+            lm_head,
             rope: Rope::new(config, vb.dtype(), vb.device())?,
             kernel: AttentionKernel::default(),
         })
@@ -555,6 +566,30 @@ impl Model {
         Self::load(config, VarBuilder::from_tensors(tensors, dtype, device))
     }
 
+    /// Builds the model from stored weights of any precision (see [`crate::quant`]): quantized
+    /// ones run through candle's quantized matmul, dense ones are converted to `dtype` (f32 for a
+    /// quantized model, whose activations are f32).
+    pub fn from_weights(
+        config: &ModelConfig,
+        weights: HashMap<String, Weight>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut dense = HashMap::new();
+        let mut quantized = QuantizedWeights::new();
+        for (name, weight) in weights {
+            match weight {
+                Weight::Dense(t) => {
+                    dense.insert(name, t);
+                }
+                Weight::Quantized(q) => {
+                    quantized.insert(name, q);
+                }
+            }
+        }
+        Self::load_with(config, VarBuilder::from_tensors(dense, dtype, device), &quantized)
+    }
+
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
@@ -567,39 +602,43 @@ impl Model {
 
     /// Dtype of the weights.
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.embeddings().dtype()
+        self.embed_tokens.dtype()
     }
 
     /// Device of the weights.
     pub fn device(&self) -> &Device {
-        self.embed_tokens.embeddings().device()
+        self.rope.cos.device()
     }
 
     /// Every weight with its Hugging Face LLaMA name (the tied head appears once, as the embedding).
+    /// Quantized weights come back dequantized to f32 (see [`crate::quant`]).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out =
-            vec![("model.embed_tokens.weight".into(), self.embed_tokens.embeddings().clone())];
+        // Dense weights are returned as they are; dequantizing a CPU block tensor whose shape was
+        // validated at load cannot fail.
+        #[allow(clippy::expect_used)]
+        let dense = |w: candle_core::Result<Tensor>| w.expect("dequantizing a loaded weight");
+        let mut out = vec![("model.embed_tokens.weight".into(), dense(self.embed_tokens.weight()))];
         for (i, b) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let a = &b.self_attn;
             out.extend([
                 (format!("{p}.input_layernorm.weight"), b.input_layernorm.weight.clone()),
-                (format!("{p}.self_attn.q_proj.weight"), a.q_proj.weight().clone()),
-                (format!("{p}.self_attn.k_proj.weight"), a.k_proj.weight().clone()),
-                (format!("{p}.self_attn.v_proj.weight"), a.v_proj.weight().clone()),
-                (format!("{p}.self_attn.o_proj.weight"), a.o_proj.weight().clone()),
+                (format!("{p}.self_attn.q_proj.weight"), dense(a.q_proj.weight())),
+                (format!("{p}.self_attn.k_proj.weight"), dense(a.k_proj.weight())),
+                (format!("{p}.self_attn.v_proj.weight"), dense(a.v_proj.weight())),
+                (format!("{p}.self_attn.o_proj.weight"), dense(a.o_proj.weight())),
                 (
                     format!("{p}.post_attention_layernorm.weight"),
                     b.post_attention_layernorm.weight.clone(),
                 ),
-                (format!("{p}.mlp.gate_proj.weight"), b.mlp.gate_proj.weight().clone()),
-                (format!("{p}.mlp.up_proj.weight"), b.mlp.up_proj.weight().clone()),
-                (format!("{p}.mlp.down_proj.weight"), b.mlp.down_proj.weight().clone()),
+                (format!("{p}.mlp.gate_proj.weight"), dense(b.mlp.gate_proj.weight())),
+                (format!("{p}.mlp.up_proj.weight"), dense(b.mlp.up_proj.weight())),
+                (format!("{p}.mlp.down_proj.weight"), dense(b.mlp.down_proj.weight())),
             ]);
         }
         out.push(("model.norm.weight".into(), self.norm.weight.clone()));
         if !self.config.tie_embeddings() {
-            out.push(("lm_head.weight".into(), self.lm_head.weight().clone()));
+            out.push(("lm_head.weight".into(), dense(self.lm_head.weight())));
         }
         out
     }

@@ -7,4 +7,5 @@
 mod bundle;
 mod common;
 mod parity;
+mod quant;
 mod transformer;

@@ -1,0 +1,342 @@
+//! Inference weight precisions (DESIGN §8, issue 10): the [`Precision`] names that bundles, the
+//! daemon config and the CLI share, quantizing a model's named tensors with candle's GGML kernels,
+//! and the projection and embedding types the inference forward runs on — dense candle tensors for
+//! f32 and f16, `QMatMul` over GGML blocks for f16-gemv, Q8_0, Q4_0 and Q4_K.
+//!
+//! Only 2-D weights (the seven projections of each block and the token embedding, which the tied
+//! LM head shares) are quantized; RMSNorm scales stay f32, as llama.cpp keeps them. Activations of
+//! a quantized model are f32: candle's quantized matmul quantizes them on the fly (to Q8_0 / Q8_K
+//! blocks) for integer dot products.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, Linear};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ModelConfig;
+use crate::transformer::weight_shapes;
+
+/// How the weights of a model are stored in memory (and in a bundle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum Precision {
+    /// 32-bit floats: exact, what training produces.
+    #[default]
+    #[serde(rename = "f32")]
+    F32,
+    /// 16-bit floats in dense candle tensors (activations in f16 too).
+    #[serde(rename = "f16")]
+    F16,
+    /// GGML Q8_0: blocks of 32 int8 values with one f16 scale (8.5 bits per weight).
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// GGML Q4_0: blocks of 32 4-bit values with one f16 scale (4.5 bits per weight).
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    /// GGML Q4_K: super-blocks of 256 4-bit values with 6-bit sub-block scales and minimums
+    /// (4.5 bits per weight); needs `d_model` and `d_ff` divisible by 256.
+    #[serde(rename = "q4_k")]
+    Q4K,
+}
+
+impl Precision {
+    /// Every precision, widest first.
+    pub const ALL: [Precision; 5] =
+        [Precision::F32, Precision::F16, Precision::Q8_0, Precision::Q4_0, Precision::Q4K];
+
+    /// The name used in configs, flags and bundle metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Q8_0 => "q8_0",
+            Precision::Q4_0 => "q4_0",
+            Precision::Q4K => "q4_k",
+        }
+    }
+
+    /// The GGML block type of the 2-D weights, or `None` for the dense float precisions.
+    pub fn ggml_dtype(self) -> Option<GgmlDType> {
+        match self {
+            Precision::F32 | Precision::F16 => None,
+            Precision::Q8_0 => Some(GgmlDType::Q8_0),
+            Precision::Q4_0 => Some(GgmlDType::Q4_0),
+            Precision::Q4K => Some(GgmlDType::Q4K),
+        }
+    }
+
+    /// Whether the 2-D weights are GGML blocks.
+    pub fn is_quantized(self) -> bool {
+        self.ggml_dtype().is_some()
+    }
+
+    /// Dtype of the dense tensors (norm scales, and every weight for f32/f16) and of activations.
+    pub fn dense_dtype(self) -> DType {
+        match self {
+            Precision::F16 => DType::F16,
+            _ => DType::F32,
+        }
+    }
+
+    /// Bytes that `config`'s weights take in memory at this precision (tied head counted once).
+    pub fn weight_bytes(self, config: &ModelConfig) -> u64 {
+        weight_shapes(config)
+            .iter()
+            .map(|(_, shape)| {
+                let n: usize = shape.iter().product();
+                let bytes = match (shape.len(), self.ggml_dtype()) {
+                    (2, Some(q)) => n / q.block_size() * q.type_size(),
+                    (2, None) => n * self.dense_dtype().size_in_bytes(),
+                    _ => n * 4,
+                };
+                bytes as u64
+            })
+            .sum()
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A precision name that is not one of [`Precision::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown precision {0:?} (known: f32, f16, q8_0, q4_0, q4_k)")]
+pub struct UnknownPrecision(pub String);
+
+impl FromStr for Precision {
+    type Err = UnknownPrecision;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.to_ascii_lowercase();
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.name() == lower || (lower == "q4k" && *p == Precision::Q4K))
+            .ok_or_else(|| UnknownPrecision(s.to_string()))
+    }
+}
+
+/// Why weights could not be quantized or loaded quantized; names the tensor at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum QuantError {
+    /// A tensor cannot be stored in the requested block type (its rows do not divide into blocks).
+    #[error("tensor {name} with shape {shape:?} cannot be quantized to {precision}: {reason}")]
+    Shape {
+        /// The tensor.
+        name: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// The requested precision.
+        precision: Precision,
+        /// What candle reported.
+        reason: String,
+    },
+    /// A candle operation failed.
+    #[error("tensor {name}: {source}")]
+    Candle {
+        /// The tensor being processed.
+        name: String,
+        /// The underlying error.
+        source: candle_core::Error,
+    },
+}
+
+/// One stored weight: a dense tensor, or GGML blocks.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// A dense f32/f16/bf16 tensor.
+    Dense(Tensor),
+    /// A quantized matrix `(out, in)`.
+    Quantized(Arc<QTensor>),
+}
+
+impl Weight {
+    /// The logical shape.
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            Weight::Dense(t) => t.dims(),
+            Weight::Quantized(q) => q.shape().dims(),
+        }
+    }
+
+    /// The values as a dense f32 tensor (dequantized where quantized).
+    pub fn dequantize(&self, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Weight::Dense(t) => t.to_device(device)?.to_dtype(DType::F32),
+            Weight::Quantized(q) => q.dequantize(device),
+        }
+    }
+
+    /// Bytes in memory.
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            Weight::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Weight::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+}
+
+/// Converts a model's named tensors to `precision`: 2-D weights to its block type (or dense
+/// dtype), 1-D norm scales to f32. The order of `tensors` is kept.
+pub fn quantize(
+    tensors: &[(String, Tensor)],
+    precision: Precision,
+) -> Result<Vec<(String, Weight)>, QuantError> {
+    tensors
+        .iter()
+        .map(|(name, tensor)| {
+            let candle = |source| QuantError::Candle { name: name.clone(), source };
+            let weight = match (tensor.rank(), precision.ggml_dtype()) {
+                (2, Some(dtype)) => {
+                    let q = QTensor::quantize(&tensor.to_dtype(DType::F32).map_err(candle)?, dtype)
+                        .map_err(|e| QuantError::Shape {
+                            name: name.clone(),
+                            shape: tensor.dims().to_vec(),
+                            precision,
+                            reason: e.to_string(),
+                        })?;
+                    Weight::Quantized(Arc::new(q))
+                }
+                (2, None) => {
+                    Weight::Dense(tensor.to_dtype(precision.dense_dtype()).map_err(candle)?)
+                }
+                _ => Weight::Dense(tensor.to_dtype(DType::F32).map_err(candle)?),
+            };
+            Ok((name.clone(), weight))
+        })
+        .collect()
+}
+
+/// The quantized weights a model is built from, by Hugging Face name (empty for a dense model).
+pub type QuantizedWeights = HashMap<String, Arc<QTensor>>;
+
+/// A bias-free projection `y = x Wᵀ` over a dense weight or GGML blocks.
+#[derive(Debug, Clone)]
+pub enum QLinear {
+    /// candle-nn's dense linear layer (differentiable; what training uses).
+    Dense(Linear),
+    /// candle's quantized matmul (inference only; input f32 or f16).
+    Quantized(QMatMul),
+}
+
+impl QLinear {
+    /// Loads `{vb prefix}.weight` of shape `(out, in)`: from `quantized` when present there
+    /// (its shape checked), else densely from `vb`.
+    pub(crate) fn load(
+        vb: candle_nn::VarBuilder,
+        shape: (usize, usize),
+        quantized: &QuantizedWeights,
+    ) -> candle_core::Result<Self> {
+        let name = format!("{}.weight", vb.prefix());
+        match quantized.get(&name) {
+            Some(q) => Ok(QLinear::Quantized(QMatMul::QTensor(checked(&name, q, shape)?))),
+            None => Ok(QLinear::Dense(Linear::new(vb.get(shape, "weight")?, None))),
+        }
+    }
+
+    /// The weight as a dense tensor: the layer's own for a dense layer, dequantized to f32 for a
+    /// quantized one.
+    pub fn weight(&self) -> candle_core::Result<Tensor> {
+        match self {
+            QLinear::Dense(l) => Ok(l.weight().clone()),
+            QLinear::Quantized(QMatMul::QTensor(q)) => q.dequantize(&q.device()),
+            QLinear::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => Ok(w.clone()),
+        }
+    }
+}
+
+impl Module for QLinear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            QLinear::Dense(l) => l.forward(x),
+            // The quantized kernel reads its input as one contiguous buffer.
+            QLinear::Quantized(q) => q.forward(&x.contiguous()?),
+        }
+    }
+}
+
+/// The token embedding: a dense table, or GGML blocks dequantized row by row on lookup (so a
+/// quantized model keeps one copy of the table, shared with the tied LM head).
+#[derive(Debug, Clone)]
+pub enum TokenEmbedding {
+    /// candle-nn's embedding.
+    Dense(Embedding),
+    /// A quantized `(vocab, d_model)` table.
+    Quantized(Arc<QTensor>),
+}
+
+impl TokenEmbedding {
+    /// Loads `{vb prefix}.weight` of shape `(vocab, d_model)`, from `quantized` when present.
+    pub(crate) fn load(
+        vb: candle_nn::VarBuilder,
+        shape: (usize, usize),
+        quantized: &QuantizedWeights,
+    ) -> candle_core::Result<Self> {
+        let name = format!("{}.weight", vb.prefix());
+        match quantized.get(&name) {
+            Some(q) => Ok(TokenEmbedding::Quantized(checked(&name, q, shape)?)),
+            None => Ok(TokenEmbedding::Dense(Embedding::new(vb.get(shape, "weight")?, shape.1))),
+        }
+    }
+
+    /// The LM head tied to this table.
+    pub(crate) fn tied_head(&self) -> QLinear {
+        match self {
+            TokenEmbedding::Dense(e) => QLinear::Dense(Linear::new(e.embeddings().clone(), None)),
+            TokenEmbedding::Quantized(q) => QLinear::Quantized(QMatMul::QTensor(q.clone())),
+        }
+    }
+
+    /// The table as a dense tensor (dequantized to f32 when quantized).
+    pub fn weight(&self) -> candle_core::Result<Tensor> {
+        match self {
+            TokenEmbedding::Dense(e) => Ok(e.embeddings().clone()),
+            TokenEmbedding::Quantized(q) => q.dequantize(&q.device()),
+        }
+    }
+
+    /// Dtype of the looked-up rows, which is the activation dtype of the model.
+    pub fn dtype(&self) -> DType {
+        match self {
+            TokenEmbedding::Dense(e) => e.embeddings().dtype(),
+            TokenEmbedding::Quantized(_) => DType::F32,
+        }
+    }
+
+    /// Device of the table.
+    pub fn device(&self) -> Device {
+        match self {
+            TokenEmbedding::Dense(e) => e.embeddings().device().clone(),
+            TokenEmbedding::Quantized(q) => q.device(),
+        }
+    }
+}
+
+impl Module for TokenEmbedding {
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            TokenEmbedding::Dense(e) => e.forward(ids),
+            TokenEmbedding::Quantized(q) => q.embedding(ids),
+        }
+    }
+}
+
+fn checked(
+    name: &str,
+    q: &Arc<QTensor>,
+    (rows, cols): (usize, usize),
+) -> candle_core::Result<Arc<QTensor>> {
+    if q.shape().dims() != [rows, cols] {
+        candle_core::bail!(
+            "quantized tensor {name} has shape {:?}, expected [{rows}, {cols}]",
+            q.shape().dims()
+        );
+    }
+    Ok(q.clone())
+}
