@@ -1,18 +1,27 @@
 //! The release bundle (DESIGN §4): one directory holding weights, tokenizer, config, metadata and
 //! `checksum.txt`. Writing is atomic (temporary directory + rename); loading verifies every checksum
 //! and cross-checks config, tokenizer and weights before any weight is used.
+//!
+//! A bundle stores its weights at one [`Precision`], recorded in `metadata.json`. Quantized
+//! bundles keep the safetensors container: each 2-D weight is its raw GGML blocks as a `U8`
+//! tensor of shape `(rows, bytes per row)`, which the loader checks against the shape the config
+//! implies, so checksums, shape validation and atomic writing work exactly as for f32.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::{ModelConfig, RawModelConfig};
+use crate::quant::{self, Precision, Weight};
 use crate::tokenizer::{SpecialToken, Tokenizer};
 use crate::transformer::{Model, weight_shapes};
 
@@ -96,6 +105,9 @@ pub struct BundleMetadata {
     pub eval: BTreeMap<String, f64>,
     /// Creation time, seconds since the Unix epoch.
     pub created_unix: u64,
+    /// How the weights are stored (bundles written before quantization existed are f32).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// What the caller knows about the weights; the writer adds hashes, format version and time.
@@ -131,13 +143,51 @@ pub fn write_bundle(
     config: &ModelConfig,
     info: &BundleInfo,
 ) -> Result<BundleMetadata, BundleError> {
+    let embedding_dtype =
+        tensors.iter().find(|(n, _)| n == "model.embed_tokens.weight").map(|(_, t)| t.dtype());
+    let precision =
+        if embedding_dtype == Some(DType::F16) { Precision::F16 } else { Precision::F32 };
+    let weights: Vec<(String, Weight)> =
+        tensors.iter().map(|(n, t)| (n.clone(), Weight::Dense(t.clone()))).collect();
+    write_bundle_weights(dest, &weights, precision, tokenizer, config, info)
+}
+
+/// Quantizes f32 `tensors` to `precision` (see [`crate::quant::quantize`]) and writes them as a
+/// bundle, like [`write_bundle`].
+pub fn write_quantized_bundle(
+    dest: &Path,
+    tensors: &[(String, Tensor)],
+    precision: Precision,
+    tokenizer: &Tokenizer,
+    config: &ModelConfig,
+    info: &BundleInfo,
+) -> Result<BundleMetadata, BundleError> {
+    let weights = quant::quantize(tensors, precision)
+        .map_err(|e| invalid(dest.join(WEIGHTS_FILE), e.to_string()))?;
+    write_bundle_weights(dest, &weights, precision, tokenizer, config, info)
+}
+
+/// Writes weights already stored at `precision` as a bundle, like [`write_bundle`].
+pub fn write_bundle_weights(
+    dest: &Path,
+    weights: &[(String, Weight)],
+    precision: Precision,
+    tokenizer: &Tokenizer,
+    config: &ModelConfig,
+    info: &BundleInfo,
+) -> Result<BundleMetadata, BundleError> {
+    let weights_path = dest.join(WEIGHTS_FILE);
+    let tensors = weights
+        .iter()
+        .map(|(name, w)| Ok((name.clone(), stored_tensor(name, w, precision, &weights_path)?)))
+        .collect::<Result<Vec<_>, BundleError>>()?;
     if dest.exists() {
         return Err(invalid(dest, "already exists; refusing to overwrite a bundle"));
     }
     check_tokenizer(tokenizer, config, &special_ids(tokenizer), dest)?;
     let shapes: HashMap<&str, &[usize]> =
         tensors.iter().map(|(n, t)| (n.as_str(), t.dims())).collect();
-    check_weights(config, &shapes, &dest.join(WEIGHTS_FILE))?;
+    check_weights(config, &shapes, precision, &dest.join(WEIGHTS_FILE))?;
 
     let parent = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -150,20 +200,52 @@ pub fn write_bundle(
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let tmp = parent.join(format!(".{name}.tmp-{}-{nanos}", std::process::id()));
     fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    let written = write_files(&tmp, tensors, tokenizer, config, info).and_then(|meta| {
-        fs::rename(&tmp, dest).map_err(io_err(dest))?;
-        sync_dir(&parent)?;
-        Ok(meta)
-    });
+    let written =
+        write_files(&tmp, &tensors, precision, tokenizer, config, info).and_then(|meta| {
+            fs::rename(&tmp, dest).map_err(io_err(dest))?;
+            sync_dir(&parent)?;
+            Ok(meta)
+        });
     if written.is_err() {
         let _ = fs::remove_dir_all(&tmp);
     }
     written
 }
 
+/// The tensor a weight is saved as: itself when dense, its GGML blocks as `U8 (rows, row bytes)`
+/// when quantized. A weight not stored as `precision` demands is refused.
+fn stored_tensor(
+    name: &str,
+    weight: &Weight,
+    precision: Precision,
+    path: &Path,
+) -> Result<Tensor, BundleError> {
+    let wrong = |what: String| {
+        invalid(path, format!("tensor {name} is {what}, but the bundle precision is {precision}"))
+    };
+    match (weight, precision.ggml_dtype(), weight.dims().len()) {
+        (Weight::Dense(t), Some(_), 2) => Err(wrong(format!("dense {:?}", t.dtype()))),
+        (Weight::Quantized(q), None, _) | (Weight::Quantized(q), _, 1) => {
+            Err(wrong(format!("quantized ({:?})", q.dtype())))
+        }
+        (Weight::Quantized(q), Some(dtype), _) => {
+            if q.dtype() != dtype {
+                return Err(wrong(format!("{:?} blocks", q.dtype())));
+            }
+            let bytes = q.data().map_err(|e| invalid(path, format!("tensor {name}: {e}")))?;
+            let rows = q.shape().dims()[0];
+            let shape = (rows, bytes.len() / rows.max(1));
+            Tensor::from_raw_buffer(&bytes, DType::U8, &[shape.0, shape.1], &Device::Cpu)
+                .map_err(|e| invalid(path, format!("tensor {name}: {e}")))
+        }
+        (Weight::Dense(t), _, _) => Ok(t.clone()),
+    }
+}
+
 fn write_files(
     dir: &Path,
     tensors: &[(String, Tensor)],
+    precision: Precision,
     tokenizer: &Tokenizer,
     config: &ModelConfig,
     info: &BundleInfo,
@@ -190,6 +272,7 @@ fn write_files(
         tokens_seen: info.tokens_seen,
         eval: info.eval.clone(),
         created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        precision,
     };
     let metadata_json = serde_json::to_string_pretty(&metadata)
         .map_err(|e| invalid(dir.join(METADATA_FILE), e.to_string()))?;
@@ -298,16 +381,28 @@ impl Bundle {
 
         let header = safetensors::SafeTensors::deserialize(&weights)
             .map_err(|e| invalid(&weights_path, e.to_string()))?;
+        let precision = metadata.precision;
         let mut shapes = HashMap::new();
         for (name, view) in header.tensors() {
-            if !matches!(
-                view.dtype(),
-                safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16
-            ) {
+            let blocks = precision.is_quantized() && view.shape().len() == 2;
+            let dtype_ok = match view.dtype() {
+                safetensors::Dtype::U8 => blocks,
+                safetensors::Dtype::F32 => !blocks,
+                safetensors::Dtype::F16 | safetensors::Dtype::BF16 => !precision.is_quantized(),
+                _ => false,
+            };
+            if !dtype_ok {
+                let expected = if blocks {
+                    format!("u8 ({precision} blocks)")
+                } else if precision.is_quantized() {
+                    "f32".to_string()
+                } else {
+                    "f32, f16 or bf16".to_string()
+                };
                 return Err(invalid(
                     &weights_path,
                     format!(
-                        "tensor {name} has dtype {:?}; expected f32, f16 or bf16",
+                        "tensor {name} has dtype {:?}; a {precision} bundle stores it as {expected}",
                         view.dtype()
                     ),
                 ));
@@ -315,18 +410,97 @@ impl Bundle {
             shapes.insert(name, view.shape().to_vec());
         }
         let shapes = shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
-        check_weights(&config, &shapes, &weights_path)?;
+        check_weights(&config, &shapes, precision, &weights_path)?;
 
         Ok(Self { dir: dir.to_path_buf(), config, metadata, tokenizer, weights })
     }
 
-    /// Builds the model in `dtype` on `device` from the verified weights.
+    /// Builds the model in `dtype` on `device` from the verified weights. A quantized bundle
+    /// builds its own precision (f32 activations) whatever `dtype` says.
     pub fn model(&self, dtype: DType, device: &Device) -> Result<Model, BundleError> {
         let path = self.dir.join(WEIGHTS_FILE);
+        if self.precision().is_quantized() {
+            return self.model_at(self.precision(), device);
+        }
         let tensors = candle_core::safetensors::load_buffer(&self.weights, device)
             .map_err(|e| invalid(&path, e.to_string()))?;
         Model::from_tensors(&self.config, tensors, dtype, device)
             .map_err(|e| invalid(&path, e.to_string()))
+    }
+
+    /// Builds the model at `precision`: as stored when it is the bundle's own; a dense bundle is
+    /// converted (quantized at load, which costs start-up time: prefer a quantized bundle); a
+    /// quantized bundle cannot be turned into another precision and is refused.
+    pub fn model_at(&self, precision: Precision, device: &Device) -> Result<Model, BundleError> {
+        let path = self.dir.join(WEIGHTS_FILE);
+        let stored = self.precision();
+        let fail = |e: &dyn std::fmt::Display| invalid(&path, e.to_string());
+        if stored.is_quantized() && stored != precision {
+            return Err(invalid(
+                &path,
+                format!(
+                    "stores {stored} weights; they cannot be served as {precision} (export the \
+                     bundle again with `m31r-train export --quantize {precision}`, or serve it \
+                     as {stored})"
+                ),
+            ));
+        }
+        if !stored.is_quantized() {
+            if !precision.is_quantized() {
+                return self.model(precision.dense_dtype(), device);
+            }
+            let tensors = candle_core::safetensors::load_buffer(&self.weights, &Device::Cpu)
+                .map_err(|e| fail(&e))?;
+            let mut named: Vec<(String, Tensor)> = tensors.into_iter().collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            let weights = quant::quantize(&named, precision).map_err(|e| fail(&e))?;
+            return Model::from_weights(
+                &self.config,
+                weights.into_iter().collect(),
+                DType::F32,
+                device,
+            )
+            .map_err(|e| fail(&e));
+        }
+        let Some(dtype) = stored.ggml_dtype() else {
+            return Err(invalid(&path, format!("{stored} is not a quantized precision")));
+        };
+        let header = safetensors::SafeTensors::deserialize(&self.weights).map_err(|e| fail(&e))?;
+        let shapes: HashMap<String, Vec<usize>> = weight_shapes(&self.config).into_iter().collect();
+        let mut weights = HashMap::new();
+        for (name, view) in header.tensors() {
+            let weight = if view.dtype() == safetensors::Dtype::U8 {
+                let bytes = view.data();
+                // GGML blocks hold f16 scales (2-byte alignment); a mapping offset that breaks it
+                // costs one copy rather than a misaligned read.
+                let bytes = if (bytes.as_ptr() as usize).is_multiple_of(8) {
+                    Cow::Borrowed(bytes)
+                } else {
+                    Cow::Owned(bytes.to_vec())
+                };
+                let storage = QStorage::from_data(bytes, device, dtype).map_err(|e| fail(&e))?;
+                let shape = shapes[&name].clone();
+                let q = QTensor::new(storage, shape)
+                    .map_err(|e| invalid(&path, format!("tensor {name}: {e}")))?;
+                Weight::Quantized(Arc::new(q))
+            } else {
+                let t = candle_core::safetensors::Load::load(&view, device)
+                    .map_err(|e| invalid(&path, format!("tensor {name}: {e}")))?;
+                Weight::Dense(t)
+            };
+            weights.insert(name, weight);
+        }
+        Model::from_weights(&self.config, weights, DType::F32, device).map_err(|e| fail(&e))
+    }
+
+    /// How the bundle stores its weights.
+    pub fn precision(&self) -> Precision {
+        self.metadata.precision
+    }
+
+    /// Size of the weights file in bytes (what the model takes in memory, roughly).
+    pub fn weights_bytes(&self) -> usize {
+        self.weights.len()
     }
 
     /// The bundle directory.
@@ -434,13 +608,29 @@ fn check_tokenizer(
     Ok(())
 }
 
-/// The weights must be exactly the tensors the config implies, with the right shapes.
+/// The weights must be exactly the tensors the config implies, with the right shapes (for GGML
+/// blocks: rows × bytes per row of the implied shape).
 fn check_weights(
     config: &ModelConfig,
     shapes: &HashMap<&str, &[usize]>,
+    precision: Precision,
     path: &Path,
 ) -> Result<(), BundleError> {
-    let expected = weight_shapes(config);
+    let mut expected = weight_shapes(config);
+    if let Some(dtype) = precision.ggml_dtype() {
+        for (name, shape) in expected.iter_mut().filter(|(_, s)| s.len() == 2) {
+            if !shape[1].is_multiple_of(dtype.block_size()) {
+                return Err(invalid(
+                    path,
+                    format!(
+                        "tensor {name} {shape:?} has rows that {precision} blocks of {} cannot hold",
+                        dtype.block_size()
+                    ),
+                ));
+            }
+            shape[1] = shape[1] / dtype.block_size() * dtype.type_size();
+        }
+    }
     for (name, shape) in &expected {
         match shapes.get(name.as_str()) {
             None => return Err(invalid(path, format!("tensor {name} is missing"))),

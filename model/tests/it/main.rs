@@ -8,4 +8,5 @@ mod bundle;
 mod common;
 mod parity;
 mod quant;
+mod quant_bundle;
 mod transformer;
