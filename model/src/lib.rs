@@ -5,6 +5,7 @@
 pub mod bundle;
 pub mod config;
 pub mod fim;
+pub mod gguf;
 pub mod machine;
 pub mod params;
 pub mod quant;

@@ -6,6 +6,7 @@
 
 mod bundle;
 mod common;
+mod gguf;
 mod parity;
 mod quant;
 mod quant_bundle;
