@@ -134,12 +134,12 @@ fn file_type(precision: Precision) -> u32 {
     }
 }
 
+/// Tokens by id, their GGUF token types, and merges.
+type Vocabulary = (Vec<String>, Vec<i32>, Vec<String>);
+
 /// Our vocabulary as llama.cpp's `gpt2` tokenizer model: tokens by id, token types (1 normal,
 /// 3 control) and merges (`"a b"`), from the `tokenizers` JSON.
-fn vocabulary(
-    tokenizer: &Tokenizer,
-    path: &Path,
-) -> Result<(Vec<String>, Vec<i32>, Vec<String>), GgufError> {
+fn vocabulary(tokenizer: &Tokenizer, path: &Path) -> Result<Vocabulary, GgufError> {
     let bad = |reason: String| GgufError::Tokenizer { path: path.to_path_buf(), reason };
     let json = tokenizer.to_json().map_err(|e| bad(e.to_string()))?;
     let root: serde_json::Value = serde_json::from_str(&json).map_err(|e| bad(e.to_string()))?;
