@@ -1,11 +1,14 @@
 //! `m31r-train export`: turns a run's newest checkpoint into a release bundle (DESIGN §4) whose
 //! metadata traces the dataset, tokenizer, seed, steps, tokens seen and last validation results.
+//! Optionally at a quantized precision (`--quantize`, so the daemon starts without quantizing) and
+//! as a GGUF file for llama.cpp / Ollama (`--gguf`), from the very same weights.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use m31r_model::bundle::{BundleInfo, BundleMetadata, write_bundle};
+use m31r_model::Precision;
+use m31r_model::bundle::{BundleInfo, BundleMetadata, write_bundle_weights};
 use m31r_model::config::ModelConfig;
 use m31r_model::tokenizer::Tokenizer;
 
@@ -13,9 +16,28 @@ use crate::corpus::read_json;
 use crate::train::checkpoint::{self, LoopState};
 use crate::train::{METRICS_FILE, RUN_FILE, RunSpec, TrainError};
 
+/// Optional outputs of [`export_with`].
+#[derive(Debug, Clone, Default)]
+pub struct ExportOptions {
+    /// Precision of the bundle's weights (default f32).
+    pub precision: Precision,
+    /// Also write the same weights as a GGUF file here.
+    pub gguf: Option<PathBuf>,
+}
+
 /// Writes the bundle of `run_dir`'s newest checkpoint to `out` (which must not exist), using the
 /// tokenizer of the data directory `data`.
 pub fn export(run_dir: &Path, data: &Path, out: &Path) -> Result<BundleMetadata, TrainError> {
+    export_with(run_dir, data, out, &ExportOptions::default())
+}
+
+/// [`export`] at `options.precision`, and optionally as GGUF.
+pub fn export_with(
+    run_dir: &Path,
+    data: &Path,
+    out: &Path,
+    options: &ExportOptions,
+) -> Result<BundleMetadata, TrainError> {
     let invalid = |path: PathBuf, reason: String| TrainError::Invalid { path, reason };
     let spec: RunSpec = read_json(&run_dir.join(RUN_FILE))?;
     let Some((_, ckpt)) = checkpoint::list(run_dir)?.pop() else {
@@ -49,7 +71,23 @@ pub fn export(run_dir: &Path, data: &Path, out: &Path) -> Result<BundleMetadata,
     };
     let mut named: Vec<(String, candle_core::Tensor)> = tensors.into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    write_bundle(out, &named, &tokenizer, &config, &info)
+    let weights = m31r_model::quant::quantize(&named, options.precision)
+        .map_err(|e| invalid(weights_path.clone(), e.to_string()))?;
+    if let Some(gguf) = &options.gguf {
+        if gguf.exists() {
+            return Err(invalid(gguf.clone(), "already exists; refusing to overwrite".into()));
+        }
+        m31r_model::gguf::write_gguf(
+            gguf,
+            &weights,
+            options.precision,
+            &tokenizer,
+            &config,
+            &info.model_version,
+        )
+        .map_err(|e| invalid(gguf.clone(), e.to_string()))?;
+    }
+    write_bundle_weights(out, &weights, options.precision, &tokenizer, &config, &info)
         .map_err(|e| invalid(out.to_path_buf(), e.to_string()))
 }
 

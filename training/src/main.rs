@@ -119,6 +119,13 @@ enum Command {
         /// Bundle directory to create (must not exist).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Store the weights quantized (q8_0, q4_0, q4_k) or as f16, so m31rd loads them without
+        /// converting [default: f32].
+        #[arg(long, value_name = "PRECISION")]
+        quantize: Option<m31r_model::Precision>,
+        /// Also write the same weights as a GGUF file (llama.cpp, Ollama) to PATH.
+        #[arg(long, value_name = "PATH")]
+        gguf: Option<PathBuf>,
     },
     /// Measure training throughput (tokens/s, achieved GFLOP/s as a share of this machine's f32
     /// matmul throughput, measured in the same run) of the real training step on preset shapes.
@@ -293,16 +300,24 @@ fn main() -> Result<()> {
                 println!("validation loss {loss:.4} nats/token · {bpb:.4} bits/byte");
             }
         }
-        Command::Export { run_dir, data, out } => {
-            let meta = m31r_train::export::export(&run_dir, &data, &out)
+        Command::Export { run_dir, data, out, quantize, gguf } => {
+            let options = m31r_train::export::ExportOptions {
+                precision: quantize.unwrap_or_default(),
+                gguf: gguf.clone(),
+            };
+            let meta = m31r_train::export::export_with(&run_dir, &data, &out, &options)
                 .with_context(|| format!("exporting {} to {}", run_dir.display(), out.display()))?;
             println!(
-                "bundle {} · step {} · {} tokens seen · dataset {}",
+                "bundle {} · {} · step {} · {} tokens seen · dataset {}",
                 out.display(),
+                meta.precision,
                 meta.steps,
                 meta.tokens_seen,
                 meta.dataset_id
             );
+            if let Some(gguf) = gguf {
+                println!("gguf {}", gguf.display());
+            }
         }
         Command::Bench { presets, steps, batch_size, seq_len } => {
             let shapes: Vec<_> = presets
