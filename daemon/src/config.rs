@@ -10,15 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineConfig;
 
-/// Weight precision in memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// 32-bit floats (exact).
-    F32,
-    /// 16-bit floats (half the memory; on this CPU no faster).
-    F16,
-}
+use m31r_model::ModelConfig;
+pub use m31r_model::Precision;
 
 /// Everything `m31rd` can be configured with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,8 +21,13 @@ pub struct DaemonConfig {
     pub bundle: Option<PathBuf>,
     /// Socket path; default `$XDG_RUNTIME_DIR/m31r/m31rd.sock`.
     pub socket: Option<PathBuf>,
-    /// Weight precision.
-    pub precision: Precision,
+    /// Weight precision in memory (`f32`, `f16`, `q8_0`, `q4_0`, `q4_k`); unset: the bundle's
+    /// own. A dense bundle served quantized is quantized at start-up; a quantized bundle is
+    /// served only at its own precision.
+    pub precision: Option<Precision>,
+    /// Memory budget in MiB for the weights plus the prefix cache; a model that would exceed it
+    /// is refused at start-up with the quantized variants that fit. 0 = no limit.
+    pub memory_budget_mb: usize,
     /// Compute threads (0 = all cores).
     pub threads: usize,
     /// Jobs that may wait for the engine.
@@ -104,7 +102,9 @@ impl Default for DaemonConfig {
         Self {
             bundle: None,
             socket: None,
-            precision: Precision::F32,
+            precision: None,
+            // The serving spec's ceiling (8 GB of accelerator memory), applied to RAM on a CPU.
+            memory_budget_mb: 8192,
             threads: 0,
             queue_len: engine.queue_len,
             max_connections: 64,
@@ -125,6 +125,7 @@ const ENV_KEYS: &[&str] = &[
     "bundle",
     "socket",
     "precision",
+    "memory_budget_mb",
     "threads",
     "queue_len",
     "max_connections",
@@ -179,6 +180,47 @@ impl DaemonConfig {
             ..EngineConfig::default()
         }
     }
+}
+
+/// Checks that `model` at `precision`, plus the prefix-cache budget, fits `memory_budget_mb`;
+/// the refusal says what each smaller precision would need and how to get it.
+pub fn check_memory_budget(
+    model: &ModelConfig,
+    precision: Precision,
+    cache_budget_mb: usize,
+    memory_budget_mb: usize,
+) -> Result<(), String> {
+    if memory_budget_mb == 0 {
+        return Ok(());
+    }
+    let mib = |bytes: u64| bytes.div_ceil(1 << 20);
+    let need = |p: Precision| mib(p.weight_bytes(model)) + cache_budget_mb as u64;
+    if need(precision) <= memory_budget_mb as u64 {
+        return Ok(());
+    }
+    let fitting: Vec<String> = [Precision::Q8_0, Precision::Q4K, Precision::Q4_0]
+        .into_iter()
+        .filter(|&p| p != precision && need(p) <= memory_budget_mb as u64)
+        .map(|p| format!("{p} ({} MiB)", need(p)))
+        .collect();
+    let advice = match fitting.first() {
+        Some(_) => format!(
+            "serve a quantized variant that fits: {} — export it with `m31r-train export \
+             --quantize {}` (fast start-up), or set precision = \"{}\" to quantize at start-up",
+            fitting.join(", "),
+            fitting[0].split(' ').next().unwrap_or("q8_0"),
+            fitting[0].split(' ').next().unwrap_or("q8_0"),
+        ),
+        None => "no quantized variant fits either; raise memory_budget_mb or lower \
+                 cache_budget_mb"
+            .to_string(),
+    };
+    Err(format!(
+        "the model needs {} MiB at {precision} ({} MiB of weights + {cache_budget_mb} MiB of \
+         prefix cache), over memory_budget_mb = {memory_budget_mb}; {advice}",
+        need(precision),
+        mib(precision.weight_bytes(model)),
+    ))
 }
 
 /// `~/.config/m31r/m31r.toml` (platform equivalent), if a home directory is known.
@@ -248,6 +290,36 @@ mod tests {
         assert!(err.to_string().contains("bind"), "{err}");
     }
 
+    #[test]
+    fn precision_is_the_bundles_unless_set_and_takes_quantized_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("m31r.toml");
+        std::fs::write(&file, "[daemon]\n").unwrap();
+        let c = DaemonConfig::resolve(Some(&file), Flags { threads: None }).unwrap();
+        assert_eq!(c.precision, None);
+        std::fs::write(&file, "[daemon]\nprecision = \"q4_k\"\n").unwrap();
+        let c = DaemonConfig::resolve(Some(&file), Flags { threads: None }).unwrap();
+        assert_eq!(c.precision, Some(Precision::Q4K));
+        std::fs::write(&file, "[daemon]\nprecision = \"int3\"\n").unwrap();
+        assert!(DaemonConfig::resolve(Some(&file), Flags { threads: None }).is_err());
+    }
+
+    #[test]
+    fn over_budget_models_are_refused_with_the_variant_that_fits() {
+        let small = ModelConfig::preset("small").unwrap();
+        let f32_mib = Precision::F32.weight_bytes(&small) >> 20;
+        let q8_mib = Precision::Q8_0.weight_bytes(&small) >> 20;
+        // Room for q8_0 weights and a 16 MiB cache, not for f32.
+        let budget = (q8_mib + 20) as usize;
+        assert!(f32_mib + 16 > budget as u64);
+        let err = check_memory_budget(&small, Precision::F32, 16, budget).unwrap_err();
+        assert!(err.contains("--quantize q8_0") && err.contains("precision = \"q8_0\""), "{err}");
+        assert!(check_memory_budget(&small, Precision::Q8_0, 16, budget).is_ok());
+        assert!(check_memory_budget(&small, Precision::F32, 16, 0).is_ok());
+        let err = check_memory_budget(&small, Precision::F32, 16, 10).unwrap_err();
+        assert!(err.contains("no quantized variant fits"), "{err}");
+    }
+
     /// Every key of the config, tables included, as `table.key` paths.
     fn key_paths(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
         if let toml::Value::Table(table) = value {
@@ -266,6 +338,7 @@ mod tests {
     fn env_keys_name_every_key_and_the_example_documents_the_http_table() {
         let every_key = DaemonConfig {
             bundle: Some("b".into()),
+            precision: Some(Precision::Q8_0),
             socket: Some("s".into()),
             log_file: Some("l".into()),
             http: HttpConfig { addr_file: Some("a".into()), ..HttpConfig::default() },

@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use clap::Parser;
-use m31r_daemon::config::{DaemonConfig, Precision};
+use m31r_daemon::config::{DaemonConfig, check_memory_budget};
 use m31r_daemon::engine::Engine;
 use m31r_daemon::http;
 use m31r_daemon::server::{self, Server};
@@ -37,8 +37,8 @@ struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     socket: Option<PathBuf>,
-    /// Weight precision: f32 or f16.
-    #[arg(long, value_parser = ["f32", "f16"])]
+    /// Weight precision: f32, f16, q8_0, q4_0 or q4_k [default: the bundle's own].
+    #[arg(long, value_parser = ["f32", "f16", "q8_0", "q4_0", "q4_k"])]
     #[serde(skip_serializing_if = "Option::is_none")]
     precision: Option<String>,
     /// Compute threads (0 = all cores).
@@ -139,18 +139,23 @@ fn run() -> anyhow::Result<()> {
     let started = Instant::now();
     let bundle = Bundle::open(&bundle_dir)
         .with_context(|| format!("cannot load bundle {}", bundle_dir.display()))?;
-    let dtype = match config.precision {
-        Precision::F32 => DType::F32,
-        Precision::F16 => DType::F16,
-    };
+    let precision = config.precision.unwrap_or(bundle.precision());
+    check_memory_budget(
+        bundle.config(),
+        precision,
+        config.cache_budget_mb,
+        config.memory_budget_mb,
+    )
+    .map_err(anyhow::Error::msg)
+    .with_context(|| format!("refusing to serve {}", bundle_dir.display()))?;
     let model = bundle
-        .model(dtype, &Device::Cpu)
+        .model_at(precision, &Device::Cpu)
         .with_context(|| format!("cannot build the model from {}", bundle_dir.display()))?;
     let info = ModelInfo {
         version: bundle.metadata().model_version.clone(),
         parameters: bundle.config().param_count(),
         context_length: bundle.config().context_length() as u32,
-        precision: format!("{:?}", config.precision).to_lowercase(),
+        precision: precision.to_string(),
     };
     let tokenizer = bundle.tokenizer().clone();
     // The verified weights now live in the model; unmapping the file keeps its pages (all touched
