@@ -462,12 +462,26 @@ impl Bundle {
             )
             .map_err(|e| fail(&e));
         }
-        let Some(dtype) = stored.ggml_dtype() else {
-            return Err(invalid(&path, format!("{stored} is not a quantized precision")));
+        let weights = self.stored_weights(device)?.into_iter().collect();
+        Model::from_weights(&self.config, weights, DType::F32, device).map_err(|e| fail(&e))
+    }
+
+    /// The weights exactly as stored (GGML blocks of a quantized bundle are not dequantized),
+    /// sorted by name: what a GGUF export of this bundle writes.
+    pub fn stored_weights(&self, device: &Device) -> Result<Vec<(String, Weight)>, BundleError> {
+        let path = self.dir.join(WEIGHTS_FILE);
+        let fail = |e: &dyn std::fmt::Display| invalid(&path, e.to_string());
+        let Some(dtype) = self.precision().ggml_dtype() else {
+            let tensors = candle_core::safetensors::load_buffer(&self.weights, device)
+                .map_err(|e| fail(&e))?;
+            let mut named: Vec<(String, Weight)> =
+                tensors.into_iter().map(|(n, t)| (n, Weight::Dense(t))).collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            return Ok(named);
         };
         let header = safetensors::SafeTensors::deserialize(&self.weights).map_err(|e| fail(&e))?;
         let shapes: HashMap<String, Vec<usize>> = weight_shapes(&self.config).into_iter().collect();
-        let mut weights = HashMap::new();
+        let mut weights = Vec::new();
         for (name, view) in header.tensors() {
             let weight = if view.dtype() == safetensors::Dtype::U8 {
                 let bytes = view.data();
@@ -488,9 +502,10 @@ impl Bundle {
                     .map_err(|e| invalid(&path, format!("tensor {name}: {e}")))?;
                 Weight::Dense(t)
             };
-            weights.insert(name, weight);
+            weights.push((name, weight));
         }
-        Model::from_weights(&self.config, weights, DType::F32, device).map_err(|e| fail(&e))
+        weights.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(weights)
     }
 
     /// How the bundle stores its weights.

@@ -2,6 +2,10 @@
 //! printed beside the physical bound this machine sets, measured in the same run. The parent
 //! measures the machine and builds bundles; a child process per model (`bench-worker`) loads it
 //! and measures, so start-up and memory are a fresh process's, as the daemon's would be.
+//!
+//! `--precisions` benches the same random weights stored at several precisions (issue 10);
+//! `--gguf` also writes each as GGUF with a parity fixture (token ids and top logits of a few
+//! prompts), and `--json` the reports, which `scripts/llamacpp_bench.sh` runs llama.cpp beside.
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -11,7 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use candle_core::Device;
 use clap::Args;
-use m31r_model::{BundleInfo, Model, ModelConfig, Tokenizer, write_bundle};
+use m31r_model::bundle::write_quantized_bundle;
+use m31r_model::{Bundle, BundleInfo, Model, ModelConfig, Precision, Tokenizer};
 use m31r_protocol::{Event, FimInput, GenerationParams, Request, StopReason, Usage};
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +46,17 @@ pub struct BenchArgs {
     /// `m31r --bundle` without a trained model); by default they go to a temporary directory.
     #[arg(long, value_name = "DIR")]
     keep: Option<PathBuf>,
+    /// Weight precisions to bench, comma-separated (f32, f16, q8_0, q4_0, q4_k), each the same
+    /// random weights stored at that precision (ignored with --bundle).
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    precisions: Vec<Precision>,
+    /// Also write each bundle's weights as `<bundle>.gguf` with a llama.cpp parity fixture
+    /// `<bundle>.parity.json` (needs --keep).
+    #[arg(long, requires = "keep")]
+    gguf: bool,
+    /// Write the reports (and the machine's measurements) as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -58,6 +74,8 @@ pub struct WorkerArgs {
 #[derive(Debug, Serialize, Deserialize)]
 struct Report {
     model_version: String,
+    precision: Precision,
+    weight_bytes: u64,
     params: u64,
     vocab: usize,
     n_layers: usize,
@@ -117,7 +135,7 @@ pub fn run(conn: &Connection, args: &BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let reps = if args.quick { 2 } else { 4 };
     let threads = rayon_threads();
-    println!("m31r bench: engine in-process, f32 on CPU, {threads} threads");
+    println!("m31r bench: engine in-process, on CPU, {threads} threads");
     let machine = Machine {
         gflops: m31r_model::machine::matmul_gflops(reps)?,
         bandwidth_gbs: m31r_model::machine::memory_bandwidth_gbs(reps),
@@ -165,28 +183,53 @@ pub fn run(conn: &Connection, args: &BenchArgs) -> anyhow::Result<()> {
             );
             let mut bundles = Vec::new();
             for preset in &args.presets {
-                let dir = args.keep.as_ref().unwrap_or(&temp.0).join(preset);
-                if args.keep.is_some() && dir.exists() {
-                    println!("reusing {} (kept by an earlier --keep)", dir.display());
+                let root = args.keep.as_ref().unwrap_or(&temp.0);
+                let dirs: Vec<(Precision, PathBuf)> = args
+                    .precisions
+                    .iter()
+                    .map(|&p| (p, root.join(bundle_name(preset, p))))
+                    .collect();
+                if args.keep.is_some() && dirs.iter().all(|(_, d)| d.exists()) {
+                    println!("reusing {preset} bundles (kept by an earlier --keep)");
                 } else {
-                    build_random_bundle(preset, &corpus, &dir)?;
+                    build_random_bundles(preset, &corpus, &dirs)?;
                 }
-                bundles.push((preset.clone(), dir));
+                for (precision, dir) in dirs {
+                    if args.gguf {
+                        write_gguf_and_parity(&dir, &prompt_text)?;
+                    }
+                    bundles.push((format!("{preset} {precision}"), dir));
+                }
             }
             bundles
         }
     };
 
+    let mut reports = Vec::new();
     for (name, dir) in &bundles {
         let report = spawn_worker(dir, &text_path, args)?;
         print_report(name, &report, &machine, conn.bundle.is_none());
+        reports.push(serde_json::json!({
+            "name": name, "bundle": dir, "report": report,
+        }));
+    }
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({
+            "threads": threads,
+            "matmul_gflops": machine.gflops,
+            "bandwidth_gbs": machine.bandwidth_gbs,
+            "runs": reports,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     socket_round_trip(conn);
     println!(
         "bounds: start-up = sha256 of the weights + one copy at memory bandwidth; prefill = \
-         2·params·tokens ÷ matmul FLOP/s (attention not counted); keystroke and decode = (f32 \
-         weights + KV read) ÷ memory bandwidth (one pass over the weights per forward); memory = \
-         f32 weights + allocated KV. × bound = measured ÷ bound (1.00 is the physical limit)."
+         2·params·tokens ÷ f32 matmul FLOP/s (attention not counted); keystroke and decode = \
+         (weight bytes at the bundle's precision + KV read) ÷ memory bandwidth (one pass over the \
+         weights per forward); memory = weights + allocated KV. × bound = measured ÷ bound (1.00 \
+         is the physical limit)."
     );
     println!(
         "keystroke: a FIM prompt warmed once, then one request per typed character \
@@ -197,9 +240,22 @@ pub fn run(conn: &Connection, args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A bundle of `preset`'s shape with random weights and a tokenizer trained on `corpus`, whose
-/// vocabulary size the config then takes (a small corpus may give fewer tokens than asked).
-fn build_random_bundle(preset: &str, corpus: &corpus::Corpus, dir: &Path) -> anyhow::Result<()> {
+/// Directory name of a bench bundle: the preset, plus the precision when not f32.
+fn bundle_name(preset: &str, precision: Precision) -> String {
+    match precision {
+        Precision::F32 => preset.to_string(),
+        p => format!("{preset}-{p}"),
+    }
+}
+
+/// Bundles of `preset`'s shape with the same random weights at each precision and a tokenizer
+/// trained on `corpus`, whose vocabulary size the config then takes (a small corpus may give
+/// fewer tokens than asked).
+fn build_random_bundles(
+    preset: &str,
+    corpus: &corpus::Corpus,
+    dirs: &[(Precision, PathBuf)],
+) -> anyhow::Result<()> {
     let config = ModelConfig::preset(preset)
         .with_context(|| format!("unknown preset {preset:?} (try tiny, small, medium, large)"))?;
     let t = Instant::now();
@@ -218,13 +274,68 @@ fn build_random_bundle(preset: &str, corpus: &corpus::Corpus, dir: &Path) -> any
         dataset_id: "random-weights".into(),
         ..BundleInfo::default()
     };
-    write_bundle(dir, &model.named_tensors(), &tokenizer, &config, &info)
-        .with_context(|| format!("cannot write bundle {}", dir.display()))?;
+    let tensors = model.named_tensors();
+    for (precision, dir) in dirs {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)
+                .with_context(|| format!("cannot replace stale bundle {}", dir.display()))?;
+        }
+        write_quantized_bundle(dir, &tensors, *precision, &tokenizer, &config, &info)
+            .with_context(|| format!("cannot write bundle {}", dir.display()))?;
+    }
     println!(
         "built {preset}: tokenizer {} tokens in {train_s:.1} s, random weights written in {:.1} s",
         tokenizer.vocab_size(),
         t.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// Prompts of the parity fixture: (name, text), cut from the bench's prompt text.
+fn parity_prompts(text: &str) -> Vec<(String, String)> {
+    let cut = |start: usize, len: usize| -> String { text.chars().skip(start).take(len).collect() };
+    vec![
+        ("code-200".into(), cut(0, 200)),
+        ("code-1000".into(), cut(5000, 1000)),
+        ("fn".into(), "fn main() {\n    let mut total = 0;\n    for i in 0..10 {\n".into()),
+    ]
+}
+
+/// `<bundle>.gguf` (the bundle's own weights) and `<bundle>.parity.json`: for each parity prompt,
+/// our token ids and the top 8 logits (id, value) at the last position.
+fn write_gguf_and_parity(dir: &Path, text: &str) -> anyhow::Result<()> {
+    let gguf = dir.with_extension("gguf");
+    let parity = dir.with_extension("parity.json");
+    let bundle = Bundle::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
+    let precision = bundle.precision();
+    let model = bundle.model_at(precision, &Device::Cpu)?;
+    if !gguf.exists() {
+        let weights = bundle.stored_weights(&Device::Cpu)?;
+        m31r_model::gguf::write_gguf(
+            &gguf,
+            &weights,
+            precision,
+            bundle.tokenizer(),
+            bundle.config(),
+            &bundle.metadata().model_version,
+        )?;
+    }
+    let mut cases = Vec::new();
+    for (name, prompt) in parity_prompts(text) {
+        let ids = bundle.tokenizer().encode(&prompt)?;
+        let mut cache = model.new_cache(ids.len())?;
+        let input = candle_core::Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let logits = model.forward(&input, &mut cache)?;
+        let last: Vec<f32> =
+            logits.get(0)?.get(ids.len() - 1)?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        let mut order: Vec<usize> = (0..last.len()).collect();
+        order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
+        let top: Vec<(usize, f32)> = order.iter().take(8).map(|&i| (i, last[i])).collect();
+        cases.push(serde_json::json!({ "name": name, "text": prompt, "ids": ids, "top": top }));
+    }
+    std::fs::write(&parity, serde_json::to_string_pretty(&cases)?)
+        .with_context(|| format!("cannot write {}", parity.display()))?;
+    println!("wrote {} and {}", gguf.display(), parity.display());
     Ok(())
 }
 
@@ -257,7 +368,7 @@ fn spawn_worker(bundle: &Path, text: &Path, args: &BenchArgs) -> anyhow::Result<
 
 fn print_report(name: &str, r: &Report, m: &Machine, random: bool) {
     let bw = m.bandwidth_gbs * 1e9;
-    let weights = r.params as f64 * 4.0;
+    let weights = r.weight_bytes as f64;
     let file = r.weight_file_bytes as f64;
     let startup_bound = (file / (m.sha256_gbs * 1e9) + file / bw) * 1e3;
     let prefill_bound =
@@ -503,8 +614,11 @@ pub fn worker(conn: &Connection, args: &WorkerArgs) -> anyhow::Result<()> {
     let decode_context = f64::from(usage.prompt_tokens) + f64::from(usage.completion_tokens) / 2.0;
 
     let Target::Local(local) = &*bench.target else { bail!("expected an in-process engine") };
+    let precision: Precision = target_precision(bench.target).unwrap_or_default();
     let report = Report {
         model_version,
+        precision,
+        weight_bytes: precision.weight_bytes(&config),
         params: config.param_count(),
         vocab: config.vocab_size(),
         n_layers: config.n_layers(),
@@ -530,6 +644,11 @@ pub fn worker(conn: &Connection, args: &WorkerArgs) -> anyhow::Result<()> {
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+/// The precision the target serves, from its model info.
+fn target_precision(target: &Target) -> Option<Precision> {
+    target.model().precision.parse().ok()
 }
 
 fn generate(id: String, prompt: String, max_tokens: u32) -> Request {

@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use m31r_daemon::engine::{Engine, EngineConfig, Job, JobKind};
 use m31r_model::{Bundle, ModelConfig, Tokenizer};
 use m31r_protocol::{
@@ -86,13 +86,13 @@ impl Target {
         })))
     }
 
-    /// Loads the bundle in `dir` (f32, CPU) and starts an engine on it.
+    /// Loads the bundle in `dir` (at its own precision, CPU) and starts an engine on it.
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         let started = Instant::now();
         let bundle =
             Bundle::open(dir).with_context(|| format!("cannot load bundle {}", dir.display()))?;
         let model = bundle
-            .model(DType::F32, &Device::Cpu)
+            .model_at(bundle.precision(), &Device::Cpu)
             .with_context(|| format!("cannot build the model from bundle {}", dir.display()))?;
         let load = started.elapsed();
         let config = bundle.config().clone();
@@ -101,7 +101,7 @@ impl Target {
             version: bundle.metadata().model_version.clone(),
             parameters: config.param_count(),
             context_length: config.context_length() as u32,
-            precision: "f32".into(),
+            precision: bundle.precision().to_string(),
         };
         // The model holds its own copy of the weights; keeping the bundle's mapping alive would
         // only count them twice in resident memory.
