@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use candle_core::quantized::{QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -228,6 +228,15 @@ fn stored_tensor(
         (Weight::Quantized(q), None, _) | (Weight::Quantized(q), _, 1) => {
             Err(wrong(format!("quantized ({:?})", q.dtype())))
         }
+        (Weight::Quantized(q), Some(dtype), _) if !quant::fits_blocks(q.shape().dims(), dtype) => {
+            // The f16 fallback of rows that blocks cannot hold: a plain f16 tensor.
+            if q.dtype() != GgmlDType::F16 {
+                return Err(wrong(format!("{:?} (expected the f16 fallback)", q.dtype())));
+            }
+            let bytes = q.data().map_err(|e| invalid(path, format!("tensor {name}: {e}")))?;
+            Tensor::from_raw_buffer(&bytes, DType::F16, q.shape().dims(), &Device::Cpu)
+                .map_err(|e| invalid(path, format!("tensor {name}: {e}")))
+        }
         (Weight::Quantized(q), Some(dtype), _) => {
             if q.dtype() != dtype {
                 return Err(wrong(format!("{:?} blocks", q.dtype())));
@@ -382,18 +391,28 @@ impl Bundle {
         let header = safetensors::SafeTensors::deserialize(&weights)
             .map_err(|e| invalid(&weights_path, e.to_string()))?;
         let precision = metadata.precision;
+        let logical: HashMap<String, Vec<usize>> = weight_shapes(&config).into_iter().collect();
         let mut shapes = HashMap::new();
         for (name, view) in header.tensors() {
-            let blocks = precision.is_quantized() && view.shape().len() == 2;
+            // Whether blocks can hold the rows is decided on the shape the config implies (the
+            // stored shape of blocks is rows × bytes).
+            let fallback = match (precision.ggml_dtype(), logical.get(name.as_str())) {
+                (Some(d), Some(shape)) => shape.len() == 2 && !quant::fits_blocks(shape, d),
+                _ => false,
+            };
+            let blocks = precision.is_quantized() && view.shape().len() == 2 && !fallback;
             let dtype_ok = match view.dtype() {
                 safetensors::Dtype::U8 => blocks,
-                safetensors::Dtype::F32 => !blocks,
-                safetensors::Dtype::F16 | safetensors::Dtype::BF16 => !precision.is_quantized(),
+                safetensors::Dtype::F32 => !blocks && !fallback,
+                safetensors::Dtype::F16 => fallback || !precision.is_quantized(),
+                safetensors::Dtype::BF16 => !precision.is_quantized(),
                 _ => false,
             };
             if !dtype_ok {
                 let expected = if blocks {
                     format!("u8 ({precision} blocks)")
+                } else if fallback {
+                    "f16 (rows that blocks cannot hold)".to_string()
                 } else if precision.is_quantized() {
                     "f32".to_string()
                 } else {
@@ -495,6 +514,14 @@ impl Bundle {
                 let storage = QStorage::from_data(bytes, device, dtype).map_err(|e| fail(&e))?;
                 let shape = shapes[&name].clone();
                 let q = QTensor::new(storage, shape)
+                    .map_err(|e| invalid(&path, format!("tensor {name}: {e}")))?;
+                Weight::Quantized(Arc::new(q))
+            } else if view.dtype() == safetensors::Dtype::F16 && view.shape().len() == 2 {
+                // The f16 fallback of a matrix whose rows blocks cannot hold.
+                let bytes = Cow::Owned(view.data().to_vec());
+                let storage =
+                    QStorage::from_data(bytes, device, GgmlDType::F16).map_err(|e| fail(&e))?;
+                let q = QTensor::new(storage, view.shape())
                     .map_err(|e| invalid(&path, format!("tensor {name}: {e}")))?;
                 Weight::Quantized(Arc::new(q))
             } else {
@@ -633,17 +660,11 @@ fn check_weights(
 ) -> Result<(), BundleError> {
     let mut expected = weight_shapes(config);
     if let Some(dtype) = precision.ggml_dtype() {
-        for (name, shape) in expected.iter_mut().filter(|(_, s)| s.len() == 2) {
-            if !shape[1].is_multiple_of(dtype.block_size()) {
-                return Err(invalid(
-                    path,
-                    format!(
-                        "tensor {name} {shape:?} has rows that {precision} blocks of {} cannot hold",
-                        dtype.block_size()
-                    ),
-                ));
+        // Rows that blocks cannot hold are stored f16 at their logical shape.
+        for (_, shape) in expected.iter_mut().filter(|(_, s)| s.len() == 2) {
+            if quant::fits_blocks(shape, dtype) {
+                shape[1] = shape[1] / dtype.block_size() * dtype.type_size();
             }
-            shape[1] = shape[1] / dtype.block_size() * dtype.type_size();
         }
     }
     for (name, shape) in &expected {

@@ -4,7 +4,9 @@
 //! f32 and f16, `QMatMul` over GGML blocks for f16-gemv, Q8_0, Q4_0 and Q4_K.
 //!
 //! Only 2-D weights (the seven projections of each block and the token embedding, which the tied
-//! LM head shares) are quantized; RMSNorm scales stay f32, as llama.cpp keeps them. Activations of
+//! LM head shares) are quantized; RMSNorm scales stay f32, as llama.cpp keeps them. A matrix whose
+//! rows do not divide into the precision's blocks (the `tiny` preset's `d_ff` = 368 is not a
+//! multiple of 32) falls back to f16 GGML storage, as llama.cpp's quantizer falls back per tensor. Activations of
 //! a quantized model are f32: candle's quantized matmul quantizes them on the fly (to Q8_0 / Q8_K
 //! blocks) for integer dot products.
 
@@ -38,7 +40,7 @@ pub enum Precision {
     #[serde(rename = "q4_0")]
     Q4_0,
     /// GGML Q4_K: super-blocks of 256 4-bit values with 6-bit sub-block scales and minimums
-    /// (4.5 bits per weight); needs `d_model` and `d_ff` divisible by 256.
+    /// (4.5 bits per weight); rows not divisible by 256 fall back to f16.
     #[serde(rename = "q4_k")]
     Q4K,
 }
@@ -89,6 +91,7 @@ impl Precision {
             .map(|(_, shape)| {
                 let n: usize = shape.iter().product();
                 let bytes = match (shape.len(), self.ggml_dtype()) {
+                    (2, Some(q)) if !fits_blocks(shape, q) => n * 2,
                     (2, Some(q)) => n / q.block_size() * q.type_size(),
                     (2, None) => n * self.dense_dtype().size_in_bytes(),
                     _ => n * 4,
@@ -103,6 +106,11 @@ impl fmt::Display for Precision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// Whether a `(rows, cols)` matrix's rows divide into `dtype`'s blocks (else it is stored f16).
+pub fn fits_blocks(shape: &[usize], dtype: GgmlDType) -> bool {
+    shape.last().is_some_and(|&cols| cols.is_multiple_of(dtype.block_size()))
 }
 
 /// A precision name that is not one of [`Precision::ALL`].
@@ -193,6 +201,12 @@ pub fn quantize(
         .map(|(name, tensor)| {
             let candle = |source| QuantError::Candle { name: name.clone(), source };
             let weight = match (tensor.rank(), precision.ggml_dtype()) {
+                (2, Some(dtype)) if !fits_blocks(tensor.dims(), dtype) => {
+                    let f32 = tensor.to_dtype(DType::F32).map_err(candle)?;
+                    Weight::Quantized(Arc::new(
+                        QTensor::quantize(&f32, GgmlDType::F16).map_err(candle)?,
+                    ))
+                }
                 (2, Some(dtype)) => {
                     let q = QTensor::quantize(&tensor.to_dtype(DType::F32).map_err(candle)?, dtype)
                         .map_err(|e| QuantError::Shape {
