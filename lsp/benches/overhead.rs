@@ -1,1 +1,3 @@
+//! LSP overhead benchmark (filled in with the benchmark step).
+
 fn main() {}

@@ -3,6 +3,8 @@
 //! shows them. It depends on `m31r-protocol` only, never on model code.
 
 pub mod config;
+pub mod daemon;
 pub mod document;
 pub mod postprocess;
 pub mod request;
+pub mod server;

@@ -4,6 +4,9 @@
 // Test helpers fail loudly by design.
 #![allow(clippy::unwrap_used)]
 
+mod fake_daemon;
 mod fixture;
+mod lsp_client;
 mod positions;
+mod server;
 mod snapshots;

@@ -124,7 +124,7 @@ fn windows_start_and_end_on_stable_lines_while_typing() {
         assert_eq!((p.prefix_start_line, p.suffix_end_line), (32, 352), "cursor line {line}");
     }
     let mut typed = text.clone();
-    typed.insert_str(line_start(300) + 4, "x");
+    typed.insert(line_start(300) + 4, 'x');
     let mut fixture = typed.clone();
     fixture.insert_str(line_start(300) + 5, "$0");
     let next = prepare(&fixture, &[], &Config::default(), &windows);
@@ -154,11 +154,13 @@ fn check_post(fixture: &str, raw: &str, max_lines: u32, expect: Expect) {
     );
     let shown = match postprocess(raw, &p.site) {
         Ok(edit) => format!(
-            "insert {:?} replacing {} bytes ({:?}) →\n{}",
+            "insert {:?} replacing {} bytes ({:?}) →\n{}{}{}",
             edit.text,
             edit.replace,
             p.site.shape,
-            format!("{}{}{}", &text[..at], edit.text, &text[at + edit.replace..])
+            &text[..at],
+            edit.text,
+            &text[at + edit.replace..]
         ),
         Err(reason) => format!("suppressed: {reason}"),
     };

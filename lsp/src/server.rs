@@ -1,0 +1,532 @@
+//! The language server: LSP lifecycle and text sync, `textDocument/inlineCompletion` (a custom
+//! method: tower-lsp-server's trait has none), the `textDocument/completion` fallback, warm-ups,
+//! per-document cancellation, settings, and `m31r/status`.
+//!
+//! Handlers read the documents before their first `.await`: tower-lsp-server polls message
+//! handlers in arrival order, so a request sees every `didChange` sent before it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+use tower_lsp_server::jsonrpc::Result as RpcResult;
+use tower_lsp_server::ls_types::{
+    CompletionItem, CompletionItemKind, CompletionList, CompletionOptions, CompletionParams,
+    CompletionResponse, CompletionTextEdit, DidChangeConfigurationParams,
+    DidChangeTextDocumentParams, DidCloseTextDocumentParams, DidOpenTextDocumentParams,
+    DidSaveTextDocumentParams, InitializeParams, InitializeResult, InitializedParams,
+    InlineCompletionOptions, InlineCompletionParams, MessageType, OneOf, Position,
+    PositionEncodingKind, Range, SaveOptions, SelectedCompletionInfo, ServerCapabilities,
+    ServerInfo, TextDocumentSyncCapability, TextDocumentSyncKind, TextDocumentSyncOptions,
+    TextDocumentSyncSaveOptions, TextEdit, Uri,
+};
+use tower_lsp_server::{Client, LanguageServer, LspService, Server};
+
+use crate::config::Config;
+use crate::daemon::{Daemon, DaemonError, DaemonSettings};
+use crate::document::{Document, Encoding};
+use crate::postprocess::{Reason, postprocess};
+use crate::request::{ContextDoc, Windows, build};
+
+/// Options fixed for the server's lifetime (from the command line).
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Socket path that overrides the `socketPath` setting.
+    pub socket: Option<PathBuf>,
+}
+
+/// Serves LSP on `input`/`output` (stdio in the binary, pipes in tests) until `exit`.
+pub async fn serve<I, O>(input: I, output: O, options: Options)
+where
+    I: AsyncRead + Unpin,
+    O: AsyncWrite,
+{
+    let (service, socket) = LspService::build(|client| Backend::new(client, options))
+        .custom_method("textDocument/inlineCompletion", Backend::inline_completion)
+        .custom_method("m31r/status", Backend::status)
+        .finish();
+    // Room for many waiting completions, so `$/cancelRequest` and edits are never stuck behind
+    // them (the server handles at most this many messages at once).
+    Server::new(input, output, socket).concurrency_level(64).serve(service).await;
+}
+
+/// `textDocument/inlineCompletion`'s result (LSP 3.18 `InlineCompletionList`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct InlineCompletionList {
+    /// The completions; empty when suppressed.
+    pub items: Vec<InlineCompletionItem>,
+}
+
+/// One inline completion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InlineCompletionItem {
+    /// The text replacing `range`.
+    pub insert_text: String,
+    /// What it replaces: the cursor, plus any auto-closed punctuation it retypes.
+    pub range: Range,
+}
+
+/// `m31r/status`'s result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// A daemon connection is open.
+    pub connected: bool,
+    /// The daemon socket.
+    pub socket: String,
+    /// The daemon's model version, once known.
+    pub model: Option<String>,
+    /// Latency of the last daemon completion, in milliseconds.
+    pub last_latency_ms: Option<f64>,
+    /// Fraction of prompt tokens the daemon served from its cache.
+    pub cache_hit_rate: Option<f64>,
+    /// Completion requests answered.
+    pub requests: u64,
+    /// Of which suppressed (answered empty).
+    pub suppressed: u64,
+}
+
+/// An open document and what the server remembers about it.
+#[derive(Debug)]
+struct Open {
+    doc: Document,
+    /// Opening order: context documents are sent in this stable order.
+    seq: u64,
+    /// Byte offset of the last completion request, where `didSave` warms the cache.
+    last_cursor: Option<usize>,
+}
+
+/// The server state behind the LSP handlers.
+#[derive(Debug)]
+pub struct Backend {
+    client: Client,
+    options: Options,
+    docs: Mutex<HashMap<Uri, Open>>,
+    config: Mutex<Config>,
+    encoding: Mutex<Encoding>,
+    root: Mutex<Option<PathBuf>>,
+    daemon: Daemon,
+    /// The in-flight completion of each document: a newer one cancels it.
+    inflight: Mutex<HashMap<Uri, (u64, CancellationToken)>>,
+    seq: AtomicU64,
+    requests: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A suppression and its detail, for the log.
+type Suppressed = (Reason, String);
+
+/// A completion ready for the editor: text and the range it replaces.
+struct Shown {
+    text: String,
+    range: Range,
+}
+
+impl Backend {
+    fn new(client: Client, options: Options) -> Self {
+        let config = Config::default();
+        let daemon = Daemon::new(daemon_settings(&config, &options));
+        Self {
+            client,
+            options,
+            docs: Mutex::default(),
+            config: Mutex::new(config),
+            encoding: Mutex::default(),
+            root: Mutex::default(),
+            daemon,
+            inflight: Mutex::default(),
+            seq: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    async fn inline_completion(
+        &self,
+        params: InlineCompletionParams,
+    ) -> RpcResult<InlineCompletionList> {
+        let position = params.text_document_position;
+        let shown = self
+            .complete(
+                position.text_document.uri,
+                position.position,
+                params.context.selected_completion_info,
+            )
+            .await;
+        Ok(InlineCompletionList {
+            items: shown
+                .into_iter()
+                .map(|s| InlineCompletionItem { insert_text: s.text, range: s.range })
+                .collect(),
+        })
+    }
+
+    async fn status(&self) -> RpcResult<Status> {
+        let snap = self.daemon.snapshot();
+        Ok(Status {
+            connected: snap.connected,
+            socket: snap.socket.display().to_string(),
+            model: snap.model.map(|m| m.version),
+            last_latency_ms: snap.last_latency.map(|d| d.as_secs_f64() * 1000.0),
+            cache_hit_rate: snap.cache_hit_rate,
+            requests: self.requests.load(Ordering::Relaxed),
+            suppressed: self.suppressed.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Runs one completion; `None` when suppressed (already logged with its reason).
+    async fn complete(
+        &self,
+        uri: Uri,
+        position: Position,
+        selected: Option<SelectedCompletionInfo>,
+    ) -> Option<Shown> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let result = self.try_complete(&uri, position, selected).await;
+        match result {
+            Ok(shown) => Some(shown),
+            Err((reason, detail)) => {
+                self.suppressed.fetch_add(1, Ordering::Relaxed);
+                let message = format!(
+                    "m31r: suppressed {reason} at {}:{}:{}{}{detail}",
+                    uri.as_str(),
+                    position.line + 1,
+                    position.character + 1,
+                    if detail.is_empty() { "" } else { ": " },
+                );
+                tracing::debug!("{message}");
+                self.client.log_message(MessageType::LOG, message).await;
+                None
+            }
+        }
+    }
+
+    async fn try_complete(
+        &self,
+        uri: &Uri,
+        position: Position,
+        selected: Option<SelectedCompletionInfo>,
+    ) -> Result<Shown, Suppressed> {
+        // Everything up to the daemon call runs before the first await (see the module doc).
+        let encoding = *lock(&self.encoding);
+        let config = lock(&self.config).clone();
+        if !config.enabled {
+            return Err((Reason::Disabled, String::new()));
+        }
+        let (doc, cursor, prepared) = {
+            let mut docs = lock(&self.docs);
+            let Some(open) = docs.get_mut(uri) else {
+                return Err((Reason::UnknownDocument, String::new()));
+            };
+            if !config.languages.contains(&open.doc.language_id) {
+                return Err((Reason::Language, open.doc.language_id.clone()));
+            }
+            let mut cursor = open.doc.offset(position, encoding);
+            open.last_cursor = Some(cursor);
+            // With a completion item selected in the editor's popup, complete as if it were
+            // accepted; the item then replaces the selection's range (LSP 3.18).
+            let mut doc = open.doc.clone();
+            if let Some(sel) = &selected {
+                let start = doc.offset(sel.range.start, encoding);
+                let end = doc.offset(sel.range.end, encoding).max(start);
+                let mut text = doc.text().to_string();
+                text.replace_range(start..end, &sel.text);
+                doc = Document::new(text, doc.version, doc.language_id.clone());
+                cursor = start + sel.text.len();
+            }
+            let prepared = {
+                let context = self.context_docs(&docs, uri, &config);
+                let context: Vec<ContextDoc<'_>> =
+                    context.iter().map(|(p, t)| ContextDoc { path: p, text: t }).collect();
+                build(&doc, cursor, &context, &config, &Windows::default())
+            };
+            (doc, cursor, prepared)
+        };
+        let token = CancellationToken::new();
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        if let Some((_, older)) = lock(&self.inflight).insert(uri.clone(), (seq, token.clone())) {
+            older.cancel();
+        }
+
+        let result = tokio::select! {
+            biased;
+            () = token.cancelled() => Err((Reason::Superseded, String::new())),
+            r = self.daemon.fim(prepared.input, prepared.params) => {
+                r.map_err(|e| (self.reason_for(&e), e.to_string()))
+            }
+        };
+        {
+            let mut inflight = lock(&self.inflight);
+            if inflight.get(uri).is_some_and(|(s, _)| *s == seq) {
+                inflight.remove(uri);
+            }
+        }
+        if let Err((Reason::DaemonUnavailable, detail)) = &result {
+            self.notify_unreachable(detail).await;
+        }
+        let completion = result?;
+        let edit = postprocess(&completion.text, &prepared.site)
+            .map_err(|reason| (reason, format!("{:?}", completion.text)))?;
+
+        // Map back to the editor's document: the selection (if any) is replaced too.
+        let (text, start, end) = match &selected {
+            Some(sel) => {
+                let original = lock(&self.docs).get(uri).map(|o| o.doc.clone());
+                let original = original.unwrap_or_else(|| doc.clone());
+                let sel_end = original.offset(sel.range.end, encoding);
+                (
+                    format!("{}{}", sel.text, edit.text),
+                    sel.range.start,
+                    original.position(sel_end + edit.replace, encoding),
+                )
+            }
+            None => (
+                edit.text,
+                doc.position(cursor, encoding),
+                doc.position(cursor + edit.replace, encoding),
+            ),
+        };
+        Ok(Shown { text, range: Range::new(start, end) })
+    }
+
+    fn reason_for(&self, e: &DaemonError) -> Reason {
+        match e {
+            DaemonError::Unavailable { .. } => Reason::DaemonUnavailable,
+            DaemonError::Disconnected(_) | DaemonError::Failed { .. } => Reason::DaemonError,
+        }
+    }
+
+    async fn notify_unreachable(&self, detail: &str) {
+        if self.daemon.take_unreachable_notice() {
+            self.client.show_message(MessageType::WARNING, unreachable_message(detail)).await;
+        }
+    }
+
+    /// Other open documents in the served languages, in opening order (least relevant first),
+    /// as (workspace-relative path, text).
+    fn context_docs(
+        &self,
+        docs: &HashMap<Uri, Open>,
+        current: &Uri,
+        config: &Config,
+    ) -> Vec<(String, String)> {
+        if !config.context_files {
+            return Vec::new();
+        }
+        let root = lock(&self.root).clone();
+        let mut others: Vec<(&Uri, &Open)> = docs
+            .iter()
+            .filter(|(u, o)| *u != current && config.languages.contains(&o.doc.language_id))
+            .collect();
+        others.sort_by_key(|(_, o)| o.seq);
+        others
+            .into_iter()
+            .map(|(uri, open)| (relative_path(uri, root.as_deref()), open.doc.text().to_string()))
+            .collect()
+    }
+
+    /// Sends `warm` for `uri` at its last completion position (else its end), in the background.
+    fn warm(&self, uri: &Uri) {
+        let config = lock(&self.config).clone();
+        if !config.enabled {
+            return;
+        }
+        let input = {
+            let docs = lock(&self.docs);
+            let Some(open) = docs.get(uri) else { return };
+            if !config.languages.contains(&open.doc.language_id) {
+                return;
+            }
+            let cursor = open.last_cursor.unwrap_or(open.doc.text().len());
+            let context = self.context_docs(&docs, uri, &config);
+            let context: Vec<ContextDoc<'_>> =
+                context.iter().map(|(p, t)| ContextDoc { path: p, text: t }).collect();
+            build(&open.doc, cursor, &context, &config, &Windows::default()).input
+        };
+        let daemon = self.daemon.clone();
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            match daemon.warm(input).await {
+                Ok(()) => {}
+                Err(e @ DaemonError::Unavailable { .. }) => {
+                    if daemon.take_unreachable_notice() {
+                        let message = unreachable_message(&e.to_string());
+                        client.show_message(MessageType::WARNING, message).await;
+                    }
+                }
+                Err(e) => tracing::warn!("warm-up failed: {e}"),
+            }
+        });
+    }
+
+    /// Applies a settings object; reports bad keys to the editor's log.
+    async fn apply_settings(&self, settings: &Value) {
+        let problems = {
+            let mut config = lock(&self.config);
+            let problems = config.apply(settings);
+            self.daemon.configure(daemon_settings(&config, &self.options));
+            problems
+        };
+        for problem in problems {
+            self.client.log_message(MessageType::WARNING, problem).await;
+        }
+    }
+}
+
+/// The one `window/showMessage` of an outage.
+fn unreachable_message(detail: &str) -> String {
+    format!(
+        "M31R: the completion daemon cannot be reached ({detail}). Start it with \
+         `m31rd --bundle DIR`, or set m31r.autoStart and m31r.daemonArgs. Completions resume \
+         once it answers."
+    )
+}
+
+fn daemon_settings(config: &Config, options: &Options) -> DaemonSettings {
+    DaemonSettings {
+        socket: options.socket.clone().unwrap_or_else(|| config.socket()),
+        auto_start: config.auto_start,
+        program: config.daemon_path.clone(),
+        args: config.daemon_args.clone(),
+    }
+}
+
+/// The path the model sees for a context document: relative to the workspace root when inside
+/// it, else the file name.
+fn relative_path(uri: &Uri, root: Option<&std::path::Path>) -> String {
+    let Some(path) = uri.to_file_path() else { return uri.as_str().to_string() };
+    if let Some(rel) = root.and_then(|r| path.strip_prefix(r).ok()) {
+        return rel.display().to_string();
+    }
+    path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into())
+}
+
+impl LanguageServer for Backend {
+    async fn initialize(&self, params: InitializeParams) -> RpcResult<InitializeResult> {
+        let utf8 = params
+            .capabilities
+            .general
+            .as_ref()
+            .and_then(|g| g.position_encodings.as_ref())
+            .is_some_and(|encodings| encodings.contains(&PositionEncodingKind::UTF8));
+        let encoding = if utf8 { Encoding::Utf8 } else { Encoding::Utf16 };
+        *lock(&self.encoding) = encoding;
+        #[allow(deprecated)] // root_uri is the fallback for clients without workspace folders.
+        let root = params
+            .workspace_folders
+            .as_ref()
+            .and_then(|f| f.first())
+            .map(|f| f.uri.clone())
+            .or(params.root_uri.clone())
+            .and_then(|u| u.to_file_path().map(|p| p.into_owned()));
+        *lock(&self.root) = root;
+        if let Some(options) = &params.initialization_options {
+            self.apply_settings(options).await;
+        }
+        let encoding_kind = match encoding {
+            Encoding::Utf8 => PositionEncodingKind::UTF8,
+            Encoding::Utf16 => PositionEncodingKind::UTF16,
+        };
+        Ok(InitializeResult {
+            capabilities: ServerCapabilities {
+                position_encoding: Some(encoding_kind),
+                text_document_sync: Some(TextDocumentSyncCapability::Options(
+                    TextDocumentSyncOptions {
+                        open_close: Some(true),
+                        change: Some(TextDocumentSyncKind::INCREMENTAL),
+                        save: Some(TextDocumentSyncSaveOptions::SaveOptions(SaveOptions {
+                            include_text: Some(false),
+                        })),
+                        ..TextDocumentSyncOptions::default()
+                    },
+                )),
+                completion_provider: Some(CompletionOptions::default()),
+                inline_completion_provider: Some(OneOf::Right(InlineCompletionOptions::default())),
+                ..ServerCapabilities::default()
+            },
+            server_info: Some(ServerInfo {
+                name: "m31r-lsp".into(),
+                version: Some(env!("CARGO_PKG_VERSION").into()),
+            }),
+            offset_encoding: None,
+        })
+    }
+
+    async fn initialized(&self, _: InitializedParams) {
+        tracing::info!("initialized ({} positions)", lock(&self.encoding).name());
+    }
+
+    async fn shutdown(&self) -> RpcResult<()> {
+        // In-flight completions end with their handlers; the daemon is shared and keeps running.
+        for (_, (_, token)) in lock(&self.inflight).drain() {
+            token.cancel();
+        }
+        Ok(())
+    }
+
+    async fn did_open(&self, params: DidOpenTextDocumentParams) {
+        let item = params.text_document;
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let doc = Document::new(item.text, item.version, item.language_id);
+        lock(&self.docs).insert(item.uri.clone(), Open { doc, seq, last_cursor: None });
+        self.warm(&item.uri);
+    }
+
+    async fn did_change(&self, params: DidChangeTextDocumentParams) {
+        let encoding = *lock(&self.encoding);
+        let mut docs = lock(&self.docs);
+        let Some(open) = docs.get_mut(&params.text_document.uri) else {
+            tracing::warn!("didChange for {} which is not open", params.text_document.uri.as_str());
+            return;
+        };
+        for change in &params.content_changes {
+            open.doc.apply(change, encoding);
+        }
+        open.doc.version = params.text_document.version;
+    }
+
+    async fn did_save(&self, params: DidSaveTextDocumentParams) {
+        self.warm(&params.text_document.uri);
+    }
+
+    async fn did_close(&self, params: DidCloseTextDocumentParams) {
+        let uri = params.text_document.uri;
+        lock(&self.docs).remove(&uri);
+        if let Some((_, token)) = lock(&self.inflight).remove(&uri) {
+            token.cancel();
+        }
+    }
+
+    async fn did_change_configuration(&self, params: DidChangeConfigurationParams) {
+        if let Some(settings) = params.settings.get("m31r") {
+            self.apply_settings(settings).await;
+        }
+    }
+
+    async fn completion(&self, params: CompletionParams) -> RpcResult<Option<CompletionResponse>> {
+        let position = params.text_document_position;
+        let shown = self.complete(position.text_document.uri, position.position, None).await;
+        let items = shown
+            .into_iter()
+            .map(|s| CompletionItem {
+                label: s.text.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().into(),
+                kind: Some(CompletionItemKind::TEXT),
+                detail: Some("m31r".into()),
+                text_edit: Some(CompletionTextEdit::Edit(TextEdit::new(s.range, s.text))),
+                ..CompletionItem::default()
+            })
+            .collect();
+        // Incomplete: the client asks again as the user types, instead of filtering this one.
+        Ok(Some(CompletionResponse::List(CompletionList { is_incomplete: true, items })))
+    }
+}

@@ -1,0 +1,147 @@
+//! A fake `m31rd` on a temporary socket: speaks the real protocol (NDJSON frames of
+//! `m31r-protocol` types), records every request, answers `fim` as the test says, and holds
+//! requests until they are cancelled when told to.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use m31r_protocol::{
+    DaemonStatus, Event, FimInput, FrameReader, MAX_FRAME_BYTES, ModelInfo, PROTOCOL_VERSION,
+    Request, StopReason, Timings, Usage, write_frame,
+};
+use tokio::io::BufReader;
+use tokio::net::UnixListener;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+/// How the fake answers one `fim`.
+pub enum Reply {
+    /// Stream this text (in two pieces) and finish.
+    Text(String),
+    /// Send nothing until the request is cancelled.
+    Hold,
+}
+
+type Behaviour = Arc<dyn Fn(&FimInput) -> Reply + Send + Sync>;
+
+pub struct FakeDaemon {
+    pub socket: PathBuf,
+    pub log: Arc<Mutex<Vec<Request>>>,
+    notify: Arc<Notify>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl FakeDaemon {
+    pub fn start(
+        socket: &Path,
+        behaviour: impl Fn(&FimInput) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let _ = std::fs::remove_file(socket);
+        let listener = UnixListener::bind(socket).unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let notify = Arc::new(Notify::new());
+        let behaviour: Behaviour = Arc::new(behaviour);
+        let (l, n) = (log.clone(), notify.clone());
+        let accept = tokio::spawn(async move {
+            // Dropping the set (when this task is aborted) closes every connection.
+            let mut connections = JoinSet::new();
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                connections.spawn(serve(stream, l.clone(), n.clone(), behaviour.clone()));
+            }
+        });
+        Self { socket: socket.to_path_buf(), log, notify, accept }
+    }
+
+    /// Stops: the socket closes, open connections drop, the socket file goes.
+    pub async fn stop(self) {
+        self.accept.abort();
+        let _ = self.accept.await;
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// Waits until a received request satisfies `pred`; returns it.
+    pub async fn wait_for(&self, pred: impl Fn(&Request) -> bool) -> Request {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let notified = self.notify.notified();
+                if let Some(r) = self.log.lock().unwrap().iter().find(|r| pred(r)) {
+                    return r.clone();
+                }
+                notified.await;
+            }
+        })
+        .await
+        .expect("the fake daemon got the expected request")
+    }
+
+    /// The requests received so far.
+    pub fn requests(&self) -> Vec<Request> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+async fn serve(
+    stream: tokio::net::UnixStream,
+    log: Arc<Mutex<Vec<Request>>>,
+    notify: Arc<Notify>,
+    behaviour: Behaviour,
+) {
+    let (read, mut write) = stream.into_split();
+    let mut frames = FrameReader::new(BufReader::new(read), MAX_FRAME_BYTES);
+    let mut held = HashSet::new();
+    while let Ok(Some(frame)) = frames.next_frame().await {
+        let request: Request = serde_json::from_str(&frame).expect("the server sends valid frames");
+        let mut out = Vec::new();
+        match &request {
+            Request::Hello { version, .. } => out.push(Event::Hello {
+                version: *version.min(&PROTOCOL_VERSION),
+                daemon: "fake-m31rd".into(),
+                model: ModelInfo { version: "fake-model".into(), ..ModelInfo::default() },
+            }),
+            Request::Fim { id, input, .. } => match behaviour(input) {
+                Reply::Text(text) => {
+                    let half =
+                        text.char_indices().nth(text.chars().count() / 2).map_or(0, |(i, _)| i);
+                    for piece in [&text[..half], &text[half..]] {
+                        if !piece.is_empty() {
+                            out.push(Event::Token { id: id.clone(), text: piece.into() });
+                        }
+                    }
+                    out.push(done(id, StopReason::EndOfText));
+                }
+                Reply::Hold => {
+                    held.insert(id.clone());
+                }
+            },
+            Request::Warm { id, .. } => out.push(done(id, StopReason::Warmed)),
+            Request::Cancel { id } => {
+                if held.remove(id) {
+                    out.push(done(id, StopReason::Cancelled));
+                }
+            }
+            Request::Status { id } => {
+                out.push(Event::Status { id: id.clone(), status: DaemonStatus::default() })
+            }
+            other => panic!("the language server sent {other:?}"),
+        }
+        log.lock().unwrap().push(request);
+        notify.notify_waiters();
+        for event in out {
+            if write_frame(&mut write, &event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn done(id: &str, stop: StopReason) -> Event {
+    Event::Done {
+        id: id.into(),
+        stop,
+        usage: Usage { prompt_tokens: 10, cached_tokens: 4, completion_tokens: 2 },
+        timings: Timings::default(),
+    }
+}
