@@ -20,12 +20,15 @@ if (bins.lspMissing) console.log(`# SKIP protocol tests: ${bins.lspMissing}`);
 if (!bins.lspMissing && bins.daemonMissing) console.log(`# SKIP daemon-backed protocol tests: ${bins.daemonMissing}`);
 
 const URI = "file:///tmp/m31r-protocol/src/main.rs";
-const TEXT = "use std::collections::HashMap;\n\nfn main() {\n    let mut map = HashMap::new();\n    ";
+// Ends in an identifier: the tiny random model repeats the last token, which post-processing keeps
+// (after blanks it generates blanks, which m31r-lsp suppresses).
+const TEXT = "use std::collections::HashMap;\n\nfn main() {\n    let mut map = HashMap::new();\n    map.in";
 
 interface Session {
   proc: ChildProcess;
   conn: MessageConnection;
   messages: { type: number; message: string }[];
+  logs: string[];
   init: { capabilities: Record<string, any> };
 }
 
@@ -34,10 +37,13 @@ async function startServer(overrides: Record<string, unknown>): Promise<Session>
   const proc = spawn(bins.lsp, [], { stdio: ["pipe", "pipe", "inherit"] });
   const conn = createMessageConnection(new StreamMessageReader(proc.stdout!), new StreamMessageWriter(proc.stdin!));
   const messages: Session["messages"] = [];
+  const logs: string[] = [];
   conn.onNotification("window/showMessage", (p: { type: number; message: string }) => {
     messages.push(p);
   });
-  conn.onNotification("window/logMessage", () => {});
+  conn.onNotification("window/logMessage", (p: { type: number; message: string }) => {
+    logs.push(p.message);
+  });
   conn.onRequest("workspace/configuration", (p: { items: { section?: string }[] }) =>
     p.items.map((i) => (i.section === "m31r" ? serverConfiguration(settings.server) : null)),
   );
@@ -60,7 +66,7 @@ async function startServer(overrides: Record<string, unknown>): Promise<Session>
     initializationOptions: serverConfiguration(settings.server),
   })) as Session["init"];
   await conn.sendNotification("initialized", {});
-  return { proc, conn, messages, init };
+  return { proc, conn, messages, logs, init };
 }
 
 async function stopServer(s: Session): Promise<number | null> {
@@ -147,7 +153,7 @@ describe("m31r-lsp with m31rd serving the tiny bundle", { skip: bins.lspMissing 
   test("an invoked inline completion returns text with a range at the cursor", async () => {
     const pos = endOf(TEXT);
     const r = await inline(s, pos, 1);
-    assert.ok(r.items.length >= 1, `expected a completion, got ${JSON.stringify(r)}`);
+    assert.ok(r.items.length >= 1, `expected a completion, got ${JSON.stringify(r)}; log: ${s.logs.join(" | ")}`);
     const item = r.items[0];
     assert.equal(typeof item.insertText, "string");
     assert.ok(item.insertText.length > 0);
@@ -165,7 +171,7 @@ describe("m31r-lsp with m31rd serving the tiny bundle", { skip: bins.lspMissing 
   });
 
   test("incremental edits are applied before the next completion", async () => {
-    const added = "map.insert(";
+    const added = "sert(1, (self.x";
     await s.conn.sendNotification("textDocument/didChange", {
       textDocument: { uri: URI, version: 2 },
       contentChanges: [{ range: { start: endOf(TEXT), end: endOf(TEXT) }, text: added }],
