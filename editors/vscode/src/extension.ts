@@ -8,7 +8,6 @@ import {
   type LanguageClientOptions,
   type ServerOptions,
   State,
-  TransportKind,
 } from "vscode-languageclient/node";
 import {
   type ExtensionSettings,
@@ -100,7 +99,7 @@ async function startClient(): Promise<void> {
   const serverOptions: ServerOptions = {
     command: resolved.path,
     args: settings.serverArgs,
-    transport: TransportKind.stdio,
+    // No `transport`: TransportKind.stdio would append `--stdio`, which m31r-lsp (stdio only) rejects.
   };
   const clientOptions: LanguageClientOptions = {
     documentSelector: documentSelector(settings.server.languages),

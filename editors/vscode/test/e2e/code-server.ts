@@ -58,13 +58,14 @@ async function main(): Promise<void> {
   const daemon = await startDaemon(bins);
   let server: ChildProcess | undefined;
   let browser: Awaited<ReturnType<typeof chromium.launch>> | undefined;
+  let page: Awaited<ReturnType<Awaited<ReturnType<typeof chromium.launch>>["newPage"]>> | undefined;
+  const userData = path.join(tmp.dir, "user-data");
   try {
     const work = path.join(tmp.dir, "proj");
     fs.mkdirSync(path.join(work, "src"), { recursive: true });
     fs.writeFileSync(path.join(work, "Cargo.toml"), '[package]\nname = "proj"\nversion = "0.1.0"\nedition = "2024"\n');
     const mainRs = path.join(work, "src", "main.rs");
     fs.writeFileSync(mainRs, ORIGINAL);
-    const userData = path.join(tmp.dir, "user-data");
     const extensions = path.join(tmp.dir, "extensions");
     fs.mkdirSync(path.join(userData, "User"), { recursive: true });
     fs.writeFileSync(
@@ -115,7 +116,7 @@ async function main(): Promise<void> {
       args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"],
     });
-    const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+    page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
     await page.goto(`${base}/?folder=${encodeURIComponent(work)}`);
     await page.waitForSelector(".monaco-workbench", { timeout: 120_000 });
     // Quick Open the file, like a user.
@@ -148,27 +149,33 @@ async function main(): Promise<void> {
     await ghost.waitFor({ state: "detached", timeout: 30_000 }).catch(() => {
       // A new suggestion may already be showing at the new cursor position; the file decides.
     });
-    await page.keyboard.press("Control+S");
+    // Save once the accepted text is in the editor (the line grows past what was typed), then read the file.
+    const typed = ORIGINAL + "    map.in";
     const deadline = Date.now() + 30_000;
     let saved = fs.readFileSync(mainRs, "utf8");
-    while (saved === ORIGINAL && Date.now() < deadline) {
-      await new Promise((r) => setTimeout(r, 200));
+    while (saved.length <= typed.length && Date.now() < deadline) {
+      await page.keyboard.press("Control+S");
+      await new Promise((r) => setTimeout(r, 500));
       saved = fs.readFileSync(mainRs, "utf8");
     }
     await page.screenshot({ path: path.join(outDir, "code-server-accepted.png") });
-    const typed = ORIGINAL + "    map.in";
     if (!saved.startsWith(typed)) {
       throw new Error(`saved file does not start with the typed text:\n${saved}`);
     }
     const accepted = saved.slice(typed.length);
     if (accepted.length === 0) throw new Error("Tab inserted nothing");
-    if (shown.length > 0 && !accepted.startsWith(shown)) {
+    if (shown.length === 0 || !accepted.startsWith(shown)) {
       throw new Error(`inserted ${JSON.stringify(accepted)} does not start with the shown ghost text ${JSON.stringify(shown)}`);
     }
     const statusText = (await status.textContent()) ?? "";
     console.log(`# accepted ${JSON.stringify(accepted)}; status bar: ${JSON.stringify(statusText.trim())}`);
     if (/unreachable/.test(statusText)) throw new Error(`status bar says ${statusText}`);
     console.log("ok - code-server: typing shows ghost text, Tab inserts it, the saved file has it");
+  } catch (err) {
+    // Leave what a person would look at: the screen and the editor's logs (extension host, m31r output).
+    await page?.screenshot({ path: path.join(outDir, "code-server-failure.png") }).catch(() => {});
+    fs.cpSync(path.join(userData, "logs"), path.join(outDir, "code-server-logs"), { recursive: true });
+    throw err;
   } finally {
     await browser?.close().catch(() => {});
     if (server && server.exitCode === null) server.kill("SIGTERM");
