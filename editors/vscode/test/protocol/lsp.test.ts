@@ -16,6 +16,10 @@ import { parseStatus } from "../../src/status";
 import { binaries, startDaemon, tempDir } from "../support";
 
 const bins = binaries();
+// scripts/editor-tests.sh sets M31R_REQUIRE_REAL=1: there a missing binary is a failure, not a skip.
+if (process.env.M31R_REQUIRE_REAL === "1" && (bins.lspMissing || bins.daemonMissing)) {
+  throw new Error(`M31R_REQUIRE_REAL=1: ${bins.lspMissing ?? bins.daemonMissing}`);
+}
 if (bins.lspMissing) console.log(`# SKIP protocol tests: ${bins.lspMissing}`);
 if (!bins.lspMissing && bins.daemonMissing) console.log(`# SKIP daemon-backed protocol tests: ${bins.daemonMissing}`);
 
