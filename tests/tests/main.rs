@@ -4,3 +4,4 @@
 #![allow(clippy::unwrap_used)]
 
 mod dependency_rules;
+mod lsp_e2e;
