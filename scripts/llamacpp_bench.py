@@ -35,7 +35,9 @@ def load(path, threads, n_ctx):
 def last_logits(llm, ids):
     llm.reset()
     llm.eval(ids)
-    return list(llm.scores[llm.n_tokens - 1])
+    # `llm.scores` is only filled with logits_all; read the context's last row directly.
+    row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return [row[i] for i in range(llm.n_vocab())]
 
 
 def parity(llm, cases):
