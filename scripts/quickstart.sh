@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# From a fresh clone to a completion in one command: build, collect a corpus from the local Cargo
-# registry (or this repository when there is none), train the tokenizer, shard, train the `tiny`
-# model, export a release bundle, start m31rd on a private socket, complete inside
-# examples/sample.rs, print the timings and daemon status, stop the daemon.
+# From a fresh clone to a completion in one command: build, then `m31r-train quickstart` (collect a
+# corpus from the local Cargo registry, or this repository when there is none; train the tokenizer,
+# shard, train the `tiny` model, evaluate it, export a release bundle carrying the eval), verify the
+# bundle's checksums, start m31rd on a private socket, complete inside examples/sample.rs, print
+# the timings and daemon status, stop the daemon. Everything stays under $M31R_WORK (the
+# subcommand alone would write to the per-user model directory).
 #
-# Environment: M31R_STEPS (training steps, default 300), M31R_WORK (default runs/quickstart),
-# M31R_EVAL_ITEMS (masked lines in the completion benchmark, default 40).
+# Environment: M31R_STEPS (training steps, default 1000), M31R_WORK (default runs/quickstart),
+# M31R_EVAL_ITEMS (masked lines in the completion benchmark, default 100).
 # An existing bundle in $M31R_WORK/bundle is reused; delete it to retrain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-steps=${M31R_STEPS:-300}
+steps=${M31R_STEPS:-1000}
 work=${M31R_WORK:-runs/quickstart}
 bin=target/release
 
@@ -23,20 +25,12 @@ if [ ! -f "$work/bundle/checksum.txt" ]; then
     if [ ! -d "${CARGO_HOME:-$HOME/.cargo}/registry/src" ]; then
         inputs=(.)
     fi
-    step "corpus"
-    "$bin/m31r-train" corpus "${inputs[@]}" --out "$work/data" --force
-    step "tokenizer"
-    "$bin/m31r-train" tokenizer --data "$work/data"
-    step "prepare"
-    "$bin/m31r-train" prepare --data "$work/data"
-    step "train tiny ($steps steps)"
-    "$bin/m31r-train" train --data "$work/data" --run-dir "$work/run" --steps "$steps" --force
-    step "export"
-    "$bin/m31r-train" export "$work/run" --data "$work/data" --out "$work/bundle"
+    step "m31r-train quickstart: corpus, tokenizer, prepare, train tiny ($steps steps), eval, export"
+    "$bin/m31r-train" quickstart "${inputs[@]}" --steps "$steps" --eval-items "${M31R_EVAL_ITEMS:-100}" \
+        --work "$work/work" --out "$work/bundle" --force
 fi
+step "verify the bundle's checksums"
 (cd "$work/bundle" && sha256sum -c checksum.txt)
-step "eval (test split)"
-"$bin/m31r-train" eval --bundle "$work/bundle" --data "$work/data" --items "${M31R_EVAL_ITEMS:-40}" --out "$work/eval.json"
 
 step "start m31rd"
 sock_dir=$(mktemp -d)

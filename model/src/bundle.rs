@@ -129,6 +129,18 @@ pub struct BundleInfo {
     pub eval: BTreeMap<String, f64>,
 }
 
+/// Where a user's model lives when nothing else is configured: `model/` in M31R's data directory
+/// (`~/.local/share/m31r/model` on Linux). `m31r-train quickstart` exports there and `m31rd`
+/// serves it when no bundle is given. `None` without a home directory.
+pub fn default_bundle_dir() -> Option<PathBuf> {
+    m31r_data_dir().map(|d| d.join("model"))
+}
+
+/// M31R's per-user data directory (`~/.local/share/m31r` on Linux), if a home directory is known.
+pub fn m31r_data_dir() -> Option<PathBuf> {
+    directories::ProjectDirs::from("", "", "m31r").map(|d| d.data_dir().to_path_buf())
+}
+
 /// Lower-case hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))

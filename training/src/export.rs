@@ -1,5 +1,6 @@
 //! `m31r-train export`: turns a run's newest checkpoint into a release bundle (DESIGN §4) whose
 //! metadata traces the dataset, tokenizer, seed, steps, tokens seen and last validation results.
+//! With `--eval-report`, the results of `m31r-train eval` on the same checkpoint join the metadata.
 //! Optionally at a quantized precision (`--quantize`, so the daemon starts without quantizing) and
 //! as a GGUF file for llama.cpp / Ollama (`--gguf`), from the very same weights.
 
@@ -13,6 +14,7 @@ use m31r_model::config::ModelConfig;
 use m31r_model::tokenizer::Tokenizer;
 
 use crate::corpus::read_json;
+use crate::eval::EvalReport;
 use crate::train::checkpoint::{self, LoopState};
 use crate::train::{METRICS_FILE, RUN_FILE, RunSpec, TrainError};
 
@@ -23,6 +25,9 @@ pub struct ExportOptions {
     pub precision: Precision,
     /// Also write the same weights as a GGUF file here.
     pub gguf: Option<PathBuf>,
+    /// An `eval` report of this very checkpoint (same step and dataset), whose metrics go into
+    /// the bundle's `eval` metadata beside the last validation results.
+    pub eval: Option<(PathBuf, EvalReport)>,
 }
 
 /// Writes the bundle of `run_dir`'s newest checkpoint to `out` (which must not exist), using the
@@ -39,6 +44,12 @@ pub fn export_with(
     options: &ExportOptions,
 ) -> Result<BundleMetadata, TrainError> {
     let invalid = |path: PathBuf, reason: String| TrainError::Invalid { path, reason };
+    if !run_dir.join(RUN_FILE).is_file() {
+        return Err(invalid(
+            run_dir.to_path_buf(),
+            format!("is not a training run (no {RUN_FILE}); give the --run-dir `train` wrote"),
+        ));
+    }
     let spec: RunSpec = read_json(&run_dir.join(RUN_FILE))?;
     let Some((_, ckpt)) = checkpoint::list(run_dir)?.pop() else {
         return Err(invalid(run_dir.to_path_buf(), "has no complete checkpoint to export".into()));
@@ -60,6 +71,11 @@ pub fn export_with(
     let tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu)
         .map_err(|e| invalid(weights_path.clone(), e.to_string()))?;
     let state: LoopState = read_json(&ckpt.join("state.json"))?;
+    let mut eval = last_validation(&run_dir.join(METRICS_FILE));
+    if let Some((path, report)) = &options.eval {
+        check_eval_report(path, report, &spec, &state)?;
+        eval.extend(report.metrics());
+    }
     let info = BundleInfo {
         model_version: format!("{}-step{}", spec.model.d_model, state.step),
         dataset_id: spec.dataset_id.clone(),
@@ -67,7 +83,7 @@ pub fn export_with(
         training_seed: spec.train.seed,
         steps: state.step,
         tokens_seen: state.tokens_seen,
-        eval: last_validation(&run_dir.join(METRICS_FILE)),
+        eval,
     };
     let mut named: Vec<(String, candle_core::Tensor)> = tensors.into_iter().collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
@@ -89,6 +105,35 @@ pub fn export_with(
     }
     write_bundle_weights(out, &weights, options.precision, &tokenizer, &config, &info)
         .map_err(|e| invalid(out.to_path_buf(), e.to_string()))
+}
+
+/// Refuses an eval report of another checkpoint or dataset than the one being exported.
+fn check_eval_report(
+    path: &Path,
+    report: &EvalReport,
+    spec: &RunSpec,
+    state: &LoopState,
+) -> Result<(), TrainError> {
+    let evaluated = &report.bundle;
+    let reason = if evaluated.steps != state.step {
+        format!(
+            "evaluates a bundle of step {}, but the newest checkpoint is step {}",
+            evaluated.steps, state.step
+        )
+    } else if evaluated.dataset_id != spec.dataset_id {
+        format!(
+            "evaluates a model of dataset {}, but the run trained on {}",
+            evaluated.dataset_id, spec.dataset_id
+        )
+    } else if evaluated.tokenizer_hash != spec.tokenizer_id {
+        format!(
+            "evaluates a model with tokenizer {}, but the run used {}",
+            evaluated.tokenizer_hash, spec.tokenizer_id
+        )
+    } else {
+        return Ok(());
+    };
+    Err(TrainError::Invalid { path: path.to_path_buf(), reason })
 }
 
 /// The last validation line of the metrics, as metric → value.

@@ -16,6 +16,7 @@ pub mod filters;
 pub mod fsutil;
 pub mod params;
 pub mod progress;
+pub mod quickstart;
 pub mod report;
 pub mod shards;
 pub mod split;

@@ -6,8 +6,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use m31r_train::corpus::{CorpusOptions, build_corpus, default_registry_src};
-use m31r_train::eval::{EvalOptions, evaluate_bundle};
+use m31r_train::eval::{EvalOptions, EvalReport, evaluate_bundle};
 use m31r_train::params::{ParamsQuery, params_report};
+use m31r_train::quickstart::{QuickstartOptions, quickstart};
 use m31r_train::shards::{PrepareOptions, prepare};
 use m31r_train::tok::{TokenizerOptions, train_tokenizer};
 use m31r_train::train::TrainOptions;
@@ -16,6 +17,10 @@ use m31r_train::{DataConfig, Progress, fetch};
 
 /// Default data directory, relative to the working directory.
 const DEFAULT_DATA: &str = "runs/data";
+
+/// Training steps of `quickstart` with the built-in tiny preset: about 10 minutes on 2 cores, so
+/// the whole quickstart takes about 15.
+const QUICKSTART_TINY_STEPS: u64 = 1000;
 
 /// M31R's training pipeline. The data stages run in order on one data directory:
 /// `corpus`, then `tokenizer`, then `prepare`.
@@ -42,7 +47,7 @@ enum Command {
         /// Data directory to write.
         #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA)]
         out: PathBuf,
-        /// Training config: a TOML file or a shipped preset name (tiny, small).
+        /// Training config: a TOML file or a shipped config name (tiny, small, cpu).
         #[arg(long, value_name = "FILE|PRESET", default_value = "tiny")]
         config: String,
         /// Replace a data directory that holds a different dataset (its tokenizer and shards
@@ -55,7 +60,7 @@ enum Command {
         /// Data directory written by `corpus`.
         #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA)]
         data: PathBuf,
-        /// Training config: a TOML file or a shipped preset name (tiny, small).
+        /// Training config: a TOML file or a shipped config name (tiny, small, cpu).
         #[arg(long, value_name = "FILE|PRESET", default_value = "tiny")]
         config: String,
         /// Vocabulary size, special tokens included [default: from the config].
@@ -67,7 +72,7 @@ enum Command {
         /// Data directory with a corpus and a tokenizer.
         #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA)]
         data: PathBuf,
-        /// Training config: a TOML file or a shipped preset name (tiny, small).
+        /// Training config: a TOML file or a shipped config name (tiny, small, cpu).
         #[arg(long, value_name = "FILE|PRESET", default_value = "tiny")]
         config: String,
     },
@@ -80,7 +85,7 @@ enum Command {
         /// Data directory with shards (from `prepare`).
         #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA)]
         data: PathBuf,
-        /// Training config: a TOML file or a shipped preset name (tiny, small).
+        /// Training config: a TOML file or a shipped config name (tiny, small, cpu).
         #[arg(long, value_name = "FILE|PRESET", default_value = "tiny")]
         config: String,
         /// Run directory.
@@ -126,6 +131,10 @@ enum Command {
         /// Also write the same weights as a GGUF file (llama.cpp, Ollama) to PATH.
         #[arg(long, value_name = "PATH")]
         gguf: Option<PathBuf>,
+        /// JSON report of `eval` on this checkpoint (`eval --out`); its metrics go into the
+        /// bundle's metadata.
+        #[arg(long, value_name = "FILE")]
+        eval_report: Option<PathBuf>,
     },
     /// Measure training throughput (tokens/s, achieved GFLOP/s as a share of this machine's f32
     /// matmul throughput, measured in the same run) of the real training step on preset shapes.
@@ -181,6 +190,34 @@ enum Command {
         /// Picture to write [default: RUN_DIR/loss.svg].
         #[arg(long, value_name = "FILE.svg")]
         out: Option<PathBuf>,
+    },
+    /// The whole pipeline for a first model: corpus → tokenizer → prepare → train (`tiny`) →
+    /// eval → export, about 15 minutes on 2 CPU cores. Ends with the eval table and the bundle's
+    /// path: the default model directory, which m31rd serves when no bundle is configured.
+    Quickstart {
+        /// Directories of Rust code [default: $CARGO_HOME/registry/src].
+        dirs: Vec<PathBuf>,
+        /// Bundle directory to write [default: ~/.local/share/m31r/model or the platform's
+        /// equivalent].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Work directory for the corpus, shards, run and eval report (replaced each time)
+        /// [default: quickstart/ in M31R's data directory].
+        #[arg(long, value_name = "DIR")]
+        work: Option<PathBuf>,
+        /// Replace the model already in --out (once the new one is complete).
+        #[arg(long)]
+        force: bool,
+        /// Training config: a TOML file or a shipped config name (tiny, small, cpu).
+        #[arg(long, value_name = "FILE|PRESET", default_value = "tiny")]
+        config: String,
+        /// Training steps [default: 1000 with the built-in tiny preset (about 10 minutes on 2
+        /// cores), else the config's train.steps].
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Masked lines in the eval's completion benchmark.
+        #[arg(long, value_name = "N", default_value_t = 100)]
+        eval_items: usize,
     },
     /// Print the parameter table of a preset or of the solver's shape for a target size.
     #[command(group(clap::ArgGroup::new("model").required(true).args(["preset", "target_params"])))]
@@ -300,10 +337,19 @@ fn main() -> Result<()> {
                 println!("validation loss {loss:.4} nats/token · {bpb:.4} bits/byte");
             }
         }
-        Command::Export { run_dir, data, out, quantize, gguf } => {
+        Command::Export { run_dir, data, out, quantize, gguf, eval_report } => {
+            let eval = match eval_report {
+                Some(path) => {
+                    let report = EvalReport::read(&path)
+                        .with_context(|| format!("reading the eval report {}", path.display()))?;
+                    Some((path, report))
+                }
+                None => None,
+            };
             let options = m31r_train::export::ExportOptions {
                 precision: quantize.unwrap_or_default(),
                 gguf: gguf.clone(),
+                eval,
             };
             let meta = m31r_train::export::export_with(&run_dir, &data, &out, &options)
                 .with_context(|| format!("exporting {} to {}", run_dir.display(), out.display()))?;
@@ -372,6 +418,58 @@ fn main() -> Result<()> {
                 .with_context(|| format!("reporting on run {}", run_dir.display()))?;
             print!("{}", summary.table());
             println!("curves {}", svg.display());
+        }
+        Command::Quickstart { dirs, out, work, force, config, steps, eval_items } => {
+            let builtin_tiny = config == "tiny";
+            let mut config = load_config(&config)?;
+            config.train.steps = match steps {
+                Some(n) => n,
+                None if builtin_tiny => QUICKSTART_TINY_STEPS,
+                None => config.train.steps,
+            };
+            let data_dir = m31r_model::bundle::m31r_data_dir();
+            let no_home = || anyhow::anyhow!("no home directory: pass --out and --work");
+            let inputs = if dirs.is_empty() {
+                let registry = default_registry_src().filter(|d| d.is_dir()).context(
+                    "no Cargo registry sources to learn from: pass directories of Rust code",
+                )?;
+                vec![registry]
+            } else {
+                dirs
+            };
+            install_interrupt_handler();
+            let opts = QuickstartOptions {
+                inputs,
+                work: match work {
+                    Some(w) => w,
+                    None => data_dir.clone().ok_or_else(no_home)?.join("quickstart"),
+                },
+                out: match out {
+                    Some(o) => o,
+                    None => m31r_model::bundle::default_bundle_dir().ok_or_else(no_home)?,
+                },
+                force,
+                config,
+                eval_items,
+                eval_max_bytes: 256 * 1024,
+                progress,
+                log: true,
+            };
+            let report = quickstart(&opts)?;
+            println!();
+            print!("{}", report.eval.table());
+            let stages: Vec<String> =
+                report.stages.iter().map(|(name, s)| format!("{name} {s:.0}s")).collect();
+            println!("stages: {}", stages.join(" · "));
+            println!("bundle {}", report.bundle.display());
+            println!(
+                "serve it: m31rd{}",
+                if Some(&report.bundle) == m31r_model::bundle::default_bundle_dir().as_ref() {
+                    String::new()
+                } else {
+                    format!(" --bundle {}", report.bundle.display())
+                }
+            );
         }
         Command::Params { preset, target_params, vocab } => {
             let query = match (preset, target_params) {

@@ -29,7 +29,8 @@ use serde::Serialize;
 #[derive(Debug, Parser, Serialize)]
 #[command(version)]
 struct Args {
-    /// Release bundle directory to load.
+    /// Release bundle directory to load [default: the model `m31r-train quickstart` wrote to
+    /// M31R's data directory, ~/.local/share/m31r/model on Linux].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     bundle: Option<PathBuf>,
@@ -132,8 +133,15 @@ fn run() -> anyhow::Result<()> {
         // SAFETY: no other thread exists yet; candle's thread pool reads this on first use.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", config.threads.to_string()) };
     }
-    let Some(bundle_dir) = config.bundle.clone() else {
-        bail!("no bundle to serve: pass --bundle DIR or set M31R_BUNDLE or `bundle` in [daemon]");
+    let default_bundle = m31r_model::bundle::default_bundle_dir();
+    let Some(bundle_dir) = config.bundle.clone().or_else(|| {
+        default_bundle.clone().filter(|d| d.join(m31r_model::bundle::CHECKSUM_FILE).is_file())
+    }) else {
+        bail!(
+            "no bundle to serve: pass --bundle DIR, set M31R_BUNDLE or `bundle` in [daemon], or \
+             train one into the default model directory{} with `m31r-train quickstart`",
+            default_bundle.map(|d| format!(" ({})", d.display())).unwrap_or_default()
+        );
     };
 
     let started = Instant::now();

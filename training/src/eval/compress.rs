@@ -5,10 +5,10 @@
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A compressor's result on the test bytes.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompressorResult {
     /// The command line run (input on stdin, output on stdout).
     pub command: String,

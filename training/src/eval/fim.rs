@@ -10,7 +10,7 @@
 
 use m31r_model::rng::Rng;
 use m31r_model::tokenizer::{Tokenizer, TokenizerError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Longest line (in bytes) the benchmark asks for; longer ones are generated or data, not code.
 pub const MAX_LINE_BYTES: usize = 200;
@@ -117,7 +117,7 @@ pub fn complete_line<P: Predictor>(
 }
 
 /// Scores of one system over the items.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Score {
     /// Items scored.
     pub items: u64,

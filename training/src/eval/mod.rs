@@ -18,7 +18,7 @@ use m31r_model::bundle::{Bundle, BundleError, sha256_hex};
 use m31r_model::fim::{FimBudget, FimError, serving_prompt};
 use m31r_model::tokenizer::{Tokenizer, TokenizerError};
 use m31r_model::transformer::ModelError;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::corpus::{Corpus, ManifestEntry};
 use crate::error::DataError;
@@ -129,7 +129,7 @@ impl EvalOptions {
 }
 
 /// The evaluated bundle.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BundleSummary {
     /// Bundle directory.
     pub dir: String,
@@ -150,7 +150,7 @@ pub struct BundleSummary {
 }
 
 /// The data directory and its test split.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DataSummary {
     /// Data directory.
     pub dir: String,
@@ -169,7 +169,7 @@ pub struct DataSummary {
 }
 
 /// The settings used, resolved.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalSettings {
     /// Masked lines asked for.
     pub items: usize,
@@ -188,7 +188,7 @@ pub struct EvalSettings {
 }
 
 /// Bits per byte on test documents.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BitsPerByte {
     /// Documents scored.
     pub documents: u64,
@@ -207,7 +207,7 @@ pub struct BitsPerByte {
 }
 
 /// One item's completions, for reading.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Example {
     /// `crate file:line`.
     pub location: String,
@@ -222,7 +222,7 @@ pub struct Example {
 }
 
 /// The single-line completion benchmark.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompletionReport {
     /// Candidate lines in the test documents.
     pub candidate_lines: u64,
@@ -239,7 +239,7 @@ pub struct CompletionReport {
 }
 
 /// The n-gram baseline.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NgramSummary {
     /// Its order.
     pub order: usize,
@@ -250,7 +250,7 @@ pub struct NgramSummary {
 }
 
 /// Wall time of each part, seconds.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalTimings {
     /// Model scoring and both compressors.
     pub bits_per_byte_s: f64,
@@ -263,7 +263,7 @@ pub struct EvalTimings {
 }
 
 /// Everything `eval` measured; serialised as the JSON report.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalReport {
     /// The bundle.
     pub bundle: BundleSummary,
@@ -282,6 +282,11 @@ pub struct EvalReport {
 }
 
 impl EvalReport {
+    /// Reads a JSON report written by `eval --out`.
+    pub fn read(path: &std::path::Path) -> Result<Self, DataError> {
+        crate::corpus::read_json(path)
+    }
+
     /// Flat metric → value map for the bundle's `metadata.json` `eval` field. Compressor values
     /// are absent when the tool could not run.
     pub fn metrics(&self) -> BTreeMap<String, f64> {

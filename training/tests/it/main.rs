@@ -8,6 +8,7 @@ mod cli;
 mod common;
 mod corpus;
 mod eval;
+mod quickstart;
 mod report;
 mod shards;
 mod tokenizer;
