@@ -129,11 +129,12 @@ pub struct BundleInfo {
     pub eval: BTreeMap<String, f64>,
 }
 
-/// Where a user's model lives when nothing else is configured: `model/` in M31R's data directory
-/// (`~/.local/share/m31r/model` on Linux). `m31r-train quickstart` exports there and `m31rd`
-/// serves it when no bundle is given. `None` without a home directory.
+/// Where a user's model lives when nothing else is configured: `bundle/` in M31R's data directory
+/// (`~/.local/share/m31r/bundle` on Linux, as in `configs/systemd/m31rd.service`).
+/// `m31r-train quickstart` exports there and `m31rd` serves it when no bundle is given. `None`
+/// without a home directory.
 pub fn default_bundle_dir() -> Option<PathBuf> {
-    m31r_data_dir().map(|d| d.join("model"))
+    m31r_data_dir().map(|d| d.join("bundle"))
 }
 
 /// M31R's per-user data directory (`~/.local/share/m31r` on Linux), if a home directory is known.

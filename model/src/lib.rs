@@ -4,6 +4,7 @@
 
 pub mod bundle;
 pub mod config;
+pub mod demo;
 pub mod fim;
 pub mod gguf;
 pub mod machine;

@@ -11,18 +11,10 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
-use m31r_model::{BundleInfo, Model, ModelConfig, RawModelConfig, Tokenizer, write_bundle};
 use serde_json::{Value, json};
 
 /// Hang guard for any one message (not a timing assertion).
 const HANG: Duration = Duration::from_secs(120);
-
-const CORPUS: &[&str] = &[
-    "fn main() {\n    let names = vec![\"alpha\", \"beta\"];\n    for n in &names {\n        println!(\"{n}\");\n    }\n}\n",
-    "pub struct Point {\n    pub x: f64,\n    pub y: f64,\n}\n\nimpl Point {\n    pub fn norm(&self) -> f64 {\n        (self.x * self.x + self.y * self.y).sqrt()\n    }\n}\n",
-    "use std::collections::HashMap;\n\npub fn count(words: &[&str]) -> HashMap<String, usize> {\n    let mut map = HashMap::new();\n    for w in words {\n        *map.entry(w.to_string()).or_insert(0) += 1;\n    }\n    map\n}\n",
-];
 
 /// The document the editor opens, and the cursor (line, UTF-16 column) completions are asked at.
 const DOC: &str = "pub struct Point {\n    pub x: f64,\n    pub y\n}\n";
@@ -65,26 +57,10 @@ fn bin(bins: &[(String, PathBuf)], name: &str) -> PathBuf {
         .clone()
 }
 
-/// The tiny seeded bundle of the daemon's tests (`daemon/tests/it/common.rs`).
+/// The tiny seeded bundle of the daemon's tests (`m31r_model::demo`).
 fn bundle(dir: &Path) -> PathBuf {
     let path = dir.join("bundle");
-    let tokenizer = Tokenizer::train(CORPUS.iter().cycle().take(30), 400).unwrap();
-    let config = ModelConfig::new(&RawModelConfig {
-        vocab_size: tokenizer.vocab_size(),
-        d_model: 64,
-        n_layers: 2,
-        n_heads: 4,
-        n_kv_heads: Some(2),
-        d_ff: 128,
-        context_length: 512,
-        rope_theta: 10_000.0,
-        norm_eps: 1e-5,
-        tie_embeddings: true,
-    })
-    .unwrap();
-    let (model, _) = Model::init(&config, 31, &Device::Cpu).unwrap();
-    let info = BundleInfo { model_version: "test-tiny".into(), ..Default::default() };
-    write_bundle(&path, &model.named_tensors(), &tokenizer, &config, &info).unwrap();
+    m31r_model::demo::write_demo_bundle(&path, "test-tiny").unwrap();
     path
 }
 

@@ -197,7 +197,7 @@ enum Command {
     Quickstart {
         /// Directories of Rust code [default: $CARGO_HOME/registry/src].
         dirs: Vec<PathBuf>,
-        /// Bundle directory to write [default: ~/.local/share/m31r/model or the platform's
+        /// Bundle directory to write [default: ~/.local/share/m31r/bundle or the platform's
         /// equivalent].
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,

@@ -30,7 +30,7 @@ use serde::Serialize;
 #[command(version)]
 struct Args {
     /// Release bundle directory to load [default: the model `m31r-train quickstart` wrote to
-    /// M31R's data directory, ~/.local/share/m31r/model on Linux].
+    /// M31R's data directory, ~/.local/share/m31r/bundle on Linux].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     bundle: Option<PathBuf>,

@@ -5,15 +5,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
-use m31r_model::{BundleInfo, Model, ModelConfig, RawModelConfig, Tokenizer, write_bundle};
 use m31r_protocol::{Client, Event, FimInput, GenerationParams, Request, StopReason, Usage};
 
-pub const CORPUS: &[&str] = &[
-    "fn main() {\n    let names = vec![\"alpha\", \"beta\"];\n    for n in &names {\n        println!(\"{n}\");\n    }\n}\n",
-    "pub struct Point {\n    pub x: f64,\n    pub y: f64,\n}\n\nimpl Point {\n    pub fn norm(&self) -> f64 {\n        (self.x * self.x + self.y * self.y).sqrt()\n    }\n}\n",
-    "use std::collections::HashMap;\n\npub fn count(words: &[&str]) -> HashMap<String, usize> {\n    let mut map = HashMap::new();\n    for w in words {\n        *map.entry(w.to_string()).or_insert(0) += 1;\n    }\n    map\n}\n",
-];
+pub use m31r_model::demo::CORPUS;
 
 /// A long Rust-ish prompt, so prefill spans several chunks.
 pub fn long_prompt() -> String {
@@ -26,23 +20,7 @@ pub fn bundle() -> &'static Path {
     let (_, path) = BUNDLE.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bundle");
-        let tokenizer = Tokenizer::train(CORPUS.iter().cycle().take(30), 400).unwrap();
-        let config = ModelConfig::new(&RawModelConfig {
-            vocab_size: tokenizer.vocab_size(),
-            d_model: 64,
-            n_layers: 2,
-            n_heads: 4,
-            n_kv_heads: Some(2),
-            d_ff: 128,
-            context_length: 512,
-            rope_theta: 10_000.0,
-            norm_eps: 1e-5,
-            tie_embeddings: true,
-        })
-        .unwrap();
-        let (model, _) = Model::init(&config, 31, &Device::Cpu).unwrap();
-        let info = BundleInfo { model_version: "test-tiny".into(), ..Default::default() };
-        write_bundle(&path, &model.named_tensors(), &tokenizer, &config, &info).unwrap();
+        m31r_model::demo::write_demo_bundle(&path, "test-tiny").unwrap();
         (dir, path)
     });
     path
