@@ -68,7 +68,8 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         })? / steps as u32;
         let weight_bytes = config.param_count() as f64 * 4.0;
-        let kv_bytes = (config.kv_bytes_per_token(4) * ctx) as f64;
+        // The CPU KV cache is f16 (`Model::new_cache`).
+        let kv_bytes = (config.kv_bytes_per_token(2) * ctx) as f64;
         let bound_ms = (weight_bytes + kv_bytes) / (bandwidth * 1e9) * 1e3;
         let decode_ms = decode.as_secs_f64() * 1e3;
         println!(

@@ -478,18 +478,22 @@ impl Bundle {
             ));
         }
         if !stored.is_quantized() {
-            if !precision.is_quantized() {
+            // f16 on a CPU runs as llama.cpp runs it: f16 weight rows, f32 activations (CPUs have
+            // no fast f16 arithmetic); elsewhere the whole model is f16.
+            let f16_rows = precision == Precision::F16 && device.is_cpu();
+            if !precision.is_quantized() && !f16_rows {
                 return self.model(precision.dense_dtype(), device);
             }
             let tensors = candle_core::safetensors::load_buffer(&self.weights, &Device::Cpu)
                 .map_err(|e| fail(&e))?;
             let mut named: Vec<(String, Tensor)> = tensors.into_iter().collect();
             named.sort_by(|a, b| a.0.cmp(&b.0));
-            let weights = quant::quantize(&named, precision).map_err(|e| fail(&e))?;
+            let weights =
+                quant::inference_weights(&named, precision, device).map_err(|e| fail(&e))?;
             return Model::from_weights(
                 &self.config,
                 weights.into_iter().collect(),
-                DType::F32,
+                precision.activation_dtype(device),
                 device,
             )
             .map_err(|e| fail(&e));

@@ -7,6 +7,7 @@ pub mod config;
 pub mod demo;
 pub mod fim;
 pub mod gguf;
+pub mod infer_ops;
 pub mod machine;
 pub mod params;
 pub mod quant;

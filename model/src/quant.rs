@@ -21,6 +21,7 @@ use candle_nn::{Embedding, Linear};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
+use crate::infer_ops;
 use crate::transformer::weight_shapes;
 
 /// How the weights of a model are stored in memory (and in a bundle).
@@ -71,12 +72,20 @@ impl Precision {
         }
     }
 
+    /// Dtype of the activations (and KV cache) when the model runs on `device`: f16 only for the
+    /// f16 precision off the CPU (CPUs have no fast f16 arithmetic, so there f16 weights meet f32
+    /// activations, as in llama.cpp), f32 otherwise.
+    pub fn activation_dtype(self, device: &Device) -> DType {
+        if self == Precision::F16 && !device.is_cpu() { DType::F16 } else { DType::F32 }
+    }
+
     /// Whether the 2-D weights are GGML blocks.
     pub fn is_quantized(self) -> bool {
         self.ggml_dtype().is_some()
     }
 
-    /// Dtype of the dense tensors (norm scales, and every weight for f32/f16) and of activations.
+    /// Dtype of the dense tensors a bundle of this precision stores (norm scales, and every weight
+    /// for f32/f16).
     pub fn dense_dtype(self) -> DType {
         match self {
             Precision::F16 => DType::F16,
@@ -227,6 +236,42 @@ pub fn quantize(
         .collect()
 }
 
+/// The weights the inference forward runs `precision` on, on `device`, from a model's named f32 (or
+/// f16) tensors: [`f16_rows`] for f16 on a CPU, [`quantize`] otherwise. Build the model from them
+/// with [`Precision::activation_dtype`].
+pub fn inference_weights(
+    tensors: &[(String, Tensor)],
+    precision: Precision,
+    device: &Device,
+) -> Result<Vec<(String, Weight)>, QuantError> {
+    if precision == Precision::F16 && device.is_cpu() {
+        f16_rows(tensors)
+    } else {
+        quantize(tensors, precision)
+    }
+}
+
+/// The f16 precision as the CPU inference forward runs it: 2-D weights as GGML f16 rows (read by
+/// the f16 matrix–vector kernel, or candle's quantized matmul for longer inputs), 1-D norm scales
+/// f32; the model built from them keeps f32 activations.
+pub fn f16_rows(tensors: &[(String, Tensor)]) -> Result<Vec<(String, Weight)>, QuantError> {
+    tensors
+        .iter()
+        .map(|(name, tensor)| {
+            let candle = |source| QuantError::Candle { name: name.clone(), source };
+            let f32 = tensor.to_dtype(DType::F32).map_err(candle)?;
+            let weight = if tensor.rank() == 2 {
+                Weight::Quantized(Arc::new(
+                    QTensor::quantize(&f32, GgmlDType::F16).map_err(candle)?,
+                ))
+            } else {
+                Weight::Dense(f32)
+            };
+            Ok((name.clone(), weight))
+        })
+        .collect()
+}
+
 /// The quantized weights a model is built from, by Hugging Face name (empty for a dense model).
 pub type QuantizedWeights = HashMap<String, Arc<QTensor>>;
 
@@ -265,7 +310,54 @@ impl QLinear {
     }
 }
 
+impl QLinear {
+    /// The projection on the inference path: [`crate::infer_ops`]' matrix–vector kernels for the
+    /// few rows of a decode step or keystroke, and for longer inputs candle's matmul (f16 rows
+    /// widened to f32 first, so that activations stay f32 on both paths).
+    pub fn forward_infer(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(y) = self.forward_gemv(x)? {
+            return Ok(y);
+        }
+        match self {
+            QLinear::Quantized(QMatMul::QTensor(q))
+                if q.dtype() == GgmlDType::F16 && x.dtype() == DType::F32 =>
+            {
+                x.broadcast_matmul(&q.dequantize(&x.device().clone())?.t()?)
+            }
+            _ => self.forward(x),
+        }
+    }
+
+    /// The projection by the matrix–vector kernels where they apply (a CPU f32 input of at most
+    /// [`infer_ops::MAX_ROWS`] rows, the weight f32, f16, Q8_0 or Q4_0), else `None`.
+    fn forward_gemv(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
+        if rows > infer_ops::MAX_ROWS || !x.device().is_cpu() || x.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        match self {
+            QLinear::Dense(l) if l.weight().dtype() == DType::F32 => {
+                let w = l.weight().contiguous()?;
+                let (storage, layout) = w.storage_and_layout();
+                let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(None) };
+                let Some((start, end)) = layout.contiguous_offsets() else { return Ok(None) };
+                let rows = &cpu.as_slice::<f32>()?[start..end];
+                infer_ops::linear(x, infer_ops::WeightRows::F32(rows), w.dim(0)?)
+            }
+            QLinear::Quantized(QMatMul::QTensor(q)) if q.device().is_cpu() => {
+                let bytes = q.data()?;
+                match infer_ops::WeightRows::of_qtensor(q, &bytes) {
+                    Some(view) => infer_ops::linear(x, view, q.shape().dims()[0]),
+                    None => Ok(None),
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
 impl Module for QLinear {
+    /// The differentiable projection (training) and the generic one: candle's matmul.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             QLinear::Dense(l) => l.forward(x),

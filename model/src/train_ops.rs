@@ -24,7 +24,7 @@ fn fused(t: &Tensor) -> bool {
 }
 
 /// The contiguous f32 data of an op input.
-fn data<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn data<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
     let all = storage.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&all[start..end]),
@@ -36,7 +36,7 @@ fn data<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f
 }
 
 /// An output buffer that parallel workers fill in disjoint parts.
-struct Out {
+pub(crate) struct Out {
     ptr: *mut f32,
     len: usize,
 }
@@ -46,7 +46,7 @@ struct Out {
 unsafe impl Sync for Out {}
 
 impl Out {
-    fn new(buffer: &mut [f32]) -> Self {
+    pub(crate) fn new(buffer: &mut [f32]) -> Self {
         Self { ptr: buffer.as_mut_ptr(), len: buffer.len() }
     }
 
@@ -55,7 +55,7 @@ impl Out {
     /// # Safety
     /// No two live parts may overlap.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn part(&self, range: Range<usize>) -> &mut [f32] {
+    pub(crate) unsafe fn part(&self, range: Range<usize>) -> &mut [f32] {
         assert!(range.start <= range.end && range.end <= self.len, "part out of bounds");
         // SAFETY: in bounds (checked above) and, by the caller's contract, not aliased.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
@@ -79,7 +79,7 @@ fn par_blocks(n_rows: usize, f: impl Fn(usize, Range<usize>) + Sync) {
 
 /// Dot product with eight independent accumulators, so it vectorises (the order is fixed, so the
 /// result is the same on every run).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());

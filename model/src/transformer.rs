@@ -64,10 +64,12 @@ pub fn weight_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     shapes
 }
 
-/// Preallocated keys and values of one sequence, per layer, laid out `(1, capacity, kv_heads,
-/// head_dim)` so that the first `len` positions are one contiguous block (what the fused attention
-/// kernel reads without a copy). Unlike candle-nn's caches it can be truncated, which lets a
-/// sequence roll back to its longest common prefix with a new prompt.
+/// Preallocated keys and values of one sequence, per layer, laid out head-major `(1, kv_heads,
+/// capacity, head_dim)`: the cached positions of one head are one contiguous run, which the decode
+/// attention kernel ([`crate::infer_ops::attention`]) streams through at memory speed (a
+/// position-major layout would make it hop a whole row of heads per position). Unlike candle-nn's
+/// caches it can be truncated, which lets a sequence roll back to its longest common prefix with a
+/// new prompt.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     keys: Vec<Tensor>,
@@ -86,7 +88,7 @@ impl KvCache {
         device: &Device,
     ) -> Result<Self> {
         let capacity = capacity.clamp(1, config.context_length());
-        let shape = (1, capacity, config.n_kv_heads(), config.head_dim());
+        let shape = (1, config.n_kv_heads(), capacity, config.head_dim());
         let zeros = || Tensor::zeros(shape, dtype, device);
         let keys = (0..config.n_layers()).map(|_| zeros()).collect::<candle_core::Result<_>>()?;
         let values = (0..config.n_layers()).map(|_| zeros()).collect::<candle_core::Result<_>>()?;
@@ -141,10 +143,10 @@ impl KvCache {
         }
         let capacity = needed.max(self.capacity * 2).min(self.max_len);
         for tensor in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            let (_, _, heads, dim) = tensor.dims4()?;
-            let grown = Tensor::zeros((1, capacity, heads, dim), tensor.dtype(), tensor.device())?;
+            let (_, heads, _, dim) = tensor.dims4()?;
+            let grown = Tensor::zeros((1, heads, capacity, dim), tensor.dtype(), tensor.device())?;
             if self.len > 0 {
-                grown.slice_set(&tensor.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                grown.slice_set(&tensor.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
             }
             *tensor = grown;
         }
@@ -152,15 +154,18 @@ impl KvCache {
         Ok(())
     }
 
-    /// Writes this chunk's keys and values of `layer` at the current end and returns all of them.
-    fn append(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (_, seq, _, _) = k.dims4()?;
-        self.keys[layer].slice_set(k, 1, self.len)?;
-        self.values[layer].slice_set(v, 1, self.len)?;
-        Ok((
-            self.keys[layer].narrow(1, 0, self.len + seq)?,
-            self.values[layer].narrow(1, 0, self.len + seq)?,
-        ))
+    /// Writes this chunk's keys and values `(1, seq, kv_heads, head_dim)` of `layer` at the current
+    /// end; returns the layer's whole key and value buffers, whose first `len() + seq` positions
+    /// are now valid.
+    fn append(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(&Tensor, &Tensor)> {
+        let (keys, values) = (&self.keys[layer], &self.values[layer]);
+        keys.slice_set(&k.transpose(1, 2)?.contiguous()?.to_dtype(keys.dtype())?, 2, self.len)?;
+        values.slice_set(
+            &v.transpose(1, 2)?.contiguous()?.to_dtype(values.dtype())?,
+            2,
+            self.len,
+        )?;
+        Ok((keys, values))
     }
 }
 
@@ -252,6 +257,17 @@ enum Path {
     Infer(AttentionKernel),
 }
 
+impl Path {
+    /// `x Wᵀ` by `linear`: candle's differentiable matmul on the training path, the inference
+    /// kernels ([`QLinear::forward_infer`]) otherwise.
+    fn project(self, linear: &QLinear, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Path::Train => linear.forward(x)?,
+            Path::Infer(_) => linear.forward_infer(x)?,
+        })
+    }
+}
+
 /// Causal self-attention with RoPE and optional grouped-query key/value heads.
 #[derive(Debug, Clone)]
 struct Attention {
@@ -293,18 +309,42 @@ impl Attention {
     ) -> Result<Tensor> {
         let (batch, seq, _) = x.dims3()?;
         let start = cache.map_or(0, |(c, _)| c.len());
-        let q = self.q_proj.forward(x)?.reshape((batch, seq, self.n_heads, self.head_dim))?;
-        let k = self.k_proj.forward(x)?.reshape((batch, seq, self.n_kv_heads, self.head_dim))?;
-        let v = self.v_proj.forward(x)?.reshape((batch, seq, self.n_kv_heads, self.head_dim))?;
+        let q =
+            path.project(&self.q_proj, x)?.reshape((batch, seq, self.n_heads, self.head_dim))?;
+        let k =
+            path.project(&self.k_proj, x)?.reshape((batch, seq, self.n_kv_heads, self.head_dim))?;
+        let v =
+            path.project(&self.v_proj, x)?.reshape((batch, seq, self.n_kv_heads, self.head_dim))?;
         let (q, k) = match path {
             Path::Train => (rope.apply_train(&q, start)?, rope.apply_train(&k, start)?),
             Path::Infer(_) => (rope.apply_fused(&q, start)?, rope.apply_fused(&k, start)?),
         };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let (k, v) = match cache {
-            Some((cache, layer)) => cache.append(layer, &k, &v.contiguous()?)?,
+            Some((cache, layer)) => {
+                let (keys, values) = cache.append(layer, &k, &v)?;
+                let kv_len = start + seq;
+                // A decode step or a keystroke's few new tokens: one pass over the cache per query
+                // and head, straight from the head-major buffers.
+                if path == Path::Infer(AttentionKernel::Fused)
+                    && let Some(y) =
+                        crate::infer_ops::attention(&q, keys, values, kv_len, scale as f32)?
+                {
+                    let y = y.reshape((batch, seq, self.n_heads * self.head_dim))?;
+                    return path.project(&self.o_proj, &y);
+                }
+                // Other kernels take position-major `(1, kv_len, kv_heads, head_dim)` in the
+                // activation dtype.
+                let position_major = |t: &Tensor| -> Result<Tensor> {
+                    Ok(t.narrow(2, 0, kv_len)?
+                        .transpose(1, 2)?
+                        .contiguous()?
+                        .to_dtype(q.dtype())?)
+                };
+                (position_major(keys)?, position_major(values)?)
+            }
             None => (k, v),
         };
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let y = match path {
             Path::Infer(AttentionKernel::Fused) => match fused_attention(&q, &k, &v, scale)? {
                 Some(y) => y,
@@ -315,7 +355,7 @@ impl Attention {
             }
             Path::Train => plain_attention(&q, &k, &v, scale, start, true)?,
         };
-        Ok(self.o_proj.forward(&y.reshape((batch, seq, self.n_heads * self.head_dim))?)?)
+        path.project(&self.o_proj, &y.reshape((batch, seq, self.n_heads * self.head_dim))?)
     }
 }
 
@@ -431,10 +471,12 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated =
-            crate::train_ops::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
-        Ok(self.down_proj.forward(&gated)?)
+    fn forward(&self, x: &Tensor, path: Path) -> Result<Tensor> {
+        let gated = crate::train_ops::swiglu(
+            &path.project(&self.gate_proj, x)?,
+            &path.project(&self.up_proj, x)?,
+        )?;
+        path.project(&self.down_proj, &gated)
     }
 }
 
@@ -471,7 +513,7 @@ impl Block {
         };
         let h =
             (x + self.self_attn.forward(&norm(&self.input_layernorm, x)?, rope, path, cache)?)?;
-        Ok((&h + self.mlp.forward(&norm(&self.post_attention_layernorm, &h)?)?)?)
+        Ok((&h + self.mlp.forward(&norm(&self.post_attention_layernorm, &h)?, path)?)?)
     }
 }
 
@@ -678,12 +720,17 @@ impl Model {
             x = layer.forward(&x, &self.rope, Path::Infer(self.kernel), Some((cache, i)))?;
         }
         cache.len += seq;
-        Ok(self.lm_head.forward(&self.norm.forward_fused(&x)?)?)
+        Path::Infer(self.kernel).project(&self.lm_head, &self.norm.forward_fused(&x)?)
     }
 
-    /// A cache sized for this model, with room for `capacity` tokens before it grows.
+    /// A cache sized for this model, with room for `capacity` tokens before it grows. On a CPU
+    /// the keys and values are stored f16 (as llama.cpp stores them): a decode step reads the
+    /// whole cache, which at a few hundred tokens of context weighs as much as the weights, and
+    /// f16 halves that read; the attention kernel accumulates in f32. Elsewhere the cache takes
+    /// the model's dtype.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
-        KvCache::new(&self.config, capacity, self.dtype(), self.device())
+        let dtype = if self.device().is_cpu() { DType::F16 } else { self.dtype() };
+        KvCache::new(&self.config, capacity, dtype, self.device())
     }
 
     fn check_len(&self, seq: usize) -> Result<()> {

@@ -132,8 +132,11 @@ fn candles_gguf_llama_computes_our_logits() {
         let theirs_last = theirs.forward(&row(&prompt), 0).unwrap().i(0).unwrap();
         let diff = max_abs_diff(&ours_last, &theirs_last);
         let scale: f32 = ours_last.abs().unwrap().max(0).unwrap().to_scalar().unwrap();
+        // Our CPU KV cache is f16 (candle's GGUF LLaMA keeps f32): the rounded keys and values
+        // move a Q8_0-quantized activation by one rounding step here and there (f32: ~1e-4).
+        let tolerance = if precision == Precision::F32 { 1e-3 } else { 2e-2 };
         assert!(
-            diff <= 1e-3 * scale.max(1.0),
+            diff <= tolerance * scale.max(1.0),
             "{precision}: logits differ by {diff} (max {scale})"
         );
         // Without the q/k permutation the same weights give other logits (the test can fail).

@@ -45,8 +45,9 @@ fn fixture(config: &ModelConfig, seed: u64, scale: f64) -> Vec<(String, Tensor)>
 
 fn build(config: &ModelConfig, tensors: &[(String, Tensor)], precision: Precision) -> Model {
     let weights: HashMap<String, Weight> =
-        quant::quantize(tensors, precision).unwrap().into_iter().collect();
-    Model::from_weights(config, weights, precision.dense_dtype(), &Device::Cpu).unwrap()
+        quant::inference_weights(tensors, precision, &Device::Cpu).unwrap().into_iter().collect();
+    Model::from_weights(config, weights, precision.activation_dtype(&Device::Cpu), &Device::Cpu)
+        .unwrap()
 }
 
 fn logits(model: &Model, tokens: &[u32]) -> Tensor {
@@ -149,8 +150,10 @@ fn int8_decoding_matches_its_full_forward() {
         .collect();
     let stepped = Tensor::cat(&steps, 0).unwrap();
     let (agree, err) = compare(&full, &stepped);
-    // Both quantize activations to Q8_0 per row; only summation order may differ.
-    assert!(agree == 1.0 && err <= 1e-4, "incremental vs full: agreement {agree}, error {err}");
+    // Both quantize activations to Q8_0 per row and read the same f16 KV cache; only summation
+    // order differs (the decode kernels vs candle's prefill kernels), which can move a quantized
+    // activation by one rounding step (f32 models agree to ~1e-6 here).
+    assert!(agree == 1.0 && err <= 1e-2, "incremental vs full: agreement {agree}, error {err}");
 }
 
 /// Greedy generation of `n` tokens after `prompt`.

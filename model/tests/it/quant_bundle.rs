@@ -77,11 +77,12 @@ fn quantized_bundles_load_back_to_the_quantized_model() {
         assert_eq!(bundle.metadata().precision, precision);
         let loaded = bundle.model_at(precision, &Device::Cpu).unwrap();
         // The same quantization in memory, never written to disk.
-        let weights = quant::quantize(&f.model.named_tensors(), precision).unwrap();
+        let weights =
+            quant::inference_weights(&f.model.named_tensors(), precision, &Device::Cpu).unwrap();
         let direct = Model::from_weights(
             &f.config,
             weights.into_iter().collect(),
-            precision.dense_dtype(),
+            precision.activation_dtype(&Device::Cpu),
             &Device::Cpu,
         )
         .unwrap();

@@ -624,7 +624,8 @@ pub fn worker(conn: &Connection, args: &WorkerArgs) -> anyhow::Result<()> {
         n_layers: config.n_layers(),
         d_model: config.d_model(),
         context,
-        kv_bytes_per_token: config.kv_bytes_per_token(4),
+        // The CPU engine keeps its KV cache in f16 (`Model::new_cache`).
+        kv_bytes_per_token: config.kv_bytes_per_token(2),
         weight_file_bytes,
         threads: rayon_threads(),
         startup_ms,

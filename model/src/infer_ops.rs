@@ -1,0 +1,747 @@
+//! Fused CPU kernels of the inference forward for the few rows a decode step or a keystroke feeds
+//! (issue 10): matrix–vector products over f32, f16, Q8_0 and Q4_0 weights, and attention of a few
+//! new queries over the KV cache.
+//!
+//! A decode step is memory-bound: every weight is read once per token, and the only work that must
+//! be done is the dot product of each weight row with the current activation. candle's general
+//! paths spend most of that step elsewhere: its f32 matmul packs operands for a GEMM and runs one
+//! row single-threaded, its f16 matmul converts through f16 arithmetic, and its CPU flash-attention
+//! decode rescales its accumulator at every cached position. These kernels read each weight row once
+//! for all the input rows (up to [`MAX_ROWS`]), keep the activation in L1, and split the output rows
+//! over candle's own thread pool, so they share its threads instead of competing with them. Each
+//! output element is computed by one thread in a fixed order, so results do not depend on the thread
+//! count or on scheduling.
+//!
+//! With AVX2, FMA and F16C enabled at compile time (the default build, see `.cargo/config.toml`)
+//! the inner products use those instructions; elsewhere they run as portable loops that the tests
+//! hold the vector code to. Quantized weights use GGML's block layouts, which are candle's: Q8_0 is
+//! an f16 scale and 32 `i8`s (34 bytes per 32 weights), Q4_0 an f16 scale and 16 bytes of 4-bit
+//! values (the first 16 weights in the low nibbles, the next 16 in the high ones, each minus 8).
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use half::f16;
+
+use crate::train_ops::{Out, data};
+
+/// The most input rows the matrix–vector kernels take; longer inputs (prefill) go to candle's GEMM.
+pub const MAX_ROWS: usize = 8;
+
+/// The most new queries [`attention`] takes; longer chunks go to candle's flash attention.
+pub const MAX_QUERIES: usize = 16;
+
+/// Weights per GGML Q8_0/Q4_0 block.
+const BLOCK: usize = 32;
+/// Bytes per Q8_0 block: an f16 scale and 32 `i8`s.
+const Q8_0_BYTES: usize = 34;
+/// Bytes per Q4_0 block: an f16 scale and 16 bytes of nibbles.
+const Q4_0_BYTES: usize = 18;
+
+/// A `(out, in)` weight matrix as the kernels read it: row-major, one row per output feature.
+#[derive(Debug, Clone, Copy)]
+pub enum WeightRows<'a> {
+    /// Dense f32 rows.
+    F32(&'a [f32]),
+    /// Dense f16 rows.
+    F16(&'a [f16]),
+    /// GGML Q8_0 blocks.
+    Q8_0(&'a [u8]),
+    /// GGML Q4_0 blocks.
+    Q4_0(&'a [u8]),
+}
+
+impl<'a> WeightRows<'a> {
+    /// The view of a CPU quantized tensor whose block type the kernels know, else `None`.
+    pub fn of_qtensor(q: &'a QTensor, bytes: &'a [u8]) -> Option<Self> {
+        match q.dtype() {
+            GgmlDType::Q8_0 => Some(WeightRows::Q8_0(bytes)),
+            GgmlDType::Q4_0 => Some(WeightRows::Q4_0(bytes)),
+            GgmlDType::F16 => {
+                if !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f16>()) {
+                    return None;
+                }
+                // SAFETY: the bytes are the tensor's f16 values (GgmlDType::F16 storage), aligned
+                // (checked above), and borrowed for 'a.
+                Some(WeightRows::F16(unsafe {
+                    std::slice::from_raw_parts(bytes.as_ptr().cast::<f16>(), bytes.len() / 2)
+                }))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the storage matches a `(rows, cols)` matrix.
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        match self {
+            WeightRows::F32(w) => w.len() == rows * cols,
+            WeightRows::F16(w) => w.len() == rows * cols,
+            WeightRows::Q8_0(w) => {
+                cols.is_multiple_of(BLOCK) && w.len() == rows * cols / BLOCK * Q8_0_BYTES
+            }
+            WeightRows::Q4_0(w) => {
+                cols.is_multiple_of(BLOCK) && w.len() == rows * cols / BLOCK * Q4_0_BYTES
+            }
+        }
+    }
+}
+
+/// `y = x Wᵀ` for `x` of shape `(.., in)` with at most [`MAX_ROWS`] rows and `W` of shape
+/// `(out, in)`; `None` when the kernels do not apply (not a CPU f32 input, too many rows, or a
+/// weight whose storage does not match the shape), so the caller takes candle's path.
+pub fn linear(x: &Tensor, weight: WeightRows<'_>, out: usize) -> Result<Option<Tensor>> {
+    let cols = x.dim(candle_core::D::Minus1)?;
+    if !x.device().is_cpu()
+        || x.dtype() != DType::F32
+        || x.elem_count() / cols.max(1) > MAX_ROWS
+        || !weight.fits(out, cols)
+    {
+        return Ok(None);
+    }
+    x.contiguous()?.apply_op1_no_bwd(&Linear { weight, out }).map(Some)
+}
+
+/// The custom op behind [`linear`].
+struct Linear<'a> {
+    weight: WeightRows<'a>,
+    out: usize,
+}
+
+impl CustomOp1 for Linear<'_> {
+    fn name(&self) -> &'static str {
+        "m31r-gemv"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = data(storage, layout, self.name())?;
+        let cols = *layout.dims().last().unwrap_or(&0);
+        let rows = x.len() / cols.max(1);
+        let mut y = vec![0f32; rows * self.out];
+        gemv(self.weight, x, cols, &mut y);
+        let mut dims = layout.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = self.out;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+}
+
+/// Output rows of `W` per work item: a few KiB of weights, enough to amortise scheduling.
+const ROWS_PER_ITEM: usize = 16;
+
+/// `y[r][o] = x[r] · W[o]` for the `x.len() / cols` rows of `x`; `y` is `(rows, out)`.
+pub fn gemv(weight: WeightRows<'_>, x: &[f32], cols: usize, y: &mut [f32]) {
+    let rows = x.len() / cols;
+    let out = y.len() / rows.max(1);
+    if rows == 0 || out == 0 {
+        return;
+    }
+    // Quantized weights take the activation quantized to Q8_0 once, as GGML does.
+    let quantized: Vec<Q8Row> = match weight {
+        WeightRows::Q8_0(_) | WeightRows::Q4_0(_) => x.chunks(cols).map(Q8Row::quantize).collect(),
+        WeightRows::F32(_) | WeightRows::F16(_) => Vec::new(),
+    };
+    let y_out = Out::new(y);
+    let items = out.div_ceil(ROWS_PER_ITEM);
+    candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+        let first = range.start * ROWS_PER_ITEM;
+        let last = out.min(range.end * ROWS_PER_ITEM);
+        let mut dots = [0f32; MAX_ROWS];
+        let mut tile = vec![0f32; rows * (last - first)];
+        for o in first..last {
+            match weight {
+                WeightRows::F32(w) => {
+                    let w = &w[o * cols..(o + 1) * cols];
+                    for (r, d) in dots[..rows].iter_mut().enumerate() {
+                        *d = dot_f32(w, &x[r * cols..(r + 1) * cols]);
+                    }
+                }
+                WeightRows::F16(w) => {
+                    let w = &w[o * cols..(o + 1) * cols];
+                    for (r, d) in dots[..rows].iter_mut().enumerate() {
+                        *d = dot_f16(w, &x[r * cols..(r + 1) * cols]);
+                    }
+                }
+                WeightRows::Q8_0(w) => {
+                    let n = cols / BLOCK * Q8_0_BYTES;
+                    let w = &w[o * n..(o + 1) * n];
+                    for (q, d) in quantized.iter().zip(&mut dots) {
+                        *d = dot_q8_0(w, q);
+                    }
+                }
+                WeightRows::Q4_0(w) => {
+                    let n = cols / BLOCK * Q4_0_BYTES;
+                    let w = &w[o * n..(o + 1) * n];
+                    for (q, d) in quantized.iter().zip(&mut dots) {
+                        *d = dot_q4_0(w, q);
+                    }
+                }
+            }
+            for (r, d) in dots[..rows].iter().enumerate() {
+                tile[r * (last - first) + o - first] = *d;
+            }
+        }
+        for r in 0..rows {
+            // SAFETY: work items cover disjoint ranges of output columns `first..last`.
+            let y = unsafe { y_out.part(r * out + first..r * out + last) };
+            y.copy_from_slice(&tile[r * (last - first)..(r + 1) * (last - first)]);
+        }
+    });
+}
+
+/// One activation row quantized to Q8_0: per block of 32, a scale and 32 `i8`s.
+#[derive(Debug, Clone)]
+pub struct Q8Row {
+    scales: Vec<f32>,
+    quants: Vec<i8>,
+}
+
+impl Q8Row {
+    /// Quantizes `x` (its length a multiple of 32) as GGML's `quantize_row_q8_0` does: each block
+    /// scaled so its largest magnitude maps to 127, values rounded half away from zero. The scale
+    /// is kept at f16 precision, as GGML stores it.
+    pub fn quantize(x: &[f32]) -> Self {
+        let mut scales = Vec::with_capacity(x.len() / BLOCK);
+        let mut quants = Vec::with_capacity(x.len());
+        for block in x.chunks(BLOCK) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+            scales.push(f16::from_f32(d).to_f32());
+            quants.extend(block.iter().map(|v| (v * id).round() as i8));
+        }
+        Self { scales, quants }
+    }
+}
+
+fn scale(block: &[u8]) -> f32 {
+    f16::from_le_bytes([block[0], block[1]]).to_f32()
+}
+
+/// Portable reference kernels (and the fallback where AVX2/FMA/F16C are not compiled in).
+pub mod portable {
+    use super::*;
+
+    /// `a · b` over f32.
+    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        crate::train_ops::dot(a, b)
+    }
+
+    /// `w · x` with f16 weights.
+    pub fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
+        let mut acc = [0f32; 8];
+        let (cw, cx) = (w.chunks_exact(8), x.chunks_exact(8));
+        let tail: f32 =
+            cw.remainder().iter().zip(cx.remainder()).map(|(a, b)| a.to_f32() * b).sum();
+        for (a, b) in cw.zip(cx) {
+            for k in 0..8 {
+                acc[k] += a[k].to_f32() * b[k];
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+
+    /// `acc += p · x`.
+    pub fn axpy_f32(p: f32, x: &[f32], acc: &mut [f32]) {
+        acc.iter_mut().zip(x).for_each(|(a, x)| *a += p * x);
+    }
+
+    /// `acc += p · x` with f16 `x`.
+    pub fn axpy_f16(p: f32, x: &[f16], acc: &mut [f32]) {
+        acc.iter_mut().zip(x).for_each(|(a, x)| *a += p * x.to_f32());
+    }
+
+    /// One row of Q8_0 weight blocks times a Q8_0 activation row.
+    pub fn dot_q8_0(w: &[u8], x: &Q8Row) -> f32 {
+        w.chunks_exact(Q8_0_BYTES)
+            .zip(x.quants.chunks_exact(BLOCK))
+            .zip(&x.scales)
+            .map(|((block, xq), xd)| {
+                let sum: i32 = block[2..]
+                    .iter()
+                    .zip(xq)
+                    .map(|(&wq, &xq)| i32::from(wq as i8) * i32::from(xq))
+                    .sum();
+                sum as f32 * scale(block) * xd
+            })
+            .sum()
+    }
+
+    /// One row of Q4_0 weight blocks times a Q8_0 activation row.
+    pub fn dot_q4_0(w: &[u8], x: &Q8Row) -> f32 {
+        w.chunks_exact(Q4_0_BYTES)
+            .zip(x.quants.chunks_exact(BLOCK))
+            .zip(&x.scales)
+            .map(|((block, xq), xd)| {
+                let nibbles = &block[2..];
+                let sum: i32 = (0..16)
+                    .map(|i| {
+                        let lo = i32::from(nibbles[i] & 0x0F) - 8;
+                        let hi = i32::from(nibbles[i] >> 4) - 8;
+                        lo * i32::from(xq[i]) + hi * i32::from(xq[i + 16])
+                    })
+                    .sum();
+                sum as f32 * scale(block) * xd
+            })
+            .sum()
+    }
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+mod avx2 {
+    //! The kernels with AVX2 / FMA / F16C intrinsics (compiled in by `target-cpu=x86-64-v3`).
+
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK, Q4_0_BYTES, Q8_0_BYTES, Q8Row, f16, scale};
+
+    #[inline]
+    fn hsum(v: __m256) -> f32 {
+        // SAFETY: the intrinsics need AVX, compiled in (cfg of this module).
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
+    }
+
+    /// `a · b` over f32, 32 lanes at a time in four accumulators.
+    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let body = n / 32 * 32;
+        // SAFETY: every load reads 8 floats at an index below `body` ≤ both lengths.
+        let sum = unsafe {
+            let (pa, pb) = (a.as_ptr(), b.as_ptr());
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i < body {
+                for (k, acc) in acc.iter_mut().enumerate() {
+                    let j = i + 8 * k;
+                    *acc = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pa.add(j)),
+                        _mm256_loadu_ps(pb.add(j)),
+                        *acc,
+                    );
+                }
+                i += 32;
+            }
+            hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+        };
+        sum + a[body..n].iter().zip(&b[body..n]).map(|(x, y)| x * y).sum::<f32>()
+    }
+
+    /// `w · x` with f16 weights converted by `vcvtph2ps`, 32 lanes at a time.
+    pub fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let body = n / 32 * 32;
+        // SAFETY: every load reads 8 values at an index below `body` ≤ both lengths.
+        let sum = unsafe {
+            let (pw, px) = (w.as_ptr().cast::<__m128i>(), x.as_ptr());
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i < body {
+                for (k, acc) in acc.iter_mut().enumerate() {
+                    let j = i + 8 * k;
+                    let wv = _mm256_cvtph_ps(_mm_loadu_si128(pw.add(j / 8)));
+                    *acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(j)), *acc);
+                }
+                i += 32;
+            }
+            hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])))
+        };
+        sum + w[body..n].iter().zip(&x[body..n]).map(|(a, b)| a.to_f32() * b).sum::<f32>()
+    }
+
+    /// `acc += p · x`, eight lanes at a time.
+    pub fn axpy_f32(p: f32, x: &[f32], acc: &mut [f32]) {
+        let n = x.len().min(acc.len());
+        let body = n / 8 * 8;
+        // SAFETY: every access touches 8 floats at an index below `body` ≤ both lengths.
+        unsafe {
+            let pv = _mm256_set1_ps(p);
+            for i in (0..body).step_by(8) {
+                let a = acc.as_mut_ptr().add(i);
+                _mm256_storeu_ps(
+                    a,
+                    _mm256_fmadd_ps(pv, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(a)),
+                );
+            }
+        }
+        acc[body..n].iter_mut().zip(&x[body..n]).for_each(|(a, x)| *a += p * x);
+    }
+
+    /// `acc += p · x` with f16 `x`, eight lanes at a time.
+    pub fn axpy_f16(p: f32, x: &[f16], acc: &mut [f32]) {
+        let n = x.len().min(acc.len());
+        let body = n / 8 * 8;
+        // SAFETY: every access touches 8 values at an index below `body` ≤ both lengths.
+        unsafe {
+            let pv = _mm256_set1_ps(p);
+            for i in (0..body).step_by(8) {
+                let a = acc.as_mut_ptr().add(i);
+                let xv = _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().add(i).cast()));
+                _mm256_storeu_ps(a, _mm256_fmadd_ps(pv, xv, _mm256_loadu_ps(a)));
+            }
+        }
+        acc[body..n].iter_mut().zip(&x[body..n]).for_each(|(a, x)| *a += p * x.to_f32());
+    }
+
+    /// Eight i32 sums of products of signed bytes `a` and `b` (pairs of four), as f32.
+    #[inline]
+    fn mul_sum_i8(a: __m256i, b: __m256i) -> __m256 {
+        // SAFETY: AVX2 intrinsics, compiled in. maddubs takes unsigned × signed: move a's sign
+        // onto b.
+        unsafe {
+            let ax = _mm256_sign_epi8(a, a);
+            let sy = _mm256_sign_epi8(b, a);
+            let pairs = _mm256_maddubs_epi16(ax, sy);
+            _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        }
+    }
+
+    /// One row of Q8_0 weight blocks times a Q8_0 activation row.
+    pub fn dot_q8_0(w: &[u8], x: &Q8Row) -> f32 {
+        let blocks = (w.len() / Q8_0_BYTES).min(x.scales.len());
+        // SAFETY: block `b` reads bytes `b·34 + 2 .. b·34 + 34` of `w` and `b·32 .. b·32 + 32`
+        // of the quants, both in bounds for `b < blocks`.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 2];
+            for b in 0..blocks {
+                let block = &w[b * Q8_0_BYTES..];
+                let wq = _mm256_loadu_si256(block.as_ptr().add(2).cast());
+                let xq = _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK).cast());
+                let d = _mm256_set1_ps(scale(block) * x.scales[b]);
+                acc[b & 1] = _mm256_fmadd_ps(d, mul_sum_i8(wq, xq), acc[b & 1]);
+            }
+            hsum(_mm256_add_ps(acc[0], acc[1]))
+        }
+    }
+
+    /// One row of Q4_0 weight blocks times a Q8_0 activation row.
+    pub fn dot_q4_0(w: &[u8], x: &Q8Row) -> f32 {
+        let blocks = (w.len() / Q4_0_BYTES).min(x.scales.len());
+        // SAFETY: block `b` reads bytes `b·18 + 2 .. b·18 + 18` of `w` and `b·32 .. b·32 + 32`
+        // of the quants, both in bounds for `b < blocks`.
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            let eight = _mm256_set1_epi8(8);
+            let mut acc = [_mm256_setzero_ps(); 2];
+            for b in 0..blocks {
+                let block = &w[b * Q4_0_BYTES..];
+                let packed = _mm_loadu_si128(block.as_ptr().add(2).cast());
+                // Weights 0..16 are the low nibbles, 16..32 the high ones.
+                let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+                let wq = _mm256_sub_epi8(_mm256_and_si256(both, low), eight);
+                let xq = _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK).cast());
+                let d = _mm256_set1_ps(scale(block) * x.scales[b]);
+                acc[b & 1] = _mm256_fmadd_ps(d, mul_sum_i8(wq, xq), acc[b & 1]);
+            }
+            hsum(_mm256_add_ps(acc[0], acc[1]))
+        }
+    }
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+use avx2::{axpy_f16, axpy_f32, dot_f16, dot_f32, dot_q4_0, dot_q8_0};
+#[cfg(not(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+)))]
+use portable::{axpy_f16, axpy_f32, dot_f16, dot_f32, dot_q4_0, dot_q8_0};
+
+/// Causal attention of the `seq` newest queries `q` `(1, seq, heads, dim)` over a layer's
+/// head-major key and value buffers `(1, kv_heads, capacity, dim)` (f32 or f16), of which the first
+/// `kv_len` positions are valid and the last `seq` of those are the queries' own; returns
+/// `(1, seq, heads, dim)`. `None` when the kernel does not apply (not CPU, more than
+/// [`MAX_QUERIES`] queries), so the caller takes candle's flash attention.
+pub fn attention(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    kv_len: usize,
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    let (_, seq, heads, dim) = q.dims4()?;
+    let (_, kv_heads, capacity, _) = keys.dims4()?;
+    let on_cpu = [q, keys, values].iter().all(|t| t.device().is_cpu());
+    if seq > MAX_QUERIES
+        || seq > kv_len
+        || kv_len > capacity
+        || kv_heads == 0
+        || !heads.is_multiple_of(kv_heads)
+        || !on_cpu
+        || q.dtype() != DType::F32
+        || !matches!(keys.dtype(), DType::F32 | DType::F16)
+        || keys.dtype() != values.dtype()
+        || keys.dims() != values.dims()
+    {
+        return Ok(None);
+    }
+    let op = Attention { heads, kv_heads, dim, capacity, kv_len, scale };
+    q.contiguous()?.apply_op3_no_bwd(&keys.contiguous()?, &values.contiguous()?, &op).map(Some)
+}
+
+/// The custom op behind [`attention`].
+struct Attention {
+    heads: usize,
+    kv_heads: usize,
+    dim: usize,
+    capacity: usize,
+    kv_len: usize,
+    scale: f32,
+}
+
+/// One layer's cached keys or values as the attention kernel reads them.
+#[derive(Clone, Copy)]
+enum CacheRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl<'a> CacheRows<'a> {
+    fn of(storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("attention: non-contiguous cache".into()))?;
+        match storage {
+            CpuStorage::F32(v) => Ok(CacheRows::F32(&v[start..end])),
+            CpuStorage::F16(v) => Ok(CacheRows::F16(&v[start..end])),
+            _ => candle_core::bail!("attention: the cache must be f32 or f16"),
+        }
+    }
+
+    /// `x · row` of the row starting at `at`.
+    fn dot(self, at: usize, x: &[f32]) -> f32 {
+        match self {
+            CacheRows::F32(t) => dot_f32(&t[at..at + x.len()], x),
+            CacheRows::F16(t) => dot_f16(&t[at..at + x.len()], x),
+        }
+    }
+
+    /// `acc += p · row` of the row starting at `at`.
+    fn axpy(self, at: usize, p: f32, acc: &mut [f32]) {
+        match self {
+            CacheRows::F32(t) => axpy_f32(p, &t[at..at + acc.len()], acc),
+            CacheRows::F16(t) => axpy_f16(p, &t[at..at + acc.len()], acc),
+        }
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "m31r-decode-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = data(s1, l1, self.name())?;
+        let (k, v) = (CacheRows::of(s2, l2)?, CacheRows::of(s3, l3)?);
+        let (heads, dim, kv_len) = (self.heads, self.dim, self.kv_len);
+        let seq = q.len() / (heads * dim);
+        let group = heads / self.kv_heads;
+        let mut y = vec![0f32; q.len()];
+        let out = Out::new(&mut y);
+        // One work item per (query, head): its scores, softmax and weighted sum of values, reading
+        // the head's cached positions as one contiguous run.
+        candle_core::utils::barrier_pool().execute_chunked(seq * heads, |range| {
+            let mut scores = vec![0f32; kv_len];
+            for item in range {
+                let (i, h) = (item / heads, item % heads);
+                // Query i sits at position kv_len - seq + i and sees keys up to it.
+                let visible = kv_len - seq + i + 1;
+                let base = (h / group) * self.capacity * dim;
+                let query = &q[item * dim..(item + 1) * dim];
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in scores[..visible].iter_mut().enumerate() {
+                    *s = k.dot(base + j * dim, query) * self.scale;
+                    max = max.max(*s);
+                }
+                let mut total = 0f32;
+                for s in &mut scores[..visible] {
+                    *s = (*s - max).exp();
+                    total += *s;
+                }
+                // SAFETY: each item writes its own (query, head) row.
+                let acc = unsafe { out.part(item * dim..(item + 1) * dim) };
+                for (j, p) in scores[..visible].iter().enumerate() {
+                    v.axpy(base + j * dim, *p, acc);
+                }
+                let inv = 1.0 / total;
+                acc.iter_mut().for_each(|a| *a *= inv);
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from(l1.dims())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The vector kernels against the portable ones, and the ops against candle's reference paths.
+
+    use candle_core::Device;
+    use candle_core::quantized::QTensor;
+
+    use super::*;
+    use crate::rng::Rng;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut v = vec![0f32; n];
+        Rng::for_stream(seed, "infer_ops").fill_normal(&mut v, 1.0);
+        v
+    }
+
+    fn close(a: f32, b: f32, tol: f32) -> bool {
+        (a - b).abs() <= tol * (1.0 + a.abs().max(b.abs()))
+    }
+
+    #[test]
+    fn vector_dots_match_the_portable_ones() {
+        for n in [1, 31, 32, 96, 577] {
+            let (a, b) = (values(n, 1), values(n, 2));
+            assert!(close(dot_f32(&a, &b), portable::dot_f32(&a, &b), 1e-5), "f32 {n}");
+            let h: Vec<f16> = a.iter().map(|&x| f16::from_f32(x)).collect();
+            assert!(close(dot_f16(&h, &b), portable::dot_f16(&h, &b), 1e-5), "f16 {n}");
+        }
+        let (w, x) = (values(320, 3), values(320, 4));
+        let xq = Q8Row::quantize(&x);
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+            let t = Tensor::from_vec(w.clone(), (1, 320), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&t, dtype).unwrap();
+            let bytes = q.data().unwrap();
+            let (fast, slow) = match WeightRows::of_qtensor(&q, &bytes).unwrap() {
+                WeightRows::Q8_0(b) => (dot_q8_0(b, &xq), portable::dot_q8_0(b, &xq)),
+                WeightRows::Q4_0(b) => (dot_q4_0(b, &xq), portable::dot_q4_0(b, &xq)),
+                other => panic!("unexpected view {other:?}"),
+            };
+            assert!(close(fast, slow, 1e-5), "{dtype:?}: {fast} vs {slow}");
+        }
+    }
+
+    /// Every weight kind through [`linear`] against candle: the float kinds against the matmul
+    /// of the dequantized weight, the block kinds against candle's quantized matmul (which
+    /// quantizes the activation to Q8_0 the same way), so only summation order may differ.
+    #[test]
+    fn linear_matches_candle() {
+        use candle_core::Module;
+        use candle_core::quantized::QMatMul;
+
+        let (out, cols) = (70, 96);
+        let w = Tensor::from_vec(values(out * cols, 5), (out, cols), &Device::Cpu).unwrap();
+        for rows in [1, 3, MAX_ROWS] {
+            let x =
+                Tensor::from_vec(values(rows * cols, 6), (1, rows, cols), &Device::Cpu).unwrap();
+            for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::Q8_0, GgmlDType::Q4_0] {
+                let q = std::sync::Arc::new(QTensor::quantize(&w, dtype).unwrap());
+                let dense = q.dequantize(&Device::Cpu).unwrap();
+                let reference = match dtype {
+                    GgmlDType::F32 | GgmlDType::F16 => x.broadcast_matmul(&dense.t().unwrap()),
+                    _ => QMatMul::QTensor(q.clone()).forward(&x),
+                }
+                .unwrap();
+                let dense = dense.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let bytes = q.data().unwrap();
+                let view = match dtype {
+                    GgmlDType::F32 => WeightRows::F32(&dense),
+                    _ => WeightRows::of_qtensor(&q, &bytes).unwrap(),
+                };
+                let y = linear(&x, view, out).unwrap().unwrap();
+                assert_eq!(y.dims(), &[1, rows, out]);
+                let err: f32 = (&y - &reference)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                assert!(err <= 1e-4, "{dtype:?} rows {rows}: max error {err}");
+            }
+        }
+        let too_many = Tensor::zeros((MAX_ROWS + 1, cols), DType::F32, &Device::Cpu).unwrap();
+        let dense = vec![0f32; out * cols];
+        assert!(linear(&too_many, WeightRows::F32(&dense), out).unwrap().is_none());
+        let one = too_many.narrow(0, 0, 1).unwrap();
+        assert!(linear(&one, WeightRows::F32(&dense), out + 1).unwrap().is_none());
+    }
+
+    #[test]
+    fn attention_matches_the_plain_softmax() {
+        let (heads, kv_heads, dim, kv_len, capacity) = (4, 2, 16, 11, 13);
+        let cache = |seed| {
+            Tensor::from_vec(
+                values(kv_heads * capacity * dim, seed),
+                (1, kv_heads, capacity, dim),
+                &Device::Cpu,
+            )
+            .unwrap()
+        };
+        let at = |h: usize, j: usize| (h * capacity + j) * dim;
+        for dtype in [DType::F32, DType::F16] {
+            // The reference reads the values the cache holds.
+            let (k, v) = (cache(8).to_dtype(dtype).unwrap(), cache(9).to_dtype(dtype).unwrap());
+            let flat = |t: &Tensor| {
+                t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            let (kv, vv) = (flat(&k), flat(&v));
+            for seq in [1, 3] {
+                let q = Tensor::from_vec(
+                    values(seq * heads * dim, 7),
+                    (1, seq, heads, dim),
+                    &Device::Cpu,
+                )
+                .unwrap();
+                let y = attention(&q, &k, &v, kv_len, 0.25).unwrap().unwrap();
+                assert_eq!(y.dims(), q.dims());
+                let qv = q.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let yv = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                for i in 0..seq {
+                    for h in 0..heads {
+                        let kh = h / (heads / kv_heads);
+                        let qrow = &qv[(i * heads + h) * dim..][..dim];
+                        let visible = kv_len - seq + i + 1;
+                        let scores: Vec<f32> = (0..visible)
+                            .map(|j| {
+                                qrow.iter()
+                                    .zip(&kv[at(kh, j)..][..dim])
+                                    .map(|(a, b)| a * b)
+                                    .sum::<f32>()
+                                    * 0.25
+                            })
+                            .collect();
+                        let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                        let exps: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                        let total: f32 = exps.iter().sum();
+                        for t in 0..dim {
+                            let want: f32 =
+                                (0..visible).map(|j| exps[j] / total * vv[at(kh, j) + t]).sum();
+                            let got = yv[(i * heads + h) * dim + t];
+                            assert!(
+                                close(got, want, 1e-4),
+                                "{dtype:?} seq {seq} query {i} head {h}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
