@@ -3,6 +3,7 @@
 //!
 //! ```sh
 //! cargo run --release -p m31r-model --example forward_timing -- BUNDLE [PROMPT_TOKENS] [DECODE_STEPS] [ROUNDS]
+//! M31R_ATTENTION=plain …   # matmul + softmax attention instead of the fused kernels
 //! ```
 
 use std::path::PathBuf;
@@ -20,7 +21,10 @@ fn main() -> anyhow::Result<()> {
     let steps: usize = args.next().map_or(Ok(64), |s| s.parse())?;
     let rounds: usize = args.next().map_or(Ok(3), |s| s.parse())?;
     let bundle = Bundle::open(&dir)?;
-    let model = bundle.model_at(bundle.precision(), &Device::Cpu)?;
+    let mut model = bundle.model_at(bundle.precision(), &Device::Cpu)?;
+    if std::env::var("M31R_ATTENTION").is_ok_and(|k| k == "plain") {
+        model.set_attention_kernel(m31r_model::AttentionKernel::Plain);
+    }
     let vocab = model.config().vocab_size() as u32;
     let ids: Vec<u32> = (0..prompt as u32).map(|i| (i * 7919 + 13) % vocab).collect();
     for round in 0..rounds {

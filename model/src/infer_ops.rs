@@ -19,7 +19,7 @@
 //! values (the first 16 weights in the low nibbles, the next 16 in the high ones, each minus 8).
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use half::f16;
 
 use crate::train_ops::{Out, data};
@@ -89,40 +89,42 @@ impl<'a> WeightRows<'a> {
 /// `(out, in)`; `None` when the kernels do not apply (not a CPU f32 input, too many rows, or a
 /// weight whose storage does not match the shape), so the caller takes candle's path.
 pub fn linear(x: &Tensor, weight: WeightRows<'_>, out: usize) -> Result<Option<Tensor>> {
+    Ok(linear_many(x, &[(weight, out)])?.and_then(|mut ys| ys.pop()))
+}
+
+/// [`linear`] for several weights applied to the same input (a block's q/k/v projections, its
+/// gate and up projections): the input is read and quantized once, and all the output rows are
+/// shared out over the thread pool in one dispatch. Outputs come back in the order of `weights`.
+pub fn linear_many(x: &Tensor, weights: &[(WeightRows<'_>, usize)]) -> Result<Option<Vec<Tensor>>> {
     let cols = x.dim(candle_core::D::Minus1)?;
     if !x.device().is_cpu()
         || x.dtype() != DType::F32
         || x.elem_count() / cols.max(1) > MAX_ROWS
-        || !weight.fits(out, cols)
+        || !weights.iter().all(|(w, out)| w.fits(*out, cols))
     {
         return Ok(None);
     }
-    x.contiguous()?.apply_op1_no_bwd(&Linear { weight, out }).map(Some)
-}
-
-/// The custom op behind [`linear`].
-struct Linear<'a> {
-    weight: WeightRows<'a>,
-    out: usize,
-}
-
-impl CustomOp1 for Linear<'_> {
-    fn name(&self) -> &'static str {
-        "m31r-gemv"
+    let x = x.contiguous()?;
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let rows = xs.len() / cols.max(1);
+    let mut ys: Vec<Vec<f32>> = weights.iter().map(|(_, out)| vec![0f32; rows * out]).collect();
+    {
+        let mut parts: Vec<(WeightRows<'_>, &mut [f32])> =
+            weights.iter().zip(&mut ys).map(|((w, _), y)| (*w, y.as_mut_slice())).collect();
+        gemv_many(&mut parts, &xs, cols);
     }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = data(storage, layout, self.name())?;
-        let cols = *layout.dims().last().unwrap_or(&0);
-        let rows = x.len() / cols.max(1);
-        let mut y = vec![0f32; rows * self.out];
-        gemv(self.weight, x, cols, &mut y);
-        let mut dims = layout.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = self.out;
-        }
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
-    }
+    let mut dims = x.dims().to_vec();
+    weights
+        .iter()
+        .zip(ys)
+        .map(|((_, out), y)| {
+            if let Some(last) = dims.last_mut() {
+                *last = *out;
+            }
+            Tensor::from_vec(y, dims.as_slice(), x.device())
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
 }
 
 /// Output rows of `W` per work item: a few KiB of weights, enough to amortise scheduling.
@@ -130,60 +132,79 @@ const ROWS_PER_ITEM: usize = 16;
 
 /// `y[r][o] = x[r] · W[o]` for the `x.len() / cols` rows of `x`; `y` is `(rows, out)`.
 pub fn gemv(weight: WeightRows<'_>, x: &[f32], cols: usize, y: &mut [f32]) {
-    let rows = x.len() / cols;
-    let out = y.len() / rows.max(1);
-    if rows == 0 || out == 0 {
+    gemv_many(&mut [(weight, y)], x, cols);
+}
+
+/// [`gemv`] for several `(W, y)` pairs over the same `x`, in one dispatch over all output rows.
+pub fn gemv_many(parts: &mut [(WeightRows<'_>, &mut [f32])], x: &[f32], cols: usize) {
+    let rows = x.len() / cols.max(1);
+    if rows == 0 {
         return;
     }
     // Quantized weights take the activation quantized to Q8_0 once, as GGML does.
-    let quantized: Vec<Q8Row> = match weight {
-        WeightRows::Q8_0(_) | WeightRows::Q4_0(_) => x.chunks(cols).map(Q8Row::quantize).collect(),
-        WeightRows::F32(_) | WeightRows::F16(_) => Vec::new(),
-    };
-    let y_out = Out::new(y);
-    let items = out.div_ceil(ROWS_PER_ITEM);
+    let quantized: Vec<Q8Row> =
+        if parts.iter().any(|(w, _)| matches!(w, WeightRows::Q8_0(_) | WeightRows::Q4_0(_))) {
+            x.chunks(cols).map(Q8Row::quantize).collect()
+        } else {
+            Vec::new()
+        };
+    // Work items are blocks of output rows, numbered across the parts in order.
+    let outs: Vec<usize> = parts.iter().map(|(_, y)| y.len() / rows).collect();
+    let mut first_item = Vec::with_capacity(parts.len() + 1);
+    first_item.push(0);
+    for out in &outs {
+        first_item.push(first_item.last().copied().unwrap_or(0) + out.div_ceil(ROWS_PER_ITEM));
+    }
+    let weights: Vec<WeightRows<'_>> = parts.iter().map(|(w, _)| *w).collect();
+    let ys: Vec<Out> = parts.iter_mut().map(|(_, y)| Out::new(y)).collect();
+    let items = first_item.last().copied().unwrap_or(0);
     candle_core::utils::barrier_pool().execute_chunked(items, |range| {
-        let first = range.start * ROWS_PER_ITEM;
-        let last = out.min(range.end * ROWS_PER_ITEM);
-        let mut dots = [0f32; MAX_ROWS];
-        let mut tile = vec![0f32; rows * (last - first)];
-        for o in first..last {
-            match weight {
-                WeightRows::F32(w) => {
-                    let w = &w[o * cols..(o + 1) * cols];
-                    for (r, d) in dots[..rows].iter_mut().enumerate() {
-                        *d = dot_f32(w, &x[r * cols..(r + 1) * cols]);
+        let mut tile = [0f32; MAX_ROWS * ROWS_PER_ITEM];
+        for item in range {
+            let part = first_item.partition_point(|&f| f <= item) - 1;
+            let (weight, out) = (weights[part], outs[part]);
+            let first = (item - first_item[part]) * ROWS_PER_ITEM;
+            let last = out.min(first + ROWS_PER_ITEM);
+            let width = last - first;
+            for o in first..last {
+                let mut dots = [0f32; MAX_ROWS];
+                match weight {
+                    WeightRows::F32(w) => {
+                        let w = &w[o * cols..(o + 1) * cols];
+                        for (r, d) in dots[..rows].iter_mut().enumerate() {
+                            *d = dot_f32(w, &x[r * cols..(r + 1) * cols]);
+                        }
+                    }
+                    WeightRows::F16(w) => {
+                        let w = &w[o * cols..(o + 1) * cols];
+                        for (r, d) in dots[..rows].iter_mut().enumerate() {
+                            *d = dot_f16(w, &x[r * cols..(r + 1) * cols]);
+                        }
+                    }
+                    WeightRows::Q8_0(w) => {
+                        let n = cols / BLOCK * Q8_0_BYTES;
+                        let w = &w[o * n..(o + 1) * n];
+                        for (q, d) in quantized.iter().zip(&mut dots) {
+                            *d = dot_q8_0(w, q);
+                        }
+                    }
+                    WeightRows::Q4_0(w) => {
+                        let n = cols / BLOCK * Q4_0_BYTES;
+                        let w = &w[o * n..(o + 1) * n];
+                        for (q, d) in quantized.iter().zip(&mut dots) {
+                            *d = dot_q4_0(w, q);
+                        }
                     }
                 }
-                WeightRows::F16(w) => {
-                    let w = &w[o * cols..(o + 1) * cols];
-                    for (r, d) in dots[..rows].iter_mut().enumerate() {
-                        *d = dot_f16(w, &x[r * cols..(r + 1) * cols]);
-                    }
-                }
-                WeightRows::Q8_0(w) => {
-                    let n = cols / BLOCK * Q8_0_BYTES;
-                    let w = &w[o * n..(o + 1) * n];
-                    for (q, d) in quantized.iter().zip(&mut dots) {
-                        *d = dot_q8_0(w, q);
-                    }
-                }
-                WeightRows::Q4_0(w) => {
-                    let n = cols / BLOCK * Q4_0_BYTES;
-                    let w = &w[o * n..(o + 1) * n];
-                    for (q, d) in quantized.iter().zip(&mut dots) {
-                        *d = dot_q4_0(w, q);
-                    }
+                for (r, d) in dots[..rows].iter().enumerate() {
+                    tile[r * width + o - first] = *d;
                 }
             }
-            for (r, d) in dots[..rows].iter().enumerate() {
-                tile[r * (last - first) + o - first] = *d;
+            for r in 0..rows {
+                // SAFETY: each item writes its own output rows `first..last` of its part.
+                let y = unsafe { ys[part].part(r * out + first..r * out + last) };
+                y.copy_from_slice(&tile[r * width..(r + 1) * width]);
             }
-        }
-        for r in 0..rows {
-            // SAFETY: work items cover disjoint ranges of output columns `first..last`.
-            let y = unsafe { y_out.part(r * out + first..r * out + last) };
-            y.copy_from_slice(&tile[r * (last - first)..(r + 1) * (last - first)]);
         }
     });
 }
@@ -211,6 +232,29 @@ impl Q8Row {
         }
         Self { scales, quants }
     }
+}
+
+/// `x` (rows of a length that is a multiple of 32) with every value replaced by its Q8_0
+/// quantization, dequantized: what the integer kernels see of an activation. A long input's GEMM
+/// over dequantized Q8_0/Q4_0 weights takes its activation through this, so that prefill computes
+/// the same products as the per-token kernels (up to summation order), and a prompt gives the same
+/// logits whether or not its prefix was cached.
+pub fn q8_0_round_trip(x: &Tensor) -> Result<Tensor> {
+    let cols = x.dim(candle_core::D::Minus1)?;
+    if !cols.is_multiple_of(BLOCK) {
+        candle_core::bail!(
+            "q8_0_round_trip: rows of {cols} values do not divide into blocks of {BLOCK}"
+        );
+    }
+    let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(values.len());
+    for row in values.chunks(cols) {
+        let q = Q8Row::quantize(row);
+        for (quants, d) in q.quants.chunks(BLOCK).zip(&q.scales) {
+            out.extend(quants.iter().map(|&v| f32::from(v) * d));
+        }
+    }
+    Tensor::from_vec(out, x.shape(), x.device())
 }
 
 fn scale(block: &[u8]) -> f32 {
@@ -297,7 +341,7 @@ mod avx2 {
 
     use std::arch::x86_64::*;
 
-    use super::{BLOCK, Q4_0_BYTES, Q8_0_BYTES, Q8Row, f16, scale};
+    use super::{BLOCK, Q4_0_BYTES, Q8_0_BYTES, Q8Row, f16};
 
     #[inline]
     fn hsum(v: __m256) -> f32 {
@@ -311,6 +355,7 @@ mod avx2 {
     }
 
     /// `a · b` over f32, 32 lanes at a time in four accumulators.
+    #[inline(always)]
     pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         let body = n / 32 * 32;
@@ -336,6 +381,7 @@ mod avx2 {
     }
 
     /// `w · x` with f16 weights converted by `vcvtph2ps`, 32 lanes at a time.
+    #[inline(always)]
     pub fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
         let n = w.len().min(x.len());
         let body = n / 32 * 32;
@@ -358,6 +404,7 @@ mod avx2 {
     }
 
     /// `acc += p · x`, eight lanes at a time.
+    #[inline(always)]
     pub fn axpy_f32(p: f32, x: &[f32], acc: &mut [f32]) {
         let n = x.len().min(acc.len());
         let body = n / 8 * 8;
@@ -376,6 +423,7 @@ mod avx2 {
     }
 
     /// `acc += p · x` with f16 `x`, eight lanes at a time.
+    #[inline(always)]
     pub fn axpy_f16(p: f32, x: &[f16], acc: &mut [f32]) {
         let n = x.len().min(acc.len());
         let body = n / 8 * 8;
@@ -404,45 +452,81 @@ mod avx2 {
         }
     }
 
+    /// Block `b` of a Q8_0 row times block `b` of `x`, as eight partial sums, scaled.
+    ///
+    /// # Safety
+    /// `w` must hold at least `b + 1` Q8_0 blocks and `x` at least `b + 1` blocks.
+    #[inline(always)]
+    unsafe fn q8_0_block(w: &[u8], x: &Q8Row, b: usize) -> (__m256, __m256) {
+        // SAFETY: in bounds by the caller's contract.
+        unsafe {
+            let block = w.as_ptr().add(b * Q8_0_BYTES);
+            let wq = _mm256_loadu_si256(block.add(2).cast());
+            let xq = _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK).cast());
+            let d =
+                f16::from_le_bytes([*block, *block.add(1)]).to_f32() * x.scales.get_unchecked(b);
+            (_mm256_set1_ps(d), mul_sum_i8(wq, xq))
+        }
+    }
+
+    /// Block `b` of a Q4_0 row (widened to signed bytes) times block `b` of `x`.
+    ///
+    /// # Safety
+    /// `w` must hold at least `b + 1` Q4_0 blocks and `x` at least `b + 1` blocks.
+    #[inline(always)]
+    unsafe fn q4_0_block(w: &[u8], x: &Q8Row, b: usize) -> (__m256, __m256) {
+        // SAFETY: in bounds by the caller's contract.
+        unsafe {
+            let block = w.as_ptr().add(b * Q4_0_BYTES);
+            let packed = _mm_loadu_si128(block.add(2).cast());
+            // Weights 0..16 are the low nibbles, 16..32 the high ones, each offset by 8.
+            let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+            let wq = _mm256_sub_epi8(
+                _mm256_and_si256(both, _mm256_set1_epi8(0x0F)),
+                _mm256_set1_epi8(8),
+            );
+            let xq = _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK).cast());
+            let d =
+                f16::from_le_bytes([*block, *block.add(1)]).to_f32() * x.scales.get_unchecked(b);
+            (_mm256_set1_ps(d), mul_sum_i8(wq, xq))
+        }
+    }
+
+    /// Sums `blocks` scaled block products in two register accumulators (two blocks per
+    /// iteration, so consecutive FMAs do not wait on each other).
+    #[inline(always)]
+    fn sum_blocks(blocks: usize, block: impl Fn(usize) -> (__m256, __m256)) -> f32 {
+        // SAFETY: AVX/FMA intrinsics on registers, compiled in.
+        unsafe {
+            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut b = 0;
+            while b + 1 < blocks {
+                let (d0, p0) = block(b);
+                let (d1, p1) = block(b + 1);
+                acc0 = _mm256_fmadd_ps(d0, p0, acc0);
+                acc1 = _mm256_fmadd_ps(d1, p1, acc1);
+                b += 2;
+            }
+            if b < blocks {
+                let (d0, p0) = block(b);
+                acc0 = _mm256_fmadd_ps(d0, p0, acc0);
+            }
+            hsum(_mm256_add_ps(acc0, acc1))
+        }
+    }
+
     /// One row of Q8_0 weight blocks times a Q8_0 activation row.
     pub fn dot_q8_0(w: &[u8], x: &Q8Row) -> f32 {
         let blocks = (w.len() / Q8_0_BYTES).min(x.scales.len());
-        // SAFETY: block `b` reads bytes `b·34 + 2 .. b·34 + 34` of `w` and `b·32 .. b·32 + 32`
-        // of the quants, both in bounds for `b < blocks`.
-        unsafe {
-            let mut acc = [_mm256_setzero_ps(); 2];
-            for b in 0..blocks {
-                let block = &w[b * Q8_0_BYTES..];
-                let wq = _mm256_loadu_si256(block.as_ptr().add(2).cast());
-                let xq = _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK).cast());
-                let d = _mm256_set1_ps(scale(block) * x.scales[b]);
-                acc[b & 1] = _mm256_fmadd_ps(d, mul_sum_i8(wq, xq), acc[b & 1]);
-            }
-            hsum(_mm256_add_ps(acc[0], acc[1]))
-        }
+        // SAFETY: b < blocks, which both `w` and `x` hold.
+        sum_blocks(blocks, |b| unsafe { q8_0_block(w, x, b) })
     }
 
     /// One row of Q4_0 weight blocks times a Q8_0 activation row.
     pub fn dot_q4_0(w: &[u8], x: &Q8Row) -> f32 {
         let blocks = (w.len() / Q4_0_BYTES).min(x.scales.len());
-        // SAFETY: block `b` reads bytes `b·18 + 2 .. b·18 + 18` of `w` and `b·32 .. b·32 + 32`
-        // of the quants, both in bounds for `b < blocks`.
-        unsafe {
-            let low = _mm256_set1_epi8(0x0F);
-            let eight = _mm256_set1_epi8(8);
-            let mut acc = [_mm256_setzero_ps(); 2];
-            for b in 0..blocks {
-                let block = &w[b * Q4_0_BYTES..];
-                let packed = _mm_loadu_si128(block.as_ptr().add(2).cast());
-                // Weights 0..16 are the low nibbles, 16..32 the high ones.
-                let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-                let wq = _mm256_sub_epi8(_mm256_and_si256(both, low), eight);
-                let xq = _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK).cast());
-                let d = _mm256_set1_ps(scale(block) * x.scales[b]);
-                acc[b & 1] = _mm256_fmadd_ps(d, mul_sum_i8(wq, xq), acc[b & 1]);
-            }
-            hsum(_mm256_add_ps(acc[0], acc[1]))
-        }
+        // SAFETY: b < blocks, which both `w` and `x` hold.
+        sum_blocks(blocks, |b| unsafe { q4_0_block(w, x, b) })
     }
 }
 
@@ -523,6 +607,7 @@ impl<'a> CacheRows<'a> {
     }
 
     /// `x · row` of the row starting at `at`.
+    #[inline(always)]
     fn dot(self, at: usize, x: &[f32]) -> f32 {
         match self {
             CacheRows::F32(t) => dot_f32(&t[at..at + x.len()], x),
@@ -531,6 +616,7 @@ impl<'a> CacheRows<'a> {
     }
 
     /// `acc += p · row` of the row starting at `at`.
+    #[inline(always)]
     fn axpy(self, at: usize, p: f32, acc: &mut [f32]) {
         match self {
             CacheRows::F32(t) => axpy_f32(p, &t[at..at + acc.len()], acc),
@@ -591,6 +677,259 @@ impl CustomOp3 for Attention {
         });
         Ok((CpuStorage::F32(y), Shape::from(l1.dims())))
     }
+}
+
+/// Queries per work item of [`attention_prefill`]: one GEMM tile of scores per (head, block).
+const PREFILL_QUERIES: usize = 64;
+
+/// Causal attention of a chunk of `seq` queries (any length) over the head-major caches, like
+/// [`attention`]: per (head, block of queries), the scores are one GEMM against the head's keys,
+/// then a masked softmax, then one GEMM against its values. `None` where it does not apply (not
+/// CPU f32 queries, an f32/f16 cache).
+pub fn attention_prefill(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    kv_len: usize,
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    let (_, seq, heads, dim) = q.dims4()?;
+    let (_, kv_heads, capacity, _) = keys.dims4()?;
+    let on_cpu = [q, keys, values].iter().all(|t| t.device().is_cpu());
+    if seq > kv_len
+        || kv_len > capacity
+        || kv_heads == 0
+        || !heads.is_multiple_of(kv_heads)
+        || !on_cpu
+        || q.dtype() != DType::F32
+        || !matches!(keys.dtype(), DType::F32 | DType::F16)
+        || keys.dtype() != values.dtype()
+        || keys.dims() != values.dims()
+    {
+        return Ok(None);
+    }
+    let op = PrefillAttention { heads, kv_heads, dim, capacity, kv_len, scale };
+    q.contiguous()?.apply_op3_no_bwd(&keys.contiguous()?, &values.contiguous()?, &op).map(Some)
+}
+
+/// The custom op behind [`attention_prefill`].
+struct PrefillAttention {
+    heads: usize,
+    kv_heads: usize,
+    dim: usize,
+    capacity: usize,
+    kv_len: usize,
+    scale: f32,
+}
+
+impl CacheRows<'_> {
+    /// The first `len` rows of width `dim` of head `head` (of a `capacity`-row head-major
+    /// buffer), as f32.
+    fn head_f32(self, head: usize, capacity: usize, len: usize, dim: usize) -> Vec<f32> {
+        let at = head * capacity * dim;
+        match self {
+            CacheRows::F32(t) => t[at..at + len * dim].to_vec(),
+            CacheRows::F16(t) => {
+                let mut out = vec![0f32; len * dim];
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                    &t[at..at + len * dim],
+                    &mut out,
+                );
+                out
+            }
+        }
+    }
+}
+
+impl CustomOp3 for PrefillAttention {
+    fn name(&self) -> &'static str {
+        "m31r-prefill-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let q = data(s1, l1, self.name())?;
+        let (k, v) = (CacheRows::of(s2, l2)?, CacheRows::of(s3, l3)?);
+        let (heads, kv_heads, dim, kv_len) = (self.heads, self.kv_heads, self.dim, self.kv_len);
+        let seq = q.len() / (heads * dim);
+        let group = heads / kv_heads;
+        // Each KV head's positions as f32 rows, converted once for all its query blocks.
+        let mut kf = vec![Vec::new(); kv_heads];
+        let mut vf = vec![Vec::new(); kv_heads];
+        {
+            let (ko, vo) = (SlotOut::new(&mut kf), SlotOut::new(&mut vf));
+            candle_core::utils::barrier_pool().execute_chunked(2 * kv_heads, |range| {
+                for item in range {
+                    let (which, head) = (item / kv_heads, item % kv_heads);
+                    let (rows, slots) = if which == 0 { (k, &ko) } else { (v, &vo) };
+                    // SAFETY: each item fills its own slot.
+                    unsafe { slots.set(head, rows.head_f32(head, self.capacity, kv_len, dim)) };
+                }
+            });
+        }
+        let mut y = vec![0f32; q.len()];
+        let out = Out::new(&mut y);
+        let blocks = seq.div_ceil(PREFILL_QUERIES);
+        let row_stride = (heads * dim) as isize;
+        candle_core::utils::barrier_pool().execute_chunked(heads * blocks, |range| {
+            for item in range {
+                let (h, block) = (item % heads, item / heads);
+                let first = block * PREFILL_QUERIES;
+                let rows = PREFILL_QUERIES.min(seq - first);
+                // Query i sits at position kv_len - seq + i and sees keys up to it.
+                let visible = |i: usize| kv_len - seq + i + 1;
+                let width = visible(first + rows - 1);
+                let (kh, vh) = (&kf[h / group], &vf[h / group]);
+                let mut scores = vec![0f32; rows * width];
+                // SAFETY: scores is rows × width (row-major); the queries are rows of q at
+                // stride heads·dim from (first, h); keys are width × dim row-major (read
+                // transposed). All in bounds; single-threaded GEMM inside a pool item.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        width,
+                        dim,
+                        scores.as_mut_ptr(),
+                        1,
+                        width as isize,
+                        false,
+                        q.as_ptr().add((first * heads + h) * dim),
+                        1,
+                        row_stride,
+                        kh.as_ptr(),
+                        dim as isize,
+                        1,
+                        0.0,
+                        self.scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                let mut totals = vec![0f32; rows];
+                for (i, (row, total)) in scores.chunks_mut(width).zip(&mut totals).enumerate() {
+                    let seen = visible(first + i);
+                    let max = row[..seen].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                    for s in &mut row[..seen] {
+                        *s = (*s - max).exp();
+                        *total += *s;
+                    }
+                    row[seen..].fill(0.0);
+                }
+                // SAFETY: this item owns rows first..first + rows of head h in the output, at
+                // stride heads·dim; values are width × dim row-major.
+                unsafe {
+                    let dst = out.as_mut_ptr().add((first * heads + h) * dim);
+                    gemm::gemm(
+                        rows,
+                        dim,
+                        width,
+                        dst,
+                        1,
+                        row_stride,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        width as isize,
+                        vh.as_ptr(),
+                        1,
+                        dim as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                    for (i, total) in totals.iter().enumerate() {
+                        let row = std::slice::from_raw_parts_mut(dst.add(i * heads * dim), dim);
+                        let inv = 1.0 / total;
+                        row.iter_mut().for_each(|x| *x *= inv);
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from(l1.dims())))
+    }
+}
+
+/// Slots of a vector that parallel workers fill, one each.
+struct SlotOut<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+// SAFETY: workers only reach the slots through `SlotOut::set`, whose callers guarantee each slot is
+// set by one worker; the vector outlives the parallel section (it is borrowed for it).
+unsafe impl<T: Send> Sync for SlotOut<T> {}
+
+impl<T> SlotOut<T> {
+    fn new(slots: &mut [T]) -> Self {
+        Self { ptr: slots.as_mut_ptr(), len: slots.len() }
+    }
+
+    /// Replaces slot `i`.
+    ///
+    /// # Safety
+    /// No other worker may touch slot `i` meanwhile.
+    unsafe fn set(&self, i: usize, value: T) {
+        assert!(i < self.len, "slot out of bounds");
+        // SAFETY: in bounds (checked) and exclusive by the caller's contract.
+        unsafe { *self.ptr.add(i) = value };
+    }
+}
+
+/// The `(rows, cols)` matrix as dense f32, dequantized in parallel (what a long input's GEMM
+/// reads: the quantized kernels only pay off for a few rows).
+pub fn dequantize(weight: WeightRows<'_>, rows: usize, cols: usize) -> Option<Vec<f32>> {
+    if !weight.fits(rows, cols) {
+        return None;
+    }
+    let mut out = vec![0f32; rows * cols];
+    let dst = Out::new(&mut out);
+    let items = rows.div_ceil(ROWS_PER_ITEM);
+    candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+        let (first, last) = (range.start * ROWS_PER_ITEM, rows.min(range.end * ROWS_PER_ITEM));
+        // SAFETY: items cover disjoint row ranges.
+        let y = unsafe { dst.part(first * cols..last * cols) };
+        match weight {
+            WeightRows::F32(w) => y.copy_from_slice(&w[first * cols..last * cols]),
+            WeightRows::F16(w) => half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                &w[first * cols..last * cols],
+                y,
+            ),
+            WeightRows::Q8_0(w) => {
+                let blocks = w[first * cols / BLOCK * Q8_0_BYTES..last * cols / BLOCK * Q8_0_BYTES]
+                    .chunks_exact(Q8_0_BYTES);
+                for (block, y) in blocks.zip(y.chunks_exact_mut(BLOCK)) {
+                    let d = scale(block);
+                    for (y, &q) in y.iter_mut().zip(&block[2..]) {
+                        *y = d * f32::from(q as i8);
+                    }
+                }
+            }
+            WeightRows::Q4_0(w) => {
+                let blocks = w[first * cols / BLOCK * Q4_0_BYTES..last * cols / BLOCK * Q4_0_BYTES]
+                    .chunks_exact(Q4_0_BYTES);
+                for (block, y) in blocks.zip(y.chunks_exact_mut(BLOCK)) {
+                    let d = scale(block);
+                    for (i, &b) in block[2..].iter().enumerate() {
+                        y[i] = d * f32::from(i16::from(b & 0x0F) - 8);
+                        y[i + 16] = d * f32::from(i16::from(b >> 4) - 8);
+                    }
+                }
+            }
+        }
+    });
+    Some(out)
 }
 
 #[cfg(test)]
@@ -683,9 +1022,46 @@ mod tests {
         assert!(linear(&one, WeightRows::F32(&dense), out + 1).unwrap().is_none());
     }
 
+    type AttendFn = fn(&Tensor, &Tensor, &Tensor, usize, f32) -> Result<Option<Tensor>>;
+
+    #[test]
+    fn dequantize_matches_candle_and_round_trip_matches_the_integer_kernel() {
+        let (rows, cols) = (37, 64);
+        let w = Tensor::from_vec(values(rows * cols, 10), (rows, cols), &Device::Cpu).unwrap();
+        let x = Tensor::from_vec(values(cols, 11), (1, cols), &Device::Cpu).unwrap();
+        let x_round = q8_0_round_trip(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for dtype in [GgmlDType::F16, GgmlDType::Q8_0, GgmlDType::Q4_0] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let bytes = q.data().unwrap();
+            let view = WeightRows::of_qtensor(&q, &bytes).unwrap();
+            let ours = dequantize(view, rows, cols).unwrap();
+            let theirs = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(ours, theirs, "{dtype:?}");
+            if dtype != GgmlDType::F16 {
+                // The dense product with the round-tripped activation is the integer dot product.
+                let mut y = vec![0f32; rows];
+                gemv(view, &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), cols, &mut y);
+                for (o, got) in y.iter().enumerate() {
+                    let want: f32 = ours[o * cols..(o + 1) * cols]
+                        .iter()
+                        .zip(&x_round)
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    assert!(close(*got, want, 1e-5), "{dtype:?} row {o}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn attention_matches_the_plain_softmax() {
-        let (heads, kv_heads, dim, kv_len, capacity) = (4, 2, 16, 11, 13);
+        let (heads, kv_heads, dim, kv_len, capacity) = (4, 2, 16, 75, 80);
         let cache = |seed| {
             Tensor::from_vec(
                 values(kv_heads * capacity * dim, seed),
@@ -702,14 +1078,19 @@ mod tests {
                 t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
             };
             let (kv, vv) = (flat(&k), flat(&v));
-            for seq in [1, 3] {
+            for (seq, kernel) in [
+                (1, attention as AttendFn),
+                (3, attention),
+                (1, attention_prefill),
+                (PREFILL_QUERIES + 6, attention_prefill),
+            ] {
                 let q = Tensor::from_vec(
                     values(seq * heads * dim, 7),
                     (1, seq, heads, dim),
                     &Device::Cpu,
                 )
                 .unwrap();
-                let y = attention(&q, &k, &v, kv_len, 0.25).unwrap().unwrap();
+                let y = kernel(&q, &k, &v, kv_len, 0.25).unwrap().unwrap();
                 assert_eq!(y.dims(), q.dims());
                 let qv = q.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let yv = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -312,47 +312,95 @@ impl QLinear {
 
 impl QLinear {
     /// The projection on the inference path: [`crate::infer_ops`]' matrix–vector kernels for the
-    /// few rows of a decode step or keystroke, and for longer inputs candle's matmul (f16 rows
-    /// widened to f32 first, so that activations stay f32 on both paths).
+    /// few rows of a decode step or keystroke; for longer inputs (prefill) candle's f32 GEMM, with
+    /// f16, Q8_0 and Q4_0 weights dequantized for it first (other block types take candle's
+    /// quantized matmul).
     pub fn forward_infer(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if let Some(y) = self.forward_gemv(x)? {
+        if let Some(y) = Self::forward_gemv(&[self], x)?.and_then(|mut ys| ys.pop()) {
             return Ok(y);
         }
-        match self {
-            QLinear::Quantized(QMatMul::QTensor(q))
-                if q.dtype() == GgmlDType::F16 && x.dtype() == DType::F32 =>
-            {
-                x.broadcast_matmul(&q.dequantize(&x.device().clone())?.t()?)
+        if let QLinear::Quantized(QMatMul::QTensor(q)) = self
+            && q.device().is_cpu()
+            && x.dtype() == DType::F32
+        {
+            // A long input (prefill): one GEMM over the weight widened to f32, which beats
+            // the per-row quantized dot products once there are more than a few rows.
+            let bytes = q.data()?;
+            let (rows, cols) = q.shape().dims2()?;
+            let dense = infer_ops::WeightRows::of_qtensor(q, &bytes)
+                .and_then(|view| infer_ops::dequantize(view, rows, cols));
+            if let Some(dense) = dense {
+                let w = Tensor::from_vec(dense, (rows, cols), &q.device())?;
+                if q.dtype() == GgmlDType::F16 {
+                    return x.broadcast_matmul(&w.t()?);
+                }
+                // The integer kernels see the activation quantized to Q8_0: so does the GEMM.
+                return infer_ops::q8_0_round_trip(x)?.broadcast_matmul(&w.t()?);
             }
-            _ => self.forward(x),
+        }
+        self.forward(x)
+    }
+
+    /// Several projections of the same input on the inference path (a block's q/k/v, its gate and
+    /// up): one dispatch of the matrix–vector kernels for all of them where they apply, else each
+    /// by [`QLinear::forward_infer`]. Outputs come back in the order of `linears`.
+    pub fn forward_infer_many(
+        linears: &[&QLinear],
+        x: &Tensor,
+    ) -> candle_core::Result<Vec<Tensor>> {
+        match Self::forward_gemv(linears, x)? {
+            Some(ys) => Ok(ys),
+            None => linears.iter().map(|l| l.forward_infer(x)).collect(),
         }
     }
 
-    /// The projection by the matrix–vector kernels where they apply (a CPU f32 input of at most
-    /// [`infer_ops::MAX_ROWS`] rows, the weight f32, f16, Q8_0 or Q4_0), else `None`.
-    fn forward_gemv(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    /// The projections by the matrix–vector kernels where they apply to all of them (a CPU f32
+    /// input of at most [`infer_ops::MAX_ROWS`] rows, every weight f32, f16, Q8_0 or Q4_0).
+    fn forward_gemv(linears: &[&QLinear], x: &Tensor) -> candle_core::Result<Option<Vec<Tensor>>> {
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
         if rows > infer_ops::MAX_ROWS || !x.device().is_cpu() || x.dtype() != DType::F32 {
             return Ok(None);
         }
-        match self {
-            QLinear::Dense(l) if l.weight().dtype() == DType::F32 => {
-                let w = l.weight().contiguous()?;
-                let (storage, layout) = w.storage_and_layout();
-                let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(None) };
-                let Some((start, end)) = layout.contiguous_offsets() else { return Ok(None) };
-                let rows = &cpu.as_slice::<f32>()?[start..end];
-                infer_ops::linear(x, infer_ops::WeightRows::F32(rows), w.dim(0)?)
-            }
-            QLinear::Quantized(QMatMul::QTensor(q)) if q.device().is_cpu() => {
-                let bytes = q.data()?;
-                match infer_ops::WeightRows::of_qtensor(q, &bytes) {
-                    Some(view) => infer_ops::linear(x, view, q.shape().dims()[0]),
-                    None => Ok(None),
+        // Hold every weight's storage while the kernels read it.
+        let mut dense = Vec::with_capacity(linears.len());
+        let mut blocks = Vec::with_capacity(linears.len());
+        for linear in linears {
+            match linear {
+                QLinear::Dense(l)
+                    if l.weight().dtype() == DType::F32 && l.weight().device().is_cpu() =>
+                {
+                    dense.push(Some(l.weight().contiguous()?));
+                    blocks.push(None);
                 }
+                QLinear::Quantized(QMatMul::QTensor(q)) if q.device().is_cpu() => {
+                    dense.push(None);
+                    blocks.push(Some(q.data()?));
+                }
+                _ => return Ok(None),
             }
-            _ => Ok(None),
         }
+        let storages: Vec<_> =
+            dense.iter().map(|w| w.as_ref().map(Tensor::storage_and_layout)).collect();
+        let mut views = Vec::with_capacity(linears.len());
+        for ((linear, storage), bytes) in linears.iter().zip(&storages).zip(&blocks) {
+            let view = match (linear, storage, bytes) {
+                (QLinear::Dense(l), Some((storage, layout)), _) => {
+                    let candle_core::Storage::Cpu(cpu) = &**storage else { return Ok(None) };
+                    let Some((start, end)) = layout.contiguous_offsets() else { return Ok(None) };
+                    let rows = &cpu.as_slice::<f32>()?[start..end];
+                    (infer_ops::WeightRows::F32(rows), l.weight().dim(0)?)
+                }
+                (QLinear::Quantized(QMatMul::QTensor(q)), _, Some(bytes)) => {
+                    match infer_ops::WeightRows::of_qtensor(q, bytes) {
+                        Some(view) => (view, q.shape().dims()[0]),
+                        None => return Ok(None),
+                    }
+                }
+                _ => return Ok(None),
+            };
+            views.push(view);
+        }
+        infer_ops::linear_many(x, &views)
     }
 }
 

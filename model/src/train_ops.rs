@@ -50,6 +50,12 @@ impl Out {
         Self { ptr: buffer.as_mut_ptr(), len: buffer.len() }
     }
 
+    /// The start of the buffer, for writers that address it with strides (each must keep to
+    /// elements no other worker writes).
+    pub(crate) fn as_mut_ptr(&self) -> *mut f32 {
+        self.ptr
+    }
+
     /// Elements `range` of the buffer.
     ///
     /// # Safety

@@ -266,6 +266,21 @@ impl Path {
             Path::Infer(_) => linear.forward_infer(x)?,
         })
     }
+
+    /// Several projections of the same `x` (on the inference path in one kernel dispatch).
+    fn project_all<const N: usize>(
+        self,
+        linears: [&QLinear; N],
+        x: &Tensor,
+    ) -> Result<[Tensor; N]> {
+        let ys = match self {
+            Path::Train => {
+                linears.iter().map(|l| l.forward(x)).collect::<candle_core::Result<_>>()?
+            }
+            Path::Infer(_) => QLinear::forward_infer_many(&linears, x)?,
+        };
+        ys.try_into().map_err(|_| ModelError::Usage("projection count mismatch".into()))
+    }
 }
 
 /// Causal self-attention with RoPE and optional grouped-query key/value heads.
@@ -309,12 +324,10 @@ impl Attention {
     ) -> Result<Tensor> {
         let (batch, seq, _) = x.dims3()?;
         let start = cache.map_or(0, |(c, _)| c.len());
-        let q =
-            path.project(&self.q_proj, x)?.reshape((batch, seq, self.n_heads, self.head_dim))?;
-        let k =
-            path.project(&self.k_proj, x)?.reshape((batch, seq, self.n_kv_heads, self.head_dim))?;
-        let v =
-            path.project(&self.v_proj, x)?.reshape((batch, seq, self.n_kv_heads, self.head_dim))?;
+        let [q, k, v] = path.project_all([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let q = q.reshape((batch, seq, self.n_heads, self.head_dim))?;
+        let k = k.reshape((batch, seq, self.n_kv_heads, self.head_dim))?;
+        let v = v.reshape((batch, seq, self.n_kv_heads, self.head_dim))?;
         let (q, k) = match path {
             Path::Train => (rope.apply_train(&q, start)?, rope.apply_train(&k, start)?),
             Path::Infer(_) => (rope.apply_fused(&q, start)?, rope.apply_fused(&k, start)?),
@@ -324,14 +337,19 @@ impl Attention {
             Some((cache, layer)) => {
                 let (keys, values) = cache.append(layer, &k, &v)?;
                 let kv_len = start + seq;
-                // A decode step or a keystroke's few new tokens: one pass over the cache per query
-                // and head, straight from the head-major buffers.
-                if path == Path::Infer(AttentionKernel::Fused)
-                    && let Some(y) =
-                        crate::infer_ops::attention(&q, keys, values, kv_len, scale as f32)?
-                {
-                    let y = y.reshape((batch, seq, self.n_heads * self.head_dim))?;
-                    return path.project(&self.o_proj, &y);
+                if path == Path::Infer(AttentionKernel::Fused) {
+                    // A decode step or a keystroke's few new tokens: one pass over the cache per
+                    // query and head; a longer chunk (prefill): two GEMMs per head and block of
+                    // queries. Both read the head-major buffers in place.
+                    let attend = if seq <= crate::infer_ops::MAX_QUERIES {
+                        crate::infer_ops::attention
+                    } else {
+                        crate::infer_ops::attention_prefill
+                    };
+                    if let Some(y) = attend(&q, keys, values, kv_len, scale as f32)? {
+                        let y = y.reshape((batch, seq, self.n_heads * self.head_dim))?;
+                        return path.project(&self.o_proj, &y);
+                    }
                 }
                 // Other kernels take position-major `(1, kv_len, kv_heads, head_dim)` in the
                 // activation dtype.
@@ -472,10 +490,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, path: Path) -> Result<Tensor> {
-        let gated = crate::train_ops::swiglu(
-            &path.project(&self.gate_proj, x)?,
-            &path.project(&self.up_proj, x)?,
-        )?;
+        let [gate, up] = path.project_all([&self.gate_proj, &self.up_proj], x)?;
+        let gated = crate::train_ops::swiglu(&gate, &up)?;
         path.project(&self.down_proj, &gated)
     }
 }
