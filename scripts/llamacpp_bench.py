@@ -124,8 +124,8 @@ def main():
         print(f"{name:<12} {n:>7} {ours_tps:>11.0f} {tps:>10.0f} {pb:>8.0f}   "
               f"{ours_ms:>11.2f} {ms:>10.2f} {db:>7.2f} {ours_ms / db:>10.2f} {ours_ms / ms:>10.2f}")
     print("prefill bound = f32 matmul FLOP/s ÷ (2·params) (attention not counted); decode bound = "
-          "(weight bytes at the precision + f32 KV bytes at the decode context) ÷ memory bandwidth. "
-          "llama.cpp keeps its KV cache in f16.")
+          "(weight bytes at the precision + f16 KV bytes at the decode context) ÷ memory bandwidth. "
+          "Both keep the KV cache in f16.")
     if not all_ok:
         print("PARITY MISMATCH: the numbers above may not compare the same model", file=sys.stderr)
         sys.exit(1)

@@ -24,7 +24,8 @@ impl Sequence {
         self.kv.truncate(n);
     }
 
-    /// Evaluates `ids` after the cached tokens and caches them; returns logits `(1, n, vocab)`.
+    /// Evaluates `ids` after the cached tokens and caches them; returns the logits of the last
+    /// one, `(1, 1, vocab)`.
     /// On error the sequence is rolled back, so the invariant survives failures.
     pub fn extend(
         &mut self,
@@ -33,7 +34,7 @@ impl Sequence {
     ) -> Result<candle_core::Tensor, ModelError> {
         let before = self.tokens.len();
         let input = candle_core::Tensor::new(ids, model.device())?.unsqueeze(0)?;
-        match model.forward(&input, &mut self.kv) {
+        match model.forward_last(&input, &mut self.kv) {
             Ok(logits) => {
                 self.tokens.extend_from_slice(ids);
                 Ok(logits)

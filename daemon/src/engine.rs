@@ -402,7 +402,7 @@ impl Worker {
             }
             let out = self.cache.get_mut(index).extend(&self.model, chunk)?;
             self.counters.prefilled_tokens.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            logits = Some(out.i((0, chunk.len() - 1))?);
+            logits = Some(out.i((0, 0))?);
         }
         let prefill_ms = ms(prefill_start.elapsed());
         let index = self.cache.enforce_budget(index);

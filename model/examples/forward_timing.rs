@@ -1,9 +1,11 @@
 //! Times the inference forward of a bundle in isolation (prefill of a prompt, then single-token
-//! decode steps), for profiling the hot paths with `perf`:
+//! decode steps, each at the context right after the prompt), for profiling the hot paths with
+//! `perf`:
 //!
 //! ```sh
 //! cargo run --release -p m31r-model --example forward_timing -- BUNDLE [PROMPT_TOKENS] [DECODE_STEPS] [ROUNDS]
 //! M31R_ATTENTION=plain …   # matmul + softmax attention instead of the fused kernels
+//! M31R_CHUNK=1000 …         # prefill chunk (default 256, as m31rd)
 //! ```
 
 use std::path::PathBuf;
@@ -20,6 +22,8 @@ fn main() -> anyhow::Result<()> {
     let prompt: usize = args.next().map_or(Ok(256), |s| s.parse())?;
     let steps: usize = args.next().map_or(Ok(64), |s| s.parse())?;
     let rounds: usize = args.next().map_or(Ok(3), |s| s.parse())?;
+    // Prefill in chunks of this many tokens, as m31rd does (its `prefill_chunk`, default 256).
+    let chunk_len: usize = std::env::var("M31R_CHUNK").map_or(Ok(256), |s| s.parse())?;
     let bundle = Bundle::open(&dir)?;
     let mut model = bundle.model_at(bundle.precision(), &Device::Cpu)?;
     if std::env::var("M31R_ATTENTION").is_ok_and(|k| k == "plain") {
@@ -30,17 +34,19 @@ fn main() -> anyhow::Result<()> {
     for round in 0..rounds {
         let mut cache = model.new_cache(prompt + steps)?;
         let t = Instant::now();
-        if prompt > 0 {
-            let input = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-            model.forward(&input, &mut cache)?;
+        for chunk in ids.chunks(chunk_len) {
+            let input = Tensor::new(chunk, &Device::Cpu)?.unsqueeze(0)?;
+            model.forward_last(&input, &mut cache)?;
         }
         let prefill = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let mut next = 1u32;
         for _ in 0..steps {
             let input = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
-            let logits = model.forward(&input, &mut cache)?;
+            let logits = model.forward_last(&input, &mut cache)?;
             next = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+            // Every step decodes at the same context: right after the prompt.
+            cache.truncate(prompt);
         }
         let decode = t.elapsed().as_secs_f64();
         println!(

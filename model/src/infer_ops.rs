@@ -247,13 +247,18 @@ pub fn q8_0_round_trip(x: &Tensor) -> Result<Tensor> {
         );
     }
     let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = Vec::with_capacity(values.len());
-    for row in values.chunks(cols) {
-        let q = Q8Row::quantize(row);
-        for (quants, d) in q.quants.chunks(BLOCK).zip(&q.scales) {
-            out.extend(quants.iter().map(|&v| f32::from(v) * d));
+    let mut out = vec![0f32; values.len()];
+    let dst = Out::new(&mut out);
+    let blocks = values.len() / BLOCK;
+    candle_core::utils::barrier_pool().execute_chunked(blocks.div_ceil(64), |range| {
+        let (first, last) = (range.start * 64 * BLOCK, values.len().min(range.end * 64 * BLOCK));
+        let q = Q8Row::quantize(&values[first..last]);
+        // SAFETY: items cover disjoint ranges of whole blocks.
+        let y = unsafe { dst.part(first..last) };
+        for ((y, quants), d) in y.chunks_mut(BLOCK).zip(q.quants.chunks(BLOCK)).zip(&q.scales) {
+            y.iter_mut().zip(quants).for_each(|(y, &v)| *y = f32::from(v) * d);
         }
-    }
+    });
     Tensor::from_vec(out, x.shape(), x.device())
 }
 
@@ -292,6 +297,14 @@ pub mod portable {
     /// `acc += p · x` with f16 `x`.
     pub fn axpy_f16(p: f32, x: &[f16], acc: &mut [f32]) {
         acc.iter_mut().zip(x).for_each(|(a, x)| *a += p * x.to_f32());
+    }
+
+    /// `x[i] = exp(x[i] - shift)` for all `i`; returns their sum.
+    pub fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
+        x.iter_mut().fold(0f32, |total, v| {
+            *v = (*v - shift).exp();
+            total + *v
+        })
     }
 
     /// One row of Q8_0 weight blocks times a Q8_0 activation row.
@@ -439,6 +452,54 @@ mod avx2 {
         acc[body..n].iter_mut().zip(&x[body..n]).for_each(|(a, x)| *a += p * x.to_f32());
     }
 
+    /// `exp` of eight lanes (inputs at most 88; below -87 gives 0): `2^n · p(r)` with
+    /// `x = n·ln 2 + r`, `|r| ≤ ln 2 / 2`, and `p` the degree-6 Taylor polynomial (relative error
+    /// below 2e-7).
+    #[inline(always)]
+    fn exp8(x: __m256) -> __m256 {
+        // SAFETY: AVX2/FMA intrinsics on registers, compiled in.
+        unsafe {
+            let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+            let n = _mm256_round_ps(
+                _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            // ln 2 split in two so that n·ln2_hi is exact.
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+            let mut p = _mm256_set1_ps(1.0 / 720.0);
+            for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+            }
+            let scale = _mm256_slli_epi32(
+                _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+                23,
+            );
+            _mm256_mul_ps(p, _mm256_castsi256_ps(scale))
+        }
+    }
+
+    /// `x[i] = exp(x[i] - shift)` for all `i`, eight lanes at a time; returns their sum.
+    pub fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
+        let body = x.len() / 8 * 8;
+        // SAFETY: every access touches 8 floats at an index below `body` ≤ the length.
+        let mut total = unsafe {
+            let (s, mut acc) = (_mm256_set1_ps(shift), _mm256_setzero_ps());
+            for i in (0..body).step_by(8) {
+                let p = x.as_mut_ptr().add(i);
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), s));
+                _mm256_storeu_ps(p, e);
+                acc = _mm256_add_ps(acc, e);
+            }
+            hsum(acc)
+        };
+        for v in &mut x[body..] {
+            *v = (*v - shift).exp();
+            total += *v;
+        }
+        total
+    }
+
     /// Eight i32 sums of products of signed bytes `a` and `b` (pairs of four), as f32.
     #[inline]
     fn mul_sum_i8(a: __m256i, b: __m256i) -> __m256 {
@@ -536,14 +597,14 @@ mod avx2 {
     target_feature = "fma",
     target_feature = "f16c"
 ))]
-use avx2::{axpy_f16, axpy_f32, dot_f16, dot_f32, dot_q4_0, dot_q8_0};
+use avx2::{axpy_f16, axpy_f32, dot_f16, dot_f32, dot_q4_0, dot_q8_0, exp_shifted};
 #[cfg(not(all(
     target_arch = "x86_64",
     target_feature = "avx2",
     target_feature = "fma",
     target_feature = "f16c"
 )))]
-use portable::{axpy_f16, axpy_f32, dot_f16, dot_f32, dot_q4_0, dot_q8_0};
+use portable::{axpy_f16, axpy_f32, dot_f16, dot_f32, dot_q4_0, dot_q8_0, exp_shifted};
 
 /// Causal attention of the `seq` newest queries `q` `(1, seq, heads, dim)` over a layer's
 /// head-major key and value buffers `(1, kv_heads, capacity, dim)` (f32 or f16), of which the first
@@ -661,11 +722,7 @@ impl CustomOp3 for Attention {
                     *s = k.dot(base + j * dim, query) * self.scale;
                     max = max.max(*s);
                 }
-                let mut total = 0f32;
-                for s in &mut scores[..visible] {
-                    *s = (*s - max).exp();
-                    total += *s;
-                }
+                let total = exp_shifted(&mut scores[..visible], max);
                 // SAFETY: each item writes its own (query, head) row.
                 let acc = unsafe { out.part(item * dim..(item + 1) * dim) };
                 for (j, p) in scores[..visible].iter().enumerate() {
@@ -818,10 +875,7 @@ impl CustomOp3 for PrefillAttention {
                 for (i, (row, total)) in scores.chunks_mut(width).zip(&mut totals).enumerate() {
                     let seen = visible(first + i);
                     let max = row[..seen].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                    for s in &mut row[..seen] {
-                        *s = (*s - max).exp();
-                        *total += *s;
-                    }
+                    *total = exp_shifted(&mut row[..seen], max);
                     row[seen..].fill(0.0);
                 }
                 // SAFETY: this item owns rows first..first + rows of head h in the output, at
@@ -885,6 +939,61 @@ impl<T> SlotOut<T> {
         // SAFETY: in bounds (checked) and exclusive by the caller's contract.
         unsafe { *self.ptr.add(i) = value };
     }
+}
+
+/// Output columns per work item of [`matmul_t`]: a multiple of the GEMM micro-kernel's width.
+const GEMM_COLS: usize = 96;
+
+/// `y = x Wᵀ` for a CPU f32 input `(.., k)` of any length and a dense f32 weight `w` `(n, k)`
+/// given as rows: blocks of output columns are shared out over candle's thread pool, each one a
+/// single-threaded GEMM. (candle's own matmul runs GEMM on rayon's threads, which then compete
+/// for the cores with the pool's spinning worker.)
+pub fn matmul_t(x: &Tensor, w: &[f32], n: usize) -> Result<Tensor> {
+    let k = x.dim(candle_core::D::Minus1)?;
+    if w.len() != n * k {
+        candle_core::bail!("matmul_t: weight of {} values is not ({n}, {k})", w.len());
+    }
+    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let m = xs.len() / k.max(1);
+    let mut y = vec![0f32; m * n];
+    let out = Out::new(&mut y);
+    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(GEMM_COLS), |range| {
+        for block in range {
+            let first = block * GEMM_COLS;
+            let cols = GEMM_COLS.min(n - first);
+            // SAFETY: y is m × n row-major and this item owns columns first..first + cols; x is
+            // m × k row-major; rows first.. of w are the columns of Wᵀ (k × cols, read with
+            // column stride k). All in bounds.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    cols,
+                    k,
+                    out.as_mut_ptr().add(first),
+                    1,
+                    n as isize,
+                    false,
+                    xs.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr().add(first * k),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    });
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Tensor::from_vec(y, dims, x.device())
 }
 
 /// The `(rows, cols)` matrix as dense f32, dequantized in parallel (what a long input's GEMM
@@ -1020,6 +1129,17 @@ mod tests {
         assert!(linear(&too_many, WeightRows::F32(&dense), out).unwrap().is_none());
         let one = too_many.narrow(0, 0, 1).unwrap();
         assert!(linear(&one, WeightRows::F32(&dense), out + 1).unwrap().is_none());
+    }
+
+    #[test]
+    fn vector_exp_matches_the_portable_one() {
+        let mut xs: Vec<f32> = (0..203).map(|i| -100.0 + i as f32 * 0.5).collect();
+        let mut ys = xs.clone();
+        let (a, b) = (exp_shifted(&mut xs, 1.5), portable::exp_shifted(&mut ys, 1.5));
+        assert!(close(a, b, 1e-6), "sums {a} vs {b}");
+        for (x, y) in xs.iter().zip(&ys) {
+            assert!((x - y).abs() <= 1e-6 * y.abs() + 1e-37, "{x} vs {y}");
+        }
     }
 
     type AttendFn = fn(&Tensor, &Tensor, &Tensor, usize, f32) -> Result<Option<Tensor>>;

@@ -330,12 +330,24 @@ impl QLinear {
             let dense = infer_ops::WeightRows::of_qtensor(q, &bytes)
                 .and_then(|view| infer_ops::dequantize(view, rows, cols));
             if let Some(dense) = dense {
-                let w = Tensor::from_vec(dense, (rows, cols), &q.device())?;
                 if q.dtype() == GgmlDType::F16 {
-                    return x.broadcast_matmul(&w.t()?);
+                    return infer_ops::matmul_t(x, &dense, rows);
                 }
                 // The integer kernels see the activation quantized to Q8_0: so does the GEMM.
-                return infer_ops::q8_0_round_trip(x)?.broadcast_matmul(&w.t()?);
+                return infer_ops::matmul_t(&infer_ops::q8_0_round_trip(x)?, &dense, rows);
+            }
+        }
+        if let QLinear::Dense(l) = self
+            && l.weight().device().is_cpu()
+            && l.weight().dtype() == DType::F32
+            && x.dtype() == DType::F32
+        {
+            let w = l.weight().contiguous()?;
+            let (storage, layout) = w.storage_and_layout();
+            if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+                (&*storage, layout.contiguous_offsets())
+            {
+                return infer_ops::matmul_t(x, &cpu.as_slice::<f32>()?[start..end], w.dim(0)?);
             }
         }
         self.forward(x)

@@ -717,10 +717,27 @@ impl Model {
     /// appends the chunk to the cache and returns logits `(1, seq, vocab)` for every position of it
     /// (all of them, so a draft can be verified in one call).
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, cache)?;
+        self.logits(&hidden)
+    }
+
+    /// [`Model::forward`] returning the logits of the chunk's last position only, `(1, 1, vocab)`:
+    /// all that prefill and decoding need. The LM head of the other positions (a sixth of a
+    /// `small` model's prefill work) is skipped.
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, cache)?;
+        let seq = hidden.dim(1)?;
+        self.logits(&hidden.narrow(1, seq - 1, 1)?)
+    }
+
+    /// The blocks of the inference forward: hidden states `(1, seq, d_model)` before the final
+    /// norm, with the chunk appended to `cache`.
+    fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
-        if batch != 1 {
+        if batch != 1 || seq == 0 {
             return Err(ModelError::Usage(format!(
-                "the inference forward takes one sequence, got a batch of {batch}"
+                "the inference forward takes one non-empty sequence, got shape {:?}",
+                ids.dims()
             )));
         }
         if cache.keys.len() != self.layers.len() {
@@ -736,7 +753,12 @@ impl Model {
             x = layer.forward(&x, &self.rope, Path::Infer(self.kernel), Some((cache, i)))?;
         }
         cache.len += seq;
-        Path::Infer(self.kernel).project(&self.lm_head, &self.norm.forward_fused(&x)?)
+        Ok(x)
+    }
+
+    /// Final norm and LM head of hidden states `(1, n, d_model)`.
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Path::Infer(self.kernel).project(&self.lm_head, &self.norm.forward_fused(hidden)?)
     }
 
     /// A cache sized for this model, with room for `capacity` tokens before it grows. On a CPU
