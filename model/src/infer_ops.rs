@@ -941,8 +941,9 @@ impl<T> SlotOut<T> {
     }
 }
 
-/// Output columns per work item of [`matmul_t`]: a multiple of the GEMM micro-kernel's width.
-const GEMM_COLS: usize = 96;
+/// Column blocks per thread in [`matmul_t`]: each block re-packs the input for its GEMM, so few
+/// large blocks, but more than one per thread to absorb a slow thread.
+const GEMM_BLOCKS_PER_THREAD: usize = 2;
 
 /// `y = x Wᵀ` for a CPU f32 input `(.., k)` of any length and a dense f32 weight `w` `(n, k)`
 /// given as rows: blocks of output columns are shared out over candle's thread pool, each one a
@@ -957,10 +958,14 @@ pub fn matmul_t(x: &Tensor, w: &[f32], n: usize) -> Result<Tensor> {
     let m = xs.len() / k.max(1);
     let mut y = vec![0f32; m * n];
     let out = Out::new(&mut y);
-    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(GEMM_COLS), |range| {
+    let pool = candle_core::utils::barrier_pool();
+    let blocks = (pool.n_workers() + 1) * GEMM_BLOCKS_PER_THREAD;
+    // Block widths a multiple of 16 columns, the micro-kernels' width.
+    let width = n.div_ceil(blocks).div_ceil(16) * 16;
+    pool.execute_chunked(n.div_ceil(width.max(1)), |range| {
         for block in range {
-            let first = block * GEMM_COLS;
-            let cols = GEMM_COLS.min(n - first);
+            let first = block * width;
+            let cols = width.min(n - first);
             // SAFETY: y is m × n row-major and this item owns columns first..first + cols; x is
             // m × k row-major; rows first.. of w are the columns of Wᵀ (k × cols, read with
             // column stride k). All in bounds.

@@ -203,9 +203,14 @@ impl Rope {
         Ok((self.cos.narrow(0, start, len)?, self.sin.narrow(0, start, len)?))
     }
 
-    /// Fused rotation of `(batch, seq, heads, head_dim)` tensors at positions `start..`.
+    /// Fused rotation of `(batch, seq, heads, head_dim)` tensors at positions `start..`: on a CPU
+    /// in f32 the kernel of [`crate::train_ops`] (candle's thread pool; candle-nn's runs on rayon's
+    /// threads, which then compete with the pool's), elsewhere candle-nn's.
     fn apply_fused(&self, x: &Tensor, start: usize) -> Result<Tensor> {
         let (cos, sin) = self.tables(start, x.dim(1)?)?;
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            return Ok(crate::train_ops::rope(x, &cos, &sin)?);
+        }
         Ok(candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &cos, &sin)?)
     }
 
@@ -229,7 +234,12 @@ impl RmsNorm {
         Ok(Self { weight: vb.get(dim, "weight")?, eps })
     }
 
+    /// The inference norm: on a CPU in f32 the pool kernel of [`crate::train_ops`] (see
+    /// [`Rope::apply_fused`]), elsewhere candle-nn's.
     fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            return self.forward_train(x);
+        }
         Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?)
     }
 
