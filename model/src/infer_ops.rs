@@ -70,6 +70,15 @@ impl<'a> WeightRows<'a> {
         }
     }
 
+    /// Bytes of weights.
+    fn bytes(&self) -> usize {
+        match self {
+            WeightRows::F32(w) => 4 * w.len(),
+            WeightRows::F16(w) => 2 * w.len(),
+            WeightRows::Q8_0(w) | WeightRows::Q4_0(w) => w.len(),
+        }
+    }
+
     /// Whether the storage matches a `(rows, cols)` matrix.
     fn fits(&self, rows: usize, cols: usize) -> bool {
         match self {
@@ -127,6 +136,20 @@ pub fn linear_many(x: &Tensor, weights: &[(WeightRows<'_>, usize)]) -> Result<Op
         .map(Some)
 }
 
+/// Below this many bytes of operands a kernel runs on the calling thread: waking the pool's other
+/// threads and waiting for the slowest costs more than the work (the `tiny` preset's matrices).
+const INLINE_BYTES: usize = 96 << 10;
+
+/// Runs `f` over `0..items` on candle's thread pool, or on this thread when the work reads fewer
+/// than [`INLINE_BYTES`].
+fn par_or_inline(items: usize, bytes: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    if bytes < INLINE_BYTES {
+        f(0..items);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(items, f);
+    }
+}
+
 /// Output rows of `W` per work item: a few KiB of weights, enough to amortise scheduling.
 const ROWS_PER_ITEM: usize = 16;
 
@@ -158,7 +181,8 @@ pub fn gemv_many(parts: &mut [(WeightRows<'_>, &mut [f32])], x: &[f32], cols: us
     let weights: Vec<WeightRows<'_>> = parts.iter().map(|(w, _)| *w).collect();
     let ys: Vec<Out> = parts.iter_mut().map(|(_, y)| Out::new(y)).collect();
     let items = first_item.last().copied().unwrap_or(0);
-    candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+    let bytes: usize = weights.iter().map(WeightRows::bytes).sum();
+    par_or_inline(items, bytes * rows, |range| {
         let mut tile = [0f32; MAX_ROWS * ROWS_PER_ITEM];
         for item in range {
             let part = first_item.partition_point(|&f| f <= item) - 1;
@@ -667,6 +691,14 @@ impl<'a> CacheRows<'a> {
         }
     }
 
+    /// Bytes per element.
+    fn elem_bytes(self) -> usize {
+        match self {
+            CacheRows::F32(_) => 4,
+            CacheRows::F16(_) => 2,
+        }
+    }
+
     /// `x · row` of the row starting at `at`.
     #[inline(always)]
     fn dot(self, at: usize, x: &[f32]) -> f32 {
@@ -709,7 +741,8 @@ impl CustomOp3 for Attention {
         let out = Out::new(&mut y);
         // One work item per (query, head): its scores, softmax and weighted sum of values, reading
         // the head's cached positions as one contiguous run.
-        candle_core::utils::barrier_pool().execute_chunked(seq * heads, |range| {
+        let bytes = seq * heads / group * kv_len * dim * 2 * k.elem_bytes();
+        par_or_inline(seq * heads, bytes, |range| {
             let mut scores = vec![0f32; kv_len];
             for item in range {
                 let (i, h) = (item / heads, item % heads);
