@@ -114,13 +114,15 @@ pub fn linear_many(x: &Tensor, weights: &[(WeightRows<'_>, usize)]) -> Result<Op
         return Ok(None);
     }
     let x = x.contiguous()?;
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let rows = xs.len() / cols.max(1);
+    let rows = x.elem_count() / cols.max(1);
     let mut ys: Vec<Vec<f32>> = weights.iter().map(|(_, out)| vec![0f32; rows * out]).collect();
     {
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(None) };
+        let xs = data(cpu, layout, "m31r-gemv")?;
         let mut parts: Vec<(WeightRows<'_>, &mut [f32])> =
             weights.iter().zip(&mut ys).map(|((w, _), y)| (*w, y.as_mut_slice())).collect();
-        gemv_many(&mut parts, &xs, cols);
+        gemv_many(&mut parts, xs, cols);
     }
     let mut dims = x.dims().to_vec();
     weights

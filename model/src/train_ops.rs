@@ -75,6 +75,11 @@ const BLOCK_ROWS: usize = 16;
 /// candle's thread pool. Each block index is handed out exactly once.
 fn par_blocks(n_rows: usize, f: impl Fn(usize, Range<usize>) + Sync) {
     let blocks = n_rows.div_ceil(BLOCK_ROWS);
+    if blocks <= 1 {
+        // One block (a decode step's row): waking the pool would cost more than the work.
+        f(0, 0..n_rows);
+        return;
+    }
     candle_core::utils::barrier_pool().execute_chunked(blocks, |range| {
         for block in range {
             let start = block * BLOCK_ROWS;
