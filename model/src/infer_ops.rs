@@ -736,11 +736,19 @@ impl CustomOp3 for Attention {
     ) -> Result<(CpuStorage, Shape)> {
         let q = data(s1, l1, self.name())?;
         let (k, v) = (CacheRows::of(s2, l2)?, CacheRows::of(s3, l3)?);
+        let mut y = vec![0f32; q.len()];
+        self.attend(q, k, v, &mut y);
+        Ok((CpuStorage::F32(y), Shape::from(l1.dims())))
+    }
+}
+
+impl Attention {
+    /// The kernel on slices: queries `(seq, heads, dim)` into `y` of the same shape.
+    fn attend(&self, q: &[f32], k: CacheRows<'_>, v: CacheRows<'_>, y: &mut [f32]) {
         let (heads, dim, kv_len) = (self.heads, self.dim, self.kv_len);
         let seq = q.len() / (heads * dim);
         let group = heads / self.kv_heads;
-        let mut y = vec![0f32; q.len()];
-        let out = Out::new(&mut y);
+        let out = Out::new(y);
         // One work item per (query, head): its scores, softmax and weighted sum of values, reading
         // the head's cached positions as one contiguous run.
         let bytes = seq * heads / group * kv_len * dim * 2 * k.elem_bytes();
@@ -760,6 +768,7 @@ impl CustomOp3 for Attention {
                 let total = exp_shifted(&mut scores[..visible], max);
                 // SAFETY: each item writes its own (query, head) row.
                 let acc = unsafe { out.part(item * dim..(item + 1) * dim) };
+                acc.fill(0.0);
                 for (j, p) in scores[..visible].iter().enumerate() {
                     v.axpy(base + j * dim, *p, acc);
                 }
@@ -767,8 +776,37 @@ impl CustomOp3 for Attention {
                 acc.iter_mut().for_each(|a| *a *= inv);
             }
         });
-        Ok((CpuStorage::F32(y), Shape::from(l1.dims())))
     }
+}
+
+/// [`attention`] of one token's query `q` `(heads · dim)` into `y`, on slices: the decode step of
+/// [`crate::transformer::Model`]'s single-token path, which keeps activations out of candle
+/// tensors.
+pub fn attention_one(
+    q: &[f32],
+    keys: &Tensor,
+    values: &Tensor,
+    kv_len: usize,
+    scale: f32,
+    y: &mut [f32],
+) -> Result<()> {
+    let (_, kv_heads, capacity, dim) = keys.dims4()?;
+    let heads = q.len() / dim.max(1);
+    if kv_len > capacity || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || y.len() != q.len() {
+        candle_core::bail!(
+            "attention_one: query of {} values for a {:?} cache",
+            q.len(),
+            keys.dims()
+        );
+    }
+    let (ks, kl) = keys.storage_and_layout();
+    let (vs, vl) = values.storage_and_layout();
+    let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
+        candle_core::bail!("attention_one: the cache is not on the CPU");
+    };
+    let op = Attention { heads, kv_heads, dim, capacity, kv_len, scale };
+    op.attend(q, CacheRows::of(kc, kl)?, CacheRows::of(vc, vl)?, y);
+    Ok(())
 }
 
 /// Queries per work item of [`attention_prefill`]: one GEMM tile of scores per (head, block).

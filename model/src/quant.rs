@@ -373,22 +373,43 @@ impl QLinear {
         if rows > infer_ops::MAX_ROWS || !x.device().is_cpu() || x.dtype() != DType::F32 {
             return Ok(None);
         }
-        // Hold every weight's storage while the kernels read it.
+        Self::with_rows(linears, |views| infer_ops::linear_many(x, views))?.unwrap_or(Ok(None))
+    }
+
+    /// Whether the matrix–vector kernels can read this weight (on the CPU, f32, f16, Q8_0 or Q4_0).
+    pub(crate) fn has_rows(&self) -> bool {
+        match self {
+            QLinear::Dense(l) => l.weight().dtype() == DType::F32 && l.weight().device().is_cpu(),
+            QLinear::Quantized(QMatMul::QTensor(q)) => {
+                q.device().is_cpu()
+                    && matches!(q.dtype(), GgmlDType::F16 | GgmlDType::Q8_0 | GgmlDType::Q4_0)
+            }
+            QLinear::Quantized(_) => false,
+        }
+    }
+
+    /// Runs `f` on the kernel views of `linears`' weights with their output sizes, holding their
+    /// storage meanwhile; `None` when one of them has no view (see [`QLinear::has_rows`]).
+    pub(crate) fn with_rows<R>(
+        linears: &[&QLinear],
+        f: impl FnOnce(&[(infer_ops::WeightRows<'_>, usize)]) -> R,
+    ) -> candle_core::Result<Option<R>> {
+        if !linears.iter().all(|l| l.has_rows()) {
+            return Ok(None);
+        }
         let mut dense = Vec::with_capacity(linears.len());
         let mut blocks = Vec::with_capacity(linears.len());
         for linear in linears {
             match linear {
-                QLinear::Dense(l)
-                    if l.weight().dtype() == DType::F32 && l.weight().device().is_cpu() =>
-                {
+                QLinear::Dense(l) => {
                     dense.push(Some(l.weight().contiguous()?));
                     blocks.push(None);
                 }
-                QLinear::Quantized(QMatMul::QTensor(q)) if q.device().is_cpu() => {
+                QLinear::Quantized(QMatMul::QTensor(q)) => {
                     dense.push(None);
                     blocks.push(Some(q.data()?));
                 }
-                _ => return Ok(None),
+                QLinear::Quantized(_) => return Ok(None),
             }
         }
         let storages: Vec<_> =
@@ -412,7 +433,7 @@ impl QLinear {
             };
             views.push(view);
         }
-        infer_ops::linear_many(x, &views)
+        Ok(Some(f(&views)))
     }
 }
 

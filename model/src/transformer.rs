@@ -154,6 +154,18 @@ impl KvCache {
         Ok(())
     }
 
+    /// Writes one position's keys and values (`kv_heads · head_dim` each) of `layer` at the
+    /// current end.
+    fn append_row(&self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let (keys, values) = (&self.keys[layer], &self.values[layer]);
+        let (_, heads, _, dim) = keys.dims4()?;
+        for (buffer, row) in [(keys, k), (values, v)] {
+            let row = Tensor::from_slice(row, (1, heads, 1, dim), buffer.device())?;
+            buffer.slice_set(&row.to_dtype(buffer.dtype())?, 2, self.len)?;
+        }
+        Ok(())
+    }
+
     /// Writes this chunk's keys and values `(1, seq, kv_heads, head_dim)` of `layer` at the current
     /// end; returns the layer's whole key and value buffers, whose first `len() + seq` positions
     /// are now valid.
@@ -222,6 +234,20 @@ impl Rope {
     }
 }
 
+/// Rotates every head of one position's `(heads · head_dim)` row in place, rotate-half style,
+/// with that position's `cos` and `sin` (`head_dim / 2` each).
+fn rope_rows(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    for head in x.chunks_mut(2 * half) {
+        let (first, second) = head.split_at_mut(half);
+        for (((a, b), c), s) in first.iter_mut().zip(second).zip(cos).zip(sin) {
+            let (x1, x2) = (*a, *b);
+            *a = x1 * c - x2 * s;
+            *b = x1 * s + x2 * c;
+        }
+    }
+}
+
 /// Root-mean-square layer norm with a learned scale and no bias.
 #[derive(Debug, Clone)]
 struct RmsNorm {
@@ -232,6 +258,13 @@ struct RmsNorm {
 impl RmsNorm {
     fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self { weight: vb.get(dim, "weight")?, eps })
+    }
+
+    /// The norm of one row on a slice (the single-token decode step).
+    fn apply(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let weight = self.weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let inv = 1.0 / (crate::train_ops::dot(x, x) / x.len() as f32 + self.eps as f32).sqrt();
+        Ok(x.iter().zip(&weight).map(|(x, w)| x * inv * w).collect())
     }
 
     /// The inference norm: on a CPU in f32 the pool kernel of [`crate::train_ops`] (see
@@ -735,9 +768,108 @@ impl Model {
     /// all that prefill and decoding need. The LM head of the other positions (a sixth of a
     /// `small` model's prefill work) is skipped.
     pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        if let Some(logits) = self.forward_token(ids, cache)? {
+            return Ok(logits);
+        }
         let hidden = self.forward_hidden(ids, cache)?;
         let seq = hidden.dim(1)?;
         self.logits(&hidden.narrow(1, seq - 1, 1)?)
+    }
+
+    /// A decode step on a CPU: one token through the whole model on plain slices with the
+    /// kernels of [`crate::infer_ops`], without a candle tensor per intermediate (a `tiny` decode
+    /// step is otherwise mostly tensor bookkeeping). Returns `None`, having done nothing, where it
+    /// does not apply (more than one token, not a CPU f32 model, the plain attention kernel, or a
+    /// weight the kernels cannot read); same results as [`Model::forward_hidden`] up to summation
+    /// order.
+    fn forward_token(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Option<Tensor>> {
+        let linears = || {
+            self.layers
+                .iter()
+                .flat_map(|b| {
+                    let (a, m) = (&b.self_attn, &b.mlp);
+                    [
+                        &a.q_proj,
+                        &a.k_proj,
+                        &a.v_proj,
+                        &a.o_proj,
+                        &m.gate_proj,
+                        &m.up_proj,
+                        &m.down_proj,
+                    ]
+                })
+                .chain([&self.lm_head])
+        };
+        if ids.dims() != [1, 1]
+            || !self.device().is_cpu()
+            || self.dtype() != DType::F32
+            || self.kernel != AttentionKernel::Fused
+            || cache.keys.len() != self.layers.len()
+            || !linears().all(QLinear::has_rows)
+        {
+            return Ok(None);
+        }
+        cache.reserve(1)?;
+        let pos = cache.len();
+        let (cos, sin) = self.rope.tables(pos, 1)?;
+        let (cos, sin) =
+            (cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?);
+        let mut x = self.embed_tokens.forward(ids)?.flatten_all()?.to_vec1::<f32>()?;
+        let project = |linears: &[&QLinear], input: &[f32]| -> Result<Vec<Vec<f32>>> {
+            let mut ys = QLinear::with_rows(linears, |views| {
+                let mut ys: Vec<Vec<f32>> = views.iter().map(|(_, out)| vec![0f32; *out]).collect();
+                let mut parts: Vec<_> =
+                    views.iter().zip(&mut ys).map(|((w, _), y)| (*w, y.as_mut_slice())).collect();
+                crate::infer_ops::gemv_many(&mut parts, input, input.len());
+                ys
+            })?
+            .ok_or_else(|| ModelError::Usage("a weight changed under the decode step".into()))?;
+            ys.truncate(linears.len());
+            Ok(ys)
+        };
+        for (i, block) in self.layers.iter().enumerate() {
+            let attn = &block.self_attn;
+            let h = block.input_layernorm.apply(&x)?;
+            let [mut q, mut k, v]: [Vec<f32>; 3] =
+                project(&[&attn.q_proj, &attn.k_proj, &attn.v_proj], &h)?
+                    .try_into()
+                    .map_err(|_| ModelError::Usage("projection count mismatch".into()))?;
+            rope_rows(&mut q, &cos, &sin);
+            rope_rows(&mut k, &cos, &sin);
+            cache.append_row(i, &k, &v)?;
+            let mut y = vec![0f32; q.len()];
+            let scale = 1.0 / (attn.head_dim as f32).sqrt();
+            crate::infer_ops::attention_one(
+                &q,
+                &cache.keys[i],
+                &cache.values[i],
+                pos + 1,
+                scale,
+                &mut y,
+            )?;
+            let [o] = project(&[&attn.o_proj], &y)?
+                .try_into()
+                .map_err(|_| ModelError::Usage("projection count mismatch".into()))?;
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            let h = block.post_attention_layernorm.apply(&x)?;
+            let mlp = &block.mlp;
+            let [gate, up]: [Vec<f32>; 2] = project(&[&mlp.gate_proj, &mlp.up_proj], &h)?
+                .try_into()
+                .map_err(|_| ModelError::Usage("projection count mismatch".into()))?;
+            let gated: Vec<f32> =
+                gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let [down] = project(&[&mlp.down_proj], &gated)?
+                .try_into()
+                .map_err(|_| ModelError::Usage("projection count mismatch".into()))?;
+            x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
+        }
+        cache.len += 1;
+        let h = self.norm.apply(&x)?;
+        let [logits] = project(&[&self.lm_head], &h)?
+            .try_into()
+            .map_err(|_| ModelError::Usage("projection count mismatch".into()))?;
+        let vocab = logits.len();
+        Ok(Some(Tensor::from_vec(logits, (1, 1, vocab), self.device())?))
     }
 
     /// The blocks of the inference forward: hidden states `(1, seq, d_model)` before the final

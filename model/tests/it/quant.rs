@@ -193,3 +193,26 @@ fn precision_names_round_trip() {
     }
     assert!("int3".parse::<Precision>().unwrap_err().to_string().contains("int3"));
 }
+
+/// The single-token decode path (`forward_last` of one token: plain slices, no tensor per
+/// intermediate) computes what the chunk path (`forward`) computes, at every precision, step by
+/// step over a growing cache.
+#[test]
+fn single_token_path_matches_the_chunk_path() {
+    let config = tiny_config(2, true);
+    let tensors = fixture(&config, 5, 3.0);
+    for precision in [Precision::F32, Precision::F16, Precision::Q8_0, Precision::Q4_0] {
+        let model = build(&config, &tensors, precision);
+        let tokens = ids(24, 300, 9);
+        let (mut fast, mut chunk) = (model.new_cache(4).unwrap(), model.new_cache(4).unwrap());
+        for (step, &t) in tokens.iter().enumerate() {
+            let a = model.forward_last(&row(&[t]), &mut fast).unwrap();
+            let b = model.forward(&row(&[t]), &mut chunk).unwrap();
+            assert_eq!(a.dims(), b.dims());
+            let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            let diff = max_abs_diff(&a, &b);
+            assert!(diff <= 1e-4 * scale.max(1.0), "{precision} step {step}: {diff} (max {scale})");
+        }
+        assert_eq!(fast.len(), tokens.len());
+    }
+}
