@@ -240,6 +240,9 @@ pub fn gemv_many(parts: &mut [(WeightRows<'_>, &mut [f32])], x: &[f32], cols: us
 pub struct Q8Row {
     scales: Vec<f32>,
     quants: Vec<i8>,
+    /// Per block, 8 × the sum of each group of four quants (eight `i32`s): what the Q4_0 kernel
+    /// subtracts after multiplying the raw nibbles (0..16), instead of re-centring every nibble.
+    eights: Vec<i32>,
 }
 
 impl Q8Row {
@@ -256,7 +259,11 @@ impl Q8Row {
             scales.push(f16::from_f32(d).to_f32());
             quants.extend(block.iter().map(|v| (v * id).round() as i8));
         }
-        Self { scales, quants }
+        let eights = quants
+            .chunks(4)
+            .map(|group| 8 * group.iter().map(|&q| i32::from(q)).sum::<i32>())
+            .collect();
+        Self { scales, quants, eights }
     }
 }
 
@@ -556,7 +563,7 @@ mod avx2 {
         }
     }
 
-    /// Block `b` of a Q4_0 row (widened to signed bytes) times block `b` of `x`.
+    /// Block `b` of a Q4_0 row times block `b` of `x`, as eight partial sums, with its scale.
     ///
     /// # Safety
     /// `w` must hold at least `b + 1` Q4_0 blocks and `x` at least `b + 1` blocks.
@@ -566,16 +573,18 @@ mod avx2 {
         unsafe {
             let block = w.as_ptr().add(b * Q4_0_BYTES);
             let packed = _mm_loadu_si128(block.add(2).cast());
-            // Weights 0..16 are the low nibbles, 16..32 the high ones, each offset by 8.
+            // Weights 0..16 are the low nibbles, 16..32 the high ones, each offset by 8: the raw
+            // nibbles are unsigned, so they go straight into maddubs, and 8 · Σx comes off after.
             let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-            let wq = _mm256_sub_epi8(
-                _mm256_and_si256(both, _mm256_set1_epi8(0x0F)),
-                _mm256_set1_epi8(8),
-            );
+            let nibbles = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
             let xq = _mm256_loadu_si256(x.quants.as_ptr().add(b * BLOCK).cast());
+            let pairs = _mm256_maddubs_epi16(nibbles, xq);
+            let sums = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+            let eights = _mm256_loadu_si256(x.eights.as_ptr().add(b * 8).cast());
+            let centred = _mm256_cvtepi32_ps(_mm256_sub_epi32(sums, eights));
             let d =
                 f16::from_le_bytes([*block, *block.add(1)]).to_f32() * x.scales.get_unchecked(b);
-            (_mm256_set1_ps(d), mul_sum_i8(wq, xq))
+            (_mm256_set1_ps(d), centred)
         }
     }
 
