@@ -653,27 +653,17 @@ pub fn attention(
     kv_len: usize,
     scale: f32,
 ) -> Result<Option<Tensor>> {
-    let (_, seq, heads, dim) = q.dims4()?;
-    let (_, kv_heads, capacity, _) = keys.dims4()?;
-    let on_cpu = [q, keys, values].iter().all(|t| t.device().is_cpu());
-    if seq > MAX_QUERIES
-        || seq > kv_len
-        || kv_len > capacity
-        || kv_heads == 0
-        || !heads.is_multiple_of(kv_heads)
-        || !on_cpu
-        || q.dtype() != DType::F32
-        || !matches!(keys.dtype(), DType::F32 | DType::F16)
-        || keys.dtype() != values.dtype()
-        || keys.dims() != values.dims()
-    {
-        return Ok(None);
+    match Attention::checked(q, keys, values, kv_len, scale, MAX_QUERIES)? {
+        Some(op) => q
+            .contiguous()?
+            .apply_op3_no_bwd(&keys.contiguous()?, &values.contiguous()?, &op)
+            .map(Some),
+        None => Ok(None),
     }
-    let op = Attention { heads, kv_heads, dim, capacity, kv_len, scale };
-    q.contiguous()?.apply_op3_no_bwd(&keys.contiguous()?, &values.contiguous()?, &op).map(Some)
 }
 
-/// The custom op behind [`attention`].
+/// The custom op behind [`attention`], and the shape of an attention call.
+#[derive(Debug, Clone, Copy)]
 struct Attention {
     heads: usize,
     kv_heads: usize,
@@ -681,6 +671,34 @@ struct Attention {
     capacity: usize,
     kv_len: usize,
     scale: f32,
+}
+
+impl Attention {
+    /// The call's shape when the kernels apply to it (CPU f32 queries, at most `max_seq` of them,
+    /// an f32 or f16 head-major cache holding `kv_len` ≥ `seq` positions), else `None`.
+    fn checked(
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        kv_len: usize,
+        scale: f32,
+        max_seq: usize,
+    ) -> Result<Option<Self>> {
+        let (_, seq, heads, dim) = q.dims4()?;
+        let (_, kv_heads, capacity, _) = keys.dims4()?;
+        let on_cpu = [q, keys, values].iter().all(|t| t.device().is_cpu());
+        let applies = seq <= max_seq
+            && seq <= kv_len
+            && kv_len <= capacity
+            && kv_heads > 0
+            && heads.is_multiple_of(kv_heads)
+            && on_cpu
+            && q.dtype() == DType::F32
+            && matches!(keys.dtype(), DType::F32 | DType::F16)
+            && keys.dtype() == values.dtype()
+            && keys.dims() == values.dims();
+        Ok(applies.then_some(Self { heads, kv_heads, dim, capacity, kv_len, scale }))
+    }
 }
 
 /// One layer's cached keys or values as the attention kernel reads them.
@@ -832,34 +850,17 @@ pub fn attention_prefill(
     kv_len: usize,
     scale: f32,
 ) -> Result<Option<Tensor>> {
-    let (_, seq, heads, dim) = q.dims4()?;
-    let (_, kv_heads, capacity, _) = keys.dims4()?;
-    let on_cpu = [q, keys, values].iter().all(|t| t.device().is_cpu());
-    if seq > kv_len
-        || kv_len > capacity
-        || kv_heads == 0
-        || !heads.is_multiple_of(kv_heads)
-        || !on_cpu
-        || q.dtype() != DType::F32
-        || !matches!(keys.dtype(), DType::F32 | DType::F16)
-        || keys.dtype() != values.dtype()
-        || keys.dims() != values.dims()
-    {
-        return Ok(None);
+    match Attention::checked(q, keys, values, kv_len, scale, usize::MAX)? {
+        Some(shape) => q
+            .contiguous()?
+            .apply_op3_no_bwd(&keys.contiguous()?, &values.contiguous()?, &PrefillAttention(shape))
+            .map(Some),
+        None => Ok(None),
     }
-    let op = PrefillAttention { heads, kv_heads, dim, capacity, kv_len, scale };
-    q.contiguous()?.apply_op3_no_bwd(&keys.contiguous()?, &values.contiguous()?, &op).map(Some)
 }
 
 /// The custom op behind [`attention_prefill`].
-struct PrefillAttention {
-    heads: usize,
-    kv_heads: usize,
-    dim: usize,
-    capacity: usize,
-    kv_len: usize,
-    scale: f32,
-}
+struct PrefillAttention(Attention);
 
 impl CacheRows<'_> {
     /// The first `len` rows of width `dim` of head `head` (of a `capacity`-row head-major
@@ -896,7 +897,7 @@ impl CustomOp3 for PrefillAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let q = data(s1, l1, self.name())?;
         let (k, v) = (CacheRows::of(s2, l2)?, CacheRows::of(s3, l3)?);
-        let (heads, kv_heads, dim, kv_len) = (self.heads, self.kv_heads, self.dim, self.kv_len);
+        let Attention { heads, kv_heads, dim, capacity, kv_len, scale } = self.0;
         let seq = q.len() / (heads * dim);
         let group = heads / kv_heads;
         // Each KV head's positions as f32 rows, converted once for all its query blocks.
@@ -909,7 +910,7 @@ impl CustomOp3 for PrefillAttention {
                     let (which, head) = (item / kv_heads, item % kv_heads);
                     let (rows, slots) = if which == 0 { (k, &ko) } else { (v, &vo) };
                     // SAFETY: each item fills its own slot.
-                    unsafe { slots.set(head, rows.head_f32(head, self.capacity, kv_len, dim)) };
+                    unsafe { slots.set(head, rows.head_f32(head, capacity, kv_len, dim)) };
                 }
             });
         }
@@ -946,7 +947,7 @@ impl CustomOp3 for PrefillAttention {
                         dim as isize,
                         1,
                         0.0,
-                        self.scale,
+                        scale,
                         false,
                         false,
                         false,

@@ -234,6 +234,20 @@ impl Rope {
     }
 }
 
+/// One row through several projections in one dispatch of the matrix–vector kernels (the
+/// single-token decode step); the weights must have kernel views ([`QLinear::has_rows`]).
+fn project_rows<const N: usize>(linears: [&QLinear; N], input: &[f32]) -> Result<[Vec<f32>; N]> {
+    QLinear::with_rows(&linears, |views| {
+        let mut ys: Vec<Vec<f32>> = views.iter().map(|(_, out)| vec![0f32; *out]).collect();
+        let mut parts: Vec<_> =
+            views.iter().zip(&mut ys).map(|((w, _), y)| (*w, y.as_mut_slice())).collect();
+        crate::infer_ops::gemv_many(&mut parts, input, input.len());
+        ys
+    })?
+    .and_then(|ys| ys.try_into().ok())
+    .ok_or_else(|| ModelError::Usage("a projection has no kernel view".into()))
+}
+
 /// Rotates every head of one position's `(heads · head_dim)` row in place, rotate-half style,
 /// with that position's `cos` and `sin` (`head_dim / 2` each).
 fn rope_rows(x: &mut [f32], cos: &[f32], sin: &[f32]) {
@@ -815,25 +829,11 @@ impl Model {
         let (cos, sin) =
             (cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?);
         let mut x = self.embed_tokens.forward(ids)?.flatten_all()?.to_vec1::<f32>()?;
-        let project = |linears: &[&QLinear], input: &[f32]| -> Result<Vec<Vec<f32>>> {
-            let mut ys = QLinear::with_rows(linears, |views| {
-                let mut ys: Vec<Vec<f32>> = views.iter().map(|(_, out)| vec![0f32; *out]).collect();
-                let mut parts: Vec<_> =
-                    views.iter().zip(&mut ys).map(|((w, _), y)| (*w, y.as_mut_slice())).collect();
-                crate::infer_ops::gemv_many(&mut parts, input, input.len());
-                ys
-            })?
-            .ok_or_else(|| ModelError::Usage("a weight changed under the decode step".into()))?;
-            ys.truncate(linears.len());
-            Ok(ys)
-        };
         for (i, block) in self.layers.iter().enumerate() {
             let attn = &block.self_attn;
             let h = block.input_layernorm.apply(&x)?;
             let [mut q, mut k, v]: [Vec<f32>; 3] =
-                project(&[&attn.q_proj, &attn.k_proj, &attn.v_proj], &h)?
-                    .try_into()
-                    .map_err(|_| ModelError::Usage("projection count mismatch".into()))?;
+                project_rows([&attn.q_proj, &attn.k_proj, &attn.v_proj], &h)?;
             rope_rows(&mut q, &cos, &sin);
             rope_rows(&mut k, &cos, &sin);
             cache.append_row(i, &k, &v)?;
@@ -847,27 +847,19 @@ impl Model {
                 scale,
                 &mut y,
             )?;
-            let [o] = project(&[&attn.o_proj], &y)?
-                .try_into()
-                .map_err(|_| ModelError::Usage("projection count mismatch".into()))?;
+            let [o] = project_rows([&attn.o_proj], &y)?;
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let h = block.post_attention_layernorm.apply(&x)?;
             let mlp = &block.mlp;
-            let [gate, up]: [Vec<f32>; 2] = project(&[&mlp.gate_proj, &mlp.up_proj], &h)?
-                .try_into()
-                .map_err(|_| ModelError::Usage("projection count mismatch".into()))?;
+            let [gate, up]: [Vec<f32>; 2] = project_rows([&mlp.gate_proj, &mlp.up_proj], &h)?;
             let gated: Vec<f32> =
                 gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-            let [down] = project(&[&mlp.down_proj], &gated)?
-                .try_into()
-                .map_err(|_| ModelError::Usage("projection count mismatch".into()))?;
+            let [down] = project_rows([&mlp.down_proj], &gated)?;
             x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
         }
         cache.len += 1;
         let h = self.norm.apply(&x)?;
-        let [logits] = project(&[&self.lm_head], &h)?
-            .try_into()
-            .map_err(|_| ModelError::Usage("projection count mismatch".into()))?;
+        let [logits] = project_rows([&self.lm_head], &h)?;
         let vocab = logits.len();
         Ok(Some(Tensor::from_vec(logits, (1, 1, vocab), self.device())?))
     }
