@@ -319,35 +319,28 @@ impl QLinear {
         if let Some(y) = Self::forward_gemv(&[self], x)?.and_then(|mut ys| ys.pop()) {
             return Ok(y);
         }
-        if let QLinear::Quantized(QMatMul::QTensor(q)) = self
-            && q.device().is_cpu()
-            && x.dtype() == DType::F32
-        {
-            // A long input (prefill): one GEMM over the weight widened to f32, which beats
-            // the per-row quantized dot products once there are more than a few rows.
-            let bytes = q.data()?;
-            let (rows, cols) = q.shape().dims2()?;
-            let dense = infer_ops::WeightRows::of_qtensor(q, &bytes)
-                .and_then(|view| infer_ops::dequantize(view, rows, cols));
-            if let Some(dense) = dense {
-                if q.dtype() == GgmlDType::F16 {
-                    return infer_ops::matmul_t(x, &dense, rows);
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            // A long input (prefill): one GEMM over the weight widened to f32, which beats the
+            // per-row dot products once there are more than a few rows.
+            let cols = x.dim(candle_core::D::Minus1)?;
+            let gemm = Self::with_rows(&[self], |views| -> candle_core::Result<Option<Tensor>> {
+                let (view, rows) = views[0];
+                let x = match view {
+                    // The integer kernels see the activation quantized to Q8_0: so does the GEMM.
+                    infer_ops::WeightRows::Q8_0(_) | infer_ops::WeightRows::Q4_0(_) => {
+                        infer_ops::q8_0_round_trip(x)?
+                    }
+                    _ => x.clone(),
+                };
+                match view {
+                    infer_ops::WeightRows::F32(w) => infer_ops::matmul_t(&x, w, rows).map(Some),
+                    _ => infer_ops::dequantize(view, rows, cols)
+                        .map(|dense| infer_ops::matmul_t(&x, &dense, rows))
+                        .transpose(),
                 }
-                // The integer kernels see the activation quantized to Q8_0: so does the GEMM.
-                return infer_ops::matmul_t(&infer_ops::q8_0_round_trip(x)?, &dense, rows);
-            }
-        }
-        if let QLinear::Dense(l) = self
-            && l.weight().device().is_cpu()
-            && l.weight().dtype() == DType::F32
-            && x.dtype() == DType::F32
-        {
-            let w = l.weight().contiguous()?;
-            let (storage, layout) = w.storage_and_layout();
-            if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
-                (&*storage, layout.contiguous_offsets())
-            {
-                return infer_ops::matmul_t(x, &cpu.as_slice::<f32>()?[start..end], w.dim(0)?);
+            })?;
+            if let Some(y) = gemm.transpose()?.flatten() {
+                return Ok(y);
             }
         }
         self.forward(x)

@@ -276,9 +276,14 @@ impl RmsNorm {
 
     /// The norm of one row on a slice (the single-token decode step).
     fn apply(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let weight = self.weight.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        // Read in place: the weight may be a training variable, so it is not copied ahead.
+        let (storage, layout) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Err(ModelError::Usage("the single-token path runs on the CPU".into()));
+        };
+        let weight = crate::train_ops::data(cpu, layout, "rms_norm")?;
         let inv = 1.0 / (crate::train_ops::dot(x, x) / x.len() as f32 + self.eps as f32).sqrt();
-        Ok(x.iter().zip(&weight).map(|(x, w)| x * inv * w).collect())
+        Ok(x.iter().zip(weight).map(|(x, w)| x * inv * w).collect())
     }
 
     /// The inference norm: on a CPU in f32 the pool kernel of [`crate::train_ops`] (see
