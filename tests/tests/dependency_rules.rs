@@ -29,10 +29,26 @@ struct Graph {
     members: Vec<String>,
 }
 
+/// The triple of the platform this test runs on, from `rustc -vV`.
+fn host_triple() -> String {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let out = Command::new(rustc).arg("-vV").output().expect("rustc -vV runs");
+    let text = String::from_utf8(out.stdout).expect("rustc -vV prints UTF-8");
+    text.lines()
+        .find_map(|line| line.strip_prefix("host: "))
+        .unwrap_or_else(|| panic!("no `host:` line in rustc -vV:\n{text}"))
+        .to_string()
+}
+
+/// The resolved dependency graph for this platform. `--filter-platform` matters beyond speed:
+/// without it cargo needs the manifests of every target's packages (Windows-only crates
+/// included), which a machine whose cache holds only what `cargo build` fetched does not have,
+/// and `--offline` then fails. The rule is about what ships here, so the host's graph is the one.
 fn metadata() -> Graph {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--offline"])
+        .args(["metadata", "--format-version", "1", "--offline", "--filter-platform"])
+        .arg(host_triple())
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo metadata runs");
