@@ -345,6 +345,11 @@ impl Api {
         if let Some(authority) = request.uri().authority() {
             hosts.push(authority.as_str().to_owned());
         }
+        // RFC 9110 §7.2: a request with more than one Host field is malformed (and the two can
+        // disagree about who is being asked, e.g. `localhost` and then a rebinding name).
+        if request.headers().get_all(header::HOST).iter().nth(1).is_some() {
+            return Err(ApiError::bad_request("more than one Host header"));
+        }
         match request.headers().get(header::HOST).map(|h| h.to_str()) {
             Some(Ok(host)) => hosts.push(host.to_owned()),
             Some(Err(_)) => return Err(refused("Host", "<not text>", "allowed_hosts")),

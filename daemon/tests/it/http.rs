@@ -378,6 +378,13 @@ async fn bad_requests_are_refused_with_openai_errors() {
         let (status, _, text) = http.send("GET", "/v1/models", &[("host", &host)], "").await;
         assert_eq!(status, StatusCode::OK, "{host}: {text}");
     }
+    // Two Host fields (a loopback name, then a rebinding one) are malformed: 400, not served.
+    for second in ["evil.example", "localhost"] {
+        let hosts = [("host", "localhost"), ("host", second)];
+        let (status, _, text) = http.send("GET", "/v1/models", &hosts, "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "Host: localhost + {second}: {text}");
+        assert!(text.contains("more than one Host header"), "{text}");
+    }
     // A web page's request carries its Origin: refused, and no CORS header ever comes back.
     let (status, headers, text) =
         http.send("POST", "/v1/completions", &[("origin", "http://evil.example")], "{}").await;
