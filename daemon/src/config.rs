@@ -3,12 +3,14 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineConfig;
+use crate::server::ConnectionLimits;
 
 use m31r_model::ModelConfig;
 pub use m31r_model::Precision;
@@ -32,8 +34,12 @@ pub struct DaemonConfig {
     pub threads: usize,
     /// Jobs that may wait for the engine.
     pub queue_len: usize,
-    /// Simultaneous client connections.
+    /// Simultaneous client connections; when all are taken, the longest-idle one is closed to
+    /// admit a new one.
     pub max_connections: usize,
+    /// Milliseconds after which a connection that exchanges nothing, with no request in flight,
+    /// is closed (0 = never).
+    pub idle_timeout_ms: u64,
     /// Largest request frame in bytes.
     pub max_frame_bytes: usize,
     /// Prompt tokens per prefill chunk (cancellation is checked between chunks).
@@ -108,6 +114,7 @@ impl Default for DaemonConfig {
             threads: 0,
             queue_len: engine.queue_len,
             max_connections: 64,
+            idle_timeout_ms: 300_000,
             max_frame_bytes: m31r_protocol::MAX_FRAME_BYTES,
             prefill_chunk: engine.prefill_chunk,
             cache_budget_mb: engine.cache_budget_bytes >> 20,
@@ -129,6 +136,7 @@ const ENV_KEYS: &[&str] = &[
     "threads",
     "queue_len",
     "max_connections",
+    "idle_timeout_ms",
     "max_frame_bytes",
     "prefill_chunk",
     "cache_budget_mb",
@@ -168,6 +176,16 @@ impl DaemonConfig {
     /// The socket path, with the documented default.
     pub fn socket_path(&self) -> PathBuf {
         self.socket.clone().unwrap_or_else(default_socket_path)
+    }
+
+    /// The socket server's limits on connections.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections,
+            max_frame_bytes: self.max_frame_bytes,
+            idle_timeout: (self.idle_timeout_ms > 0)
+                .then(|| Duration::from_millis(self.idle_timeout_ms)),
+        }
     }
 
     /// The engine's part of the config.

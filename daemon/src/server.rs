@@ -1,11 +1,14 @@
 //! The socket server: a private Unix socket, one task per connection, requests turned into engine
 //! jobs and their events streamed back. Every frame is size-checked before parsing; every bad
-//! frame gets an `error` event and the connection carries on.
+//! frame gets an `error` event and the connection carries on. What a connection may hold is
+//! bounded: its queue of unread answers (the daemon stops reading a client that does not read),
+//! its requests in flight, and its idle time; a full house evicts the longest-idle connection.
 
 use std::collections::HashMap;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::future::Future;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,8 +17,9 @@ use m31r_protocol::{
     PROTOCOL_VERSION, Request, write_frame,
 };
 use tokio::io::BufReader;
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::engine::{Engine, Job, JobKind};
 
@@ -23,6 +27,16 @@ use crate::engine::{Engine, Job, JobKind};
 pub const MAX_NEW_TOKENS: u32 = 4096;
 /// Most stop strings per request, and their longest length in bytes.
 pub const MAX_STOP_STRINGS: (usize, usize) = (8, 64);
+/// Immediate answers (status, errors, hello) a connection may have queued for a client that is not
+/// reading; once they are queued the daemon reads no more of that client's requests.
+pub const OUTBOX_FRAMES: usize = 64;
+/// Requests one connection may have in flight (until their last event is on its way to the
+/// client); one more is refused with `overloaded`. Together with [`MAX_NEW_TOKENS`] this bounds
+/// what the engine can queue for a client that does not read.
+pub const MAX_IN_FLIGHT: usize = 16;
+/// How long a closing connection may take to hand its client what is still queued for it; a
+/// client that does not read is cut off after this.
+const FLUSH_GRACE: Duration = Duration::from_secs(2);
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -38,17 +52,125 @@ pub enum ServerError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The socket's directory is shared or someone else's, and not ours to change.
+    #[error(
+        "socket directory {dir}: {problem}, so someone else could replace or intercept the \
+         socket. m31rd changes the mode only of a directory it creates itself: choose a socket \
+         path in a private directory (a directory that does not exist yet is created with mode \
+         0700), or leave `socket` unset for the default"
+    )]
+    UnsafeDirectory {
+        /// The directory refused.
+        dir: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+/// What each connection may hold, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Simultaneous connections; when all are taken, the longest-idle one is closed to admit a
+    /// new one (and without an idle one the new one is refused).
+    pub max_connections: usize,
+    /// Largest request frame in bytes.
+    pub max_frame_bytes: usize,
+    /// A connection is closed once it has exchanged nothing for this long while it has no
+    /// request in flight (or its client stopped reading); `None`: never.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// What the server shares between connections.
 pub struct Server {
     engine: Engine,
     model: ModelInfo,
-    max_connections: usize,
-    max_frame_bytes: usize,
+    limits: ConnectionLimits,
     started: Instant,
+    /// Connection tasks still running (what `status` reports and shutdown waits for).
     connections: AtomicU32,
+    /// Admitted connections, by a serial number; removing one tells it to close.
+    slots: Mutex<Slots>,
     shutdown: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct Slots {
+    next: u64,
+    open: HashMap<u64, Slot>,
+}
+
+struct Slot {
+    state: Arc<ConnState>,
+    /// Dropped with the slot, which is the connection's signal to close.
+    _close: oneshot::Sender<()>,
+}
+
+/// In-flight request ids of one connection, each with its cancel flag.
+type InFlight = Mutex<HashMap<String, Arc<AtomicBool>>>;
+
+/// What the accept loop, the reader and the writer of one connection share.
+struct ConnState {
+    in_flight: InFlight,
+    opened: Instant,
+    /// Milliseconds after `opened` when a frame was last read or written.
+    last_active_ms: AtomicU64,
+    /// A write to the client is under way; if that lasts, the client has stopped reading.
+    writing: AtomicBool,
+}
+
+impl ConnState {
+    fn new() -> Self {
+        Self {
+            in_flight: Mutex::default(),
+            opened: Instant::now(),
+            last_active_ms: AtomicU64::new(0),
+            writing: AtomicBool::new(false),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_active_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last_active(&self) -> Instant {
+        self.opened + Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed))
+    }
+
+    /// Nothing in flight: closing it loses no answer. A poisoned map counts as busy.
+    fn at_rest(&self) -> bool {
+        self.in_flight.lock().is_ok_and(|m| m.is_empty())
+    }
+
+    /// `Ok` if the connection has been idle for `timeout` (nothing exchanged, and either nothing
+    /// in flight or a write stuck on a client that does not read); else when to look again.
+    fn idle(&self, timeout: Duration) -> Result<(), Instant> {
+        let now = Instant::now();
+        let quiet_until = self.last_active() + timeout;
+        if quiet_until > now {
+            return Err(quiet_until);
+        }
+        if self.at_rest() || self.writing.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        // Waiting for the engine is not idleness; look again after another full timeout.
+        Err(now + timeout)
+    }
+}
+
+/// Why a connection stopped serving its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closed {
+    Shutdown,
+    Evicted,
+    Idle,
+}
+
+/// A connection's reasons to stop, watched while it waits for its client.
+struct Lifeline {
+    stop: watch::Receiver<bool>,
+    close: oneshot::Receiver<()>,
+    state: Arc<ConnState>,
 }
 
 /// The bound socket; dropping it removes the socket file.
@@ -63,17 +185,17 @@ impl Drop for Listener {
     }
 }
 
-/// Binds the socket at `path`: creates its directory with mode 0700, refuses to start if another
-/// daemon answers there, removes a stale socket file, and restricts the socket to mode 0600.
+/// Binds the socket at `path`: makes sure its directory is private (see [`prepare_socket_dir`]),
+/// refuses to start if another daemon answers there, removes a stale socket file, and restricts
+/// the socket to mode 0600.
 pub async fn bind(path: &Path) -> Result<Listener, ServerError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ServerError::Io { path, source }
     };
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
-        // An existing directory keeps its mode; make sure it is private.
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => prepare_socket_dir(dir)?,
+        _ => prepare_socket_dir(Path::new("."))?,
     }
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
@@ -87,21 +209,67 @@ pub async fn bind(path: &Path) -> Result<Listener, ServerError> {
     Ok(Listener { listener, path: path.to_path_buf() })
 }
 
+/// Makes sure the socket's directory `dir` is private to this user. A directory that does not
+/// exist is created with mode 0700. An existing one is never changed, as it may be shared (as
+/// root, `--socket /tmp/x.sock` must not turn /tmp private): it is accepted if we own it and
+/// nobody else may write to it, and refused otherwise. The one exception is the daemon's own
+/// default directory (`$XDG_RUNTIME_DIR/m31r`), which is reset to 0700 if we own it.
+pub fn prepare_socket_dir(dir: &Path) -> Result<(), ServerError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ServerError::Io { path, source }
+    };
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(io(parent))?;
+    }
+    // Creating the last component on its own tells us, without a race, whether it is ours.
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {
+            // The umask may have narrowed the mode; make it exact.
+            return std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(dir));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io(dir)(e)),
+    }
+    let meta = std::fs::metadata(dir).map_err(io(dir))?;
+    let refuse = |problem: String| ServerError::UnsafeDirectory { dir: dir.to_path_buf(), problem };
+    if !meta.is_dir() {
+        return Err(io(dir)(std::io::Error::other("exists and is not a directory")));
+    }
+    let (uid, mode) = (crate::config::current_uid(), meta.permissions().mode() & 0o7777);
+    if meta.uid() != uid {
+        return Err(refuse(format!(
+            "it belongs to uid {}, not to this user (uid {uid})",
+            meta.uid()
+        )));
+    }
+    let own_default = crate::config::default_socket_path().parent() == Some(dir);
+    if own_default && mode & 0o077 != 0 {
+        tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), "making the socket directory private (0700)");
+        return std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io(dir));
+    }
+    if mode & 0o022 != 0 {
+        return Err(refuse(format!("group or others may write to it (mode {mode:o})")));
+    }
+    Ok(())
+}
+
 impl Server {
     /// A server over a started engine.
-    pub fn new(
-        engine: Engine,
-        model: ModelInfo,
-        max_connections: usize,
-        max_frame_bytes: usize,
-    ) -> Arc<Self> {
+    pub fn new(engine: Engine, model: ModelInfo, limits: ConnectionLimits) -> Arc<Self> {
         Arc::new(Self {
             engine,
             model,
-            max_connections,
-            max_frame_bytes,
+            limits,
             started: Instant::now(),
             connections: AtomicU32::new(0),
+            slots: Mutex::default(),
             shutdown: watch::Sender::new(false),
         })
     }
@@ -143,7 +311,6 @@ impl Server {
     /// Serves until shutdown is requested; then cancels in-flight work, waits briefly for
     /// connections to drain and returns (the caller drops the listener, removing the socket).
     pub async fn serve(self: &Arc<Self>, listener: &Listener) {
-        let permits = Arc::new(Semaphore::new(self.max_connections));
         let uid = crate::config::current_uid();
         let mut stop = self.shutdown.subscribe();
         loop {
@@ -171,31 +338,66 @@ impl Server {
                     continue;
                 }
             }
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let Some((slot, lifeline)) = self.open_slot() else {
                 let (_, mut write) = stream.into_split();
                 let _ = write_frame(
                     &mut write,
                     &Event::Error {
                         id: None,
                         code: ErrorCode::Overloaded,
-                        message: format!("connection limit of {} reached", self.max_connections),
+                        message: format!(
+                            "connection limit of {} reached and every connection is busy",
+                            self.limits.max_connections
+                        ),
                     },
                 )
                 .await;
                 continue;
             };
             let server = self.clone();
+            server.connections.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
-                server.connections.fetch_add(1, Ordering::Relaxed);
-                server.handle(stream).await;
+                server.handle(stream, lifeline).await;
+                server.close_slot(slot);
                 server.connections.fetch_sub(1, Ordering::Relaxed);
-                drop(permit);
             });
         }
         self.engine.cancel_all();
         let drain_until = Instant::now() + Duration::from_secs(2);
         while self.connections.load(Ordering::Relaxed) > 0 && Instant::now() < drain_until {
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Admits a connection, evicting the longest-idle one (nothing in flight) if all are taken;
+    /// `None` if all are taken and busy.
+    fn open_slot(&self) -> Option<(u64, Lifeline)> {
+        let mut slots = self.slots.lock().ok()?;
+        if slots.open.len() >= self.limits.max_connections.max(1) {
+            let oldest = slots
+                .open
+                .iter()
+                .filter(|(_, slot)| slot.state.at_rest())
+                .min_by_key(|(_, slot)| slot.state.last_active())
+                .map(|(&serial, _)| serial)?;
+            // Dropping the slot drops its close sender, which ends that connection.
+            slots.open.remove(&oldest);
+            tracing::info!(
+                connection = oldest,
+                "connection limit reached: closed the longest-idle connection"
+            );
+        }
+        let serial = slots.next;
+        slots.next += 1;
+        let (close_tx, close) = oneshot::channel();
+        let state = Arc::new(ConnState::new());
+        slots.open.insert(serial, Slot { state: state.clone(), _close: close_tx });
+        Some((serial, Lifeline { stop: self.shutdown.subscribe(), close, state }))
+    }
+
+    fn close_slot(&self, serial: u64) {
+        if let Ok(mut slots) = self.slots.lock() {
+            slots.open.remove(&serial);
         }
     }
 
@@ -207,52 +409,67 @@ impl Server {
         )
     }
 
-    /// One connection: a writer task drains the event channel; this loop reads frames.
-    async fn handle(self: &Arc<Self>, stream: UnixStream) {
-        let (read, mut write) = stream.into_split();
+    /// Awaits `work` unless the connection must close first: the daemon shuts down, the accept
+    /// loop evicted it, or it stayed idle past the timeout. `work` is kept across idle checks
+    /// rather than restarted, as reading a frame is not cancellation-safe.
+    async fn unless_closed<F: Future>(
+        &self,
+        life: &mut Lifeline,
+        work: F,
+    ) -> Result<F::Output, Closed> {
+        tokio::pin!(work);
+        loop {
+            let look_again = match self.limits.idle_timeout.map(|t| life.state.idle(t)) {
+                Some(Ok(())) => return Err(Closed::Idle),
+                Some(Err(at)) => Some(at),
+                None => None,
+            };
+            let wake = tokio::time::Instant::from_std(look_again.unwrap_or_else(Instant::now));
+            tokio::select! {
+                out = &mut work => return Ok(out),
+                _ = life.stop.wait_for(|s| *s) => return Err(Closed::Shutdown),
+                _ = &mut life.close => return Err(Closed::Evicted),
+                _ = tokio::time::sleep_until(wake), if look_again.is_some() => {}
+            }
+        }
+    }
+
+    /// One connection: a writer task drains the event channels; this loop reads frames, each
+    /// only once its answer has room in the bounded outbox, so a client that does not read stops
+    /// being read.
+    async fn handle(self: &Arc<Self>, stream: UnixStream, mut life: Lifeline) {
+        let (read, write) = stream.into_split();
         // Immediate replies and the engine's job events travel on separate channels: only a job's
         // own terminal event unregisters its id, never a refusal of a later request that reused it.
-        let (events, mut outbox) = mpsc::unbounded_channel::<Event>();
-        let (job_events, mut job_outbox) = mpsc::unbounded_channel::<Event>();
-        let inflight: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>> = Arc::default();
-        let writer_inflight = inflight.clone();
-        let writer = tokio::spawn(async move {
-            loop {
-                let event = tokio::select! {
-                    Some(event) = outbox.recv() => event,
-                    Some(event) = job_outbox.recv() => {
-                        if let Event::Done { id, .. } | Event::Error { id: Some(id), .. } = &event
-                            && let Ok(mut map) = writer_inflight.lock()
-                        {
-                            map.remove(id);
-                        }
-                        event
-                    }
-                    else => break,
-                };
-                if write_frame(&mut write, &event).await.is_err() {
-                    break; // the client is gone; the reader notices too
-                }
-            }
-        });
-        let mut frames = FrameReader::new(BufReader::new(read), self.max_frame_bytes);
+        // The engine's channel is unbounded so a slow client never stalls the model; what it can
+        // hold is bounded by MAX_IN_FLIGHT jobs of at most MAX_NEW_TOKENS tokens.
+        let (events, outbox) = mpsc::channel::<Event>(OUTBOX_FRAMES);
+        let (job_events, job_outbox) = mpsc::unbounded_channel::<Event>();
+        let state = life.state.clone();
+        let mut writer = tokio::spawn(write_events(write, outbox, job_outbox, state.clone()));
+        let mut frames = FrameReader::new(BufReader::new(read), self.limits.max_frame_bytes);
         let mut greeted = false;
-        let mut stop = self.shutdown.subscribe();
-        loop {
-            let frame = tokio::select! {
-                frame = frames.next_frame() => frame,
-                _ = stop.wait_for(|s| *s) => break,
+        let closed = loop {
+            let room = match self.unless_closed(&mut life, events.reserve()).await {
+                Ok(Ok(room)) => room,
+                Ok(Err(_)) => break None, // the writer is gone: so is the client
+                Err(why) => break Some(why),
             };
+            let frame = match self.unless_closed(&mut life, frames.next_frame()).await {
+                Ok(frame) => frame,
+                Err(why) => break Some(why),
+            };
+            state.touch();
             let reply = |code, message: String| Event::Error { id: None, code, message };
             let text = match frame {
                 Ok(Some(text)) => text,
-                Ok(None) | Err(FrameError::Io(_)) => break,
+                Ok(None) | Err(FrameError::Io(_)) => break None,
                 Err(e @ FrameError::TooLarge { .. }) => {
-                    let _ = events.send(reply(ErrorCode::FrameTooLarge, e.to_string()));
+                    room.send(reply(ErrorCode::FrameTooLarge, e.to_string()));
                     continue;
                 }
                 Err(e @ FrameError::InvalidUtf8 { .. }) => {
-                    let _ = events.send(reply(ErrorCode::InvalidUtf8, e.to_string()));
+                    room.send(reply(ErrorCode::InvalidUtf8, e.to_string()));
                     continue;
                 }
             };
@@ -262,7 +479,7 @@ impl Server {
                     let id = serde_json::from_str::<serde_json::Value>(&text)
                         .ok()
                         .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned));
-                    let _ = events.send(Event::Error {
+                    room.send(Event::Error {
                         id,
                         code: ErrorCode::BadRequest,
                         message: format!("bad request: {e}"),
@@ -270,21 +487,26 @@ impl Server {
                     continue;
                 }
             };
-            if let Some(event) =
-                self.dispatch(request, &mut greeted, &events, &job_events, &inflight)
+            if let Some(event) = self.dispatch(request, &mut greeted, &job_events, &state.in_flight)
             {
-                let _ = events.send(event);
+                room.send(event);
             }
+        };
+        if let Some(why @ (Closed::Idle | Closed::Evicted)) = closed {
+            tracing::info!(reason = ?why, "closing an idle connection");
         }
         // A closed connection cancels its requests.
-        if let Ok(map) = inflight.lock() {
+        if let Ok(map) = state.in_flight.lock() {
             for flag in map.values() {
                 flag.store(true, Ordering::SeqCst);
             }
         }
         drop(events);
         drop(job_events);
-        let _ = writer.await;
+        if tokio::time::timeout(FLUSH_GRACE, &mut writer).await.is_err() {
+            // The client is not reading what is left; drop it rather than hold the connection.
+            writer.abort();
+        }
     }
 
     /// Handles one parsed request; returns an immediate reply, if any.
@@ -292,9 +514,8 @@ impl Server {
         self: &Arc<Self>,
         request: Request,
         greeted: &mut bool,
-        events: &mpsc::UnboundedSender<Event>,
         job_events: &mpsc::UnboundedSender<Event>,
-        inflight: &Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
+        in_flight: &InFlight,
     ) -> Option<Event> {
         let error = |id: Option<&str>, code, message: String| {
             Some(Event::Error { id: id.map(str::to_owned), code, message })
@@ -327,15 +548,14 @@ impl Server {
             Request::Status { id } => return Some(Event::Status { id, status: self.status() }),
             Request::Cancel { id } => {
                 // Unknown ids are ignored: the request may just have finished.
-                if let Some(flag) = inflight.lock().ok().and_then(|m| m.get(&id).cloned()) {
+                if let Some(flag) = in_flight.lock().ok().and_then(|m| m.get(&id).cloned()) {
                     flag.store(true, Ordering::SeqCst);
                 }
                 return None;
             }
             Request::Shutdown { id } => {
-                let _ = events.send(Event::ShuttingDown { id });
                 self.request_shutdown();
-                return None;
+                return Some(Event::ShuttingDown { id });
             }
             Request::Generate { prompt, params, .. } => (JobKind::Generate { prompt }, params),
             Request::Complete { prompt, params, .. } => (JobKind::Complete { prompt }, params),
@@ -347,7 +567,7 @@ impl Server {
         }
         let cancel = Arc::new(AtomicBool::new(false));
         {
-            let Ok(mut map) = inflight.lock() else {
+            let Ok(mut map) = in_flight.lock() else {
                 return error(Some(&id), ErrorCode::Internal, "connection state poisoned".into());
             };
             if map.contains_key(&id) {
@@ -355,6 +575,16 @@ impl Server {
                     Some(&id),
                     ErrorCode::DuplicateId,
                     format!("request id {id:?} is already in flight on this connection"),
+                );
+            }
+            if map.len() >= MAX_IN_FLIGHT {
+                return error(
+                    Some(&id),
+                    ErrorCode::Overloaded,
+                    format!(
+                        "request {id}: {MAX_IN_FLIGHT} requests are already in flight on this \
+                         connection; retry once one has ended"
+                    ),
                 );
             }
             map.insert(id.clone(), cancel.clone());
@@ -370,12 +600,43 @@ impl Server {
         match self.engine.submit(job) {
             Ok(()) => None,
             Err(e) => {
-                if let Ok(mut map) = inflight.lock() {
+                if let Ok(mut map) = in_flight.lock() {
                     map.remove(&id);
                 }
                 error(Some(&id), e.code(), e.to_string())
             }
         }
+    }
+}
+
+/// A connection's writer: hands queued events to the client, one frame at a time, until both
+/// channels close or the client is gone.
+async fn write_events(
+    mut write: OwnedWriteHalf,
+    mut replies: mpsc::Receiver<Event>,
+    mut job_events: mpsc::UnboundedReceiver<Event>,
+    state: Arc<ConnState>,
+) {
+    loop {
+        let event = tokio::select! {
+            Some(event) = replies.recv() => event,
+            Some(event) = job_events.recv() => {
+                if let Event::Done { id, .. } | Event::Error { id: Some(id), .. } = &event
+                    && let Ok(mut map) = state.in_flight.lock()
+                {
+                    map.remove(id);
+                }
+                event
+            }
+            else => break,
+        };
+        state.writing.store(true, Ordering::Relaxed);
+        let written = write_frame(&mut write, &event).await;
+        state.writing.store(false, Ordering::Relaxed);
+        if written.is_err() {
+            break; // the client is gone; the reader notices too
+        }
+        state.touch();
     }
 }
 
@@ -406,4 +667,58 @@ pub fn resident_bytes() -> u64 {
         .ok()
         .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
         .map_or(0, |pages| pages * 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[tokio::test]
+    async fn a_shared_socket_directory_is_refused_and_left_as_it_was() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let Err(err) = bind(&shared.join("x.sock")).await else {
+            panic!("a socket in a mode 1777 directory was accepted")
+        };
+        let message = err.to_string();
+        assert!(matches!(err, ServerError::UnsafeDirectory { .. }), "{message}");
+        assert!(message.contains(&shared.display().to_string()), "{message}");
+        assert!(message.contains("mode 1777") && message.contains("private"), "{message}");
+        assert_eq!(mode(&shared), 0o1777);
+        assert!(!shared.join("x.sock").exists());
+
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o770)).unwrap();
+        assert!(bind(&shared.join("x.sock")).await.is_err(), "group-writable accepted");
+        assert_eq!(mode(&shared), 0o770);
+    }
+
+    #[tokio::test]
+    async fn a_new_socket_directory_is_created_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("new").join("run");
+        let socket = dir.join("x.sock");
+        let listener = bind(&socket).await.unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&socket) & 0o777, 0o600);
+        drop(listener);
+        assert!(!socket.exists());
+    }
+
+    #[tokio::test]
+    async fn an_existing_directory_only_we_can_write_is_used_unchanged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("mine");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let socket = dir.join("x.sock");
+        let _listener = bind(&socket).await.unwrap();
+        assert_eq!(mode(&dir), 0o755);
+        assert!(socket.exists());
+    }
 }

@@ -181,7 +181,7 @@ fn run() -> anyhow::Result<()> {
     runtime.block_on(async move {
         let socket = config.socket_path();
         let listener = server::bind(&socket).await?;
-        let server = Server::new(engine, info, config.max_connections, config.max_frame_bytes);
+        let server = Server::new(engine, info, config.connection_limits());
         tracing::info!(socket = %socket.display(), "listening");
         if config.http.enabled {
             // Same engine, queue, admission checks and logs as the socket; stops with it.

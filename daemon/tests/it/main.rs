@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod connections;
 mod http;
 mod lifecycle;
 mod requests;
