@@ -27,6 +27,13 @@ pub struct Config {
     pub daemon_args: Vec<String>,
     /// Send other open documents as context (`contextFiles`).
     pub context_files: bool,
+    /// Longest wait for the daemon's answer to an inline completion, in ms (`inlineTimeoutMs`).
+    pub inline_timeout_ms: u32,
+    /// Longest wait for the daemon's answer to a `textDocument/completion`, in ms
+    /// (`completionTimeoutMs`).
+    pub completion_timeout_ms: u32,
+    /// Longest wait for one connection attempt (connect and `hello`), in ms (`connectTimeoutMs`).
+    pub connect_timeout_ms: u32,
 }
 
 impl Default for Config {
@@ -41,6 +48,11 @@ impl Default for Config {
             daemon_path: "m31rd".into(),
             daemon_args: Vec::new(),
             context_files: true,
+            // An inline suggestion later than this is rarely still wanted; the daemon is told a
+            // shorter deadline, so a slow one answers with what it has instead of nothing.
+            inline_timeout_ms: 500,
+            completion_timeout_ms: 1000,
+            connect_timeout_ms: 2000,
         }
     }
 }
@@ -69,6 +81,11 @@ impl Config {
                 "daemonPath" => set(&mut self.daemon_path, value),
                 "daemonArgs" => set(&mut self.daemon_args, value),
                 "contextFiles" => set(&mut self.context_files, value),
+                "inlineTimeoutMs" => set_ranged(&mut self.inline_timeout_ms, value, 50, 60_000),
+                "completionTimeoutMs" => {
+                    set_ranged(&mut self.completion_timeout_ms, value, 50, 60_000)
+                }
+                "connectTimeoutMs" => set_ranged(&mut self.connect_timeout_ms, value, 50, 60_000),
                 _ => Err("unknown setting".to_string()),
             };
             if let Err(why) = result {
@@ -127,9 +144,13 @@ mod tests {
         let problems = config.apply(&json!({
             "enabled": false, "languages": ["rust", "toml"], "maxLines": 3, "maxTokens": 0,
             "socketPath": "/tmp/x.sock", "autoStart": false, "daemonPath": "/bin/m31rd",
-            "daemonArgs": ["--bundle", "b"], "contextFiles": "yes", "colour": 1
+            "daemonArgs": ["--bundle", "b"], "contextFiles": "yes", "colour": 1,
+            "inlineTimeoutMs": 300, "completionTimeoutMs": 10, "connectTimeoutMs": 700
         }));
-        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains("completionTimeoutMs = 10: outside 50..=60000"))
+        );
         assert!(problems.iter().any(|p| p.contains("maxTokens = 0: outside 1..=4096")));
         assert!(problems.iter().any(|p| p.contains("contextFiles")));
         assert!(problems.iter().any(|p| p.contains("colour = 1: unknown setting")));
@@ -141,6 +162,8 @@ mod tests {
             auto_start: false,
             daemon_path: "/bin/m31rd".into(),
             daemon_args: vec!["--bundle".into(), "b".into()],
+            inline_timeout_ms: 300,
+            connect_timeout_ms: 700,
             ..Config::default()
         };
         assert_eq!(config, expected);

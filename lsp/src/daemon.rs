@@ -1,13 +1,15 @@
 //! The connection to `m31rd`: connect and handshake on demand, start the daemon when its socket
-//! does not answer (if allowed), back off between failed attempts, reconnect after the daemon
-//! restarts, and run `fim`/`warm` requests whose drop cancels them at the daemon.
+//! does not answer (if allowed), back off between failed attempts while the socket stays as it
+//! was, reconnect as soon as the daemon restarts, and run `fim`/`warm` requests under a timeout,
+//! whose drop cancels them at the daemon.
 //!
 //! One connection carries every request. A reader task routes events to their request by id; a
 //! writer task owns the socket's write half, so a dropped request can queue its `cancel`
 //! synchronously from `Drop`.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,10 +24,10 @@ use tokio::sync::mpsc;
 pub const MIN_BACKOFF: Duration = Duration::from_millis(250);
 /// Longest wait between connection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// How long a connection attempt (connect + handshake) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a started daemon may take to answer on its socket (loading a bundle).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a `warm` may take: nobody waits for it, but a frozen daemon must not keep it forever.
+const WARM_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How to reach the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +40,8 @@ pub struct DaemonSettings {
     pub program: String,
     /// Arguments before `--socket PATH`.
     pub args: Vec<String>,
+    /// How long one connection attempt (connect + `hello`) may take.
+    pub connect_timeout: Duration,
 }
 
 /// Why a daemon request failed.
@@ -54,6 +58,14 @@ pub enum DaemonError {
     /// The connection dropped before the request finished.
     #[error("the connection to m31rd closed during request {0}")]
     Disconnected(String),
+    /// The request did not finish in time; it was cancelled at the daemon.
+    #[error("m31rd did not finish request {id} within {after:?}")]
+    Timeout {
+        /// Request id.
+        id: String,
+        /// The timeout that passed.
+        after: Duration,
+    },
     /// The daemon refused or failed the request.
     #[error("m31rd failed request {id} ({code:?}): {message}")]
     Failed {
@@ -119,6 +131,29 @@ struct Inner {
 struct Retry {
     not_before: Option<Instant>,
     backoff: Duration,
+    /// The socket file as it was at the last failure (`None`: absent). A different one means
+    /// the daemon bound its socket anew, which makes the backoff moot.
+    socket_seen: Option<SocketId>,
+}
+
+impl Retry {
+    fn reset() -> Self {
+        Self { not_before: None, backoff: MIN_BACKOFF, socket_seen: None }
+    }
+}
+
+/// What tells one socket file from its successor at the same path: a restarted daemon unlinks
+/// and binds again, which gives a new inode (and a new change time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SocketId {
+    dev: u64,
+    ino: u64,
+    ctime: (i64, i64),
+}
+
+fn socket_id(path: &Path) -> Option<SocketId> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some(SocketId { dev: meta.dev(), ino: meta.ino(), ctime: (meta.ctime(), meta.ctime_nsec()) })
 }
 
 #[derive(Debug, Default)]
@@ -152,7 +187,7 @@ impl Daemon {
                 settings: Mutex::new(settings),
                 conn: Mutex::new(None),
                 connecting: tokio::sync::Mutex::new(()),
-                retry: Mutex::new(Retry { not_before: None, backoff: MIN_BACKOFF }),
+                retry: Mutex::new(Retry::reset()),
                 notified: AtomicBool::new(false),
                 next_id: AtomicU64::new(1),
                 generation: AtomicU64::new(0),
@@ -167,7 +202,7 @@ impl Daemon {
         let mut current = lock(&self.inner.settings);
         if current.socket != settings.socket {
             lock(&self.inner.conn).take();
-            *lock(&self.inner.retry) = Retry { not_before: None, backoff: MIN_BACKOFF };
+            *lock(&self.inner.retry) = Retry::reset();
             self.inner.notified.store(false, Ordering::SeqCst);
         }
         *current = settings;
@@ -191,15 +226,33 @@ impl Daemon {
         }
     }
 
-    /// Runs a `fim` request to its end. Dropping the future cancels the request at the daemon.
+    /// Runs a `fim` request to its end, connecting first if need be, and gives up on the daemon's
+    /// answer after `timeout`. Giving up, or dropping the future, cancels the request at the
+    /// daemon. Connecting has its own limits (`connect_timeout`, and a started daemon's start-up)
+    /// so that the first completion after an auto-start waits for the daemon instead of failing.
     pub async fn fim(
         &self,
         input: FimInput,
         params: GenerationParams,
+        timeout: Duration,
     ) -> Result<Completion, DaemonError> {
         let conn = self.connection().await?;
         let id = format!("c{}", self.inner.next_id.fetch_add(1, Ordering::Relaxed));
-        let mut call = Call::start(&conn, id.clone());
+        match tokio::time::timeout(timeout, self.run_fim(&conn, id.clone(), input, params)).await {
+            Ok(result) => result,
+            // The dropped `run_fim` has sent the `cancel` (see `Call`).
+            Err(_) => Err(DaemonError::Timeout { id, after: timeout }),
+        }
+    }
+
+    async fn run_fim(
+        &self,
+        conn: &Conn,
+        id: String,
+        input: FimInput,
+        params: GenerationParams,
+    ) -> Result<Completion, DaemonError> {
+        let mut call = Call::start(conn, id.clone());
         let sent = Instant::now();
         if conn.tx.send(Request::Fim { id: id.clone(), input, params }).is_err() {
             call.armed = false;
@@ -232,25 +285,14 @@ impl Daemon {
         }
     }
 
-    /// Prefills `input` into the daemon's cache; returns when the daemon has done it.
+    /// Prefills `input` into the daemon's cache; returns when the daemon has done it (or gives
+    /// up after a minute: nobody waits for it, but a frozen daemon must not keep it).
     pub async fn warm(&self, input: FimInput) -> Result<(), DaemonError> {
         let conn = self.connection().await?;
         let id = format!("w{}", self.inner.next_id.fetch_add(1, Ordering::Relaxed));
-        let mut call = Call::start(&conn, id.clone());
-        // A warm-up is never worth cancelling: what it evaluates stays useful in the cache.
-        call.armed = false;
-        if conn.tx.send(Request::Warm { id: id.clone(), input }).is_err() {
-            return Err(DaemonError::Disconnected(id));
-        }
-        loop {
-            match call.events.recv().await {
-                Some(Event::Done { .. }) => return Ok(()),
-                Some(Event::Error { code, message, .. }) => {
-                    return Err(DaemonError::Failed { id, code, message });
-                }
-                Some(_) => {}
-                None => return Err(DaemonError::Disconnected(id)),
-            }
+        match tokio::time::timeout(WARM_TIMEOUT, run_warm(&conn, id.clone(), input)).await {
+            Ok(result) => result,
+            Err(_) => Err(DaemonError::Timeout { id, after: WARM_TIMEOUT }),
         }
     }
 
@@ -261,14 +303,13 @@ impl Daemon {
             return Ok(conn);
         }
         let settings = lock(&self.inner.settings).clone();
-        let socket = settings.socket.display().to_string();
-        self.check_backoff(&socket)?;
+        self.check_backoff(&settings.socket)?;
         let _attempt = self.inner.connecting.lock().await;
         // Another request may have connected, or failed, while this one waited.
         if let Some(conn) = lock(&self.inner.conn).clone() {
             return Ok(conn);
         }
-        self.check_backoff(&socket)?;
+        self.check_backoff(&settings.socket)?;
         let result = match self.try_connect(&settings).await {
             Ok(conn) => Ok(conn),
             Err(first) if settings.auto_start => self.start_and_connect(&settings, first).await,
@@ -276,7 +317,7 @@ impl Daemon {
         };
         match result {
             Ok(conn) => {
-                *lock(&self.inner.retry) = Retry { not_before: None, backoff: MIN_BACKOFF };
+                *lock(&self.inner.retry) = Retry::reset();
                 self.inner.notified.store(false, Ordering::SeqCst);
                 Ok(conn)
             }
@@ -284,32 +325,41 @@ impl Daemon {
                 let mut retry = lock(&self.inner.retry);
                 retry.not_before = Some(Instant::now() + retry.backoff);
                 retry.backoff = (retry.backoff * 2).min(MAX_BACKOFF);
+                retry.socket_seen = socket_id(&settings.socket);
+                let socket = settings.socket.display().to_string();
                 Err(DaemonError::Unavailable { socket, cause })
             }
         }
     }
 
-    fn check_backoff(&self, socket: &str) -> Result<(), DaemonError> {
+    /// Refuses an attempt while the last failure's backoff runs, unless the socket file changed
+    /// since that failure: a daemon that bound its socket anew is tried at once.
+    fn check_backoff(&self, socket: &Path) -> Result<(), DaemonError> {
         let retry = lock(&self.inner.retry);
-        match retry.not_before {
-            Some(t) if Instant::now() < t => Err(DaemonError::Unavailable {
-                socket: socket.to_string(),
-                cause: format!(
-                    "not answering; next attempt in {} ms",
-                    (t - Instant::now()).as_millis()
-                ),
-            }),
-            _ => Ok(()),
+        let Some(t) = retry.not_before.filter(|t| Instant::now() < *t) else {
+            return Ok(());
+        };
+        let now = socket_id(socket);
+        if now.is_some() && now != retry.socket_seen {
+            tracing::debug!(socket = %socket.display(), "socket bound anew; connecting now");
+            return Ok(());
         }
+        Err(DaemonError::Unavailable {
+            socket: socket.display().to_string(),
+            cause: format!(
+                "not answering; next attempt in {} ms",
+                (t - Instant::now()).as_millis()
+            ),
+        })
     }
 
     async fn try_connect(&self, settings: &DaemonSettings) -> Result<Conn, String> {
         let connect =
             Client::connect(&settings.socket, concat!("m31r-lsp/", env!("CARGO_PKG_VERSION")));
-        let (client, model) = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        let (client, model) = match tokio::time::timeout(settings.connect_timeout, connect).await {
             Ok(Ok(ok)) => ok,
             Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err(format!("no handshake within {CONNECT_TIMEOUT:?}")),
+            Err(_) => return Err(format!("no handshake within {:?}", settings.connect_timeout)),
         };
         tracing::info!(socket = %settings.socket.display(), model = %model.version, "connected to m31rd");
         lock(&self.inner.stats).model = Some(model);
@@ -349,7 +399,7 @@ impl Daemon {
             // Dropping the senders ends every waiting request with `Disconnected`.
             lock(&pending).clear();
             // A restarted daemon is worth trying at once.
-            *lock(&inner.retry) = Retry { not_before: None, backoff: MIN_BACKOFF };
+            *lock(&inner.retry) = Retry::reset();
         });
         Ok(conn)
     }
@@ -405,6 +455,26 @@ impl Daemon {
     }
 }
 
+/// Sends `warm` on `conn` and waits for its end.
+async fn run_warm(conn: &Conn, id: String, input: FimInput) -> Result<(), DaemonError> {
+    let mut call = Call::start(conn, id.clone());
+    // A warm-up is never worth cancelling: what it evaluates stays useful in the cache.
+    call.armed = false;
+    if conn.tx.send(Request::Warm { id: id.clone(), input }).is_err() {
+        return Err(DaemonError::Disconnected(id));
+    }
+    loop {
+        match call.events.recv().await {
+            Some(Event::Done { .. }) => return Ok(()),
+            Some(Event::Error { code, message, .. }) => {
+                return Err(DaemonError::Failed { id, code, message });
+            }
+            Some(_) => {}
+            None => return Err(DaemonError::Disconnected(id)),
+        }
+    }
+}
+
 /// Hands `event` to its request; terminal events end the request's registration.
 fn route(pending: &Pending, event: Event) {
     let (id, terminal) = match &event {
@@ -446,10 +516,102 @@ impl Call {
 
 impl Drop for Call {
     fn drop(&mut self) {
+        // Late events for the id are of no use; and a daemon that never answers (frozen) must not
+        // make the registrations pile up.
+        lock(&self.conn.pending).remove(&self.id);
         if self.armed {
             tracing::debug!(id = %self.id, "cancelling at the daemon");
-            // The registration stays until the daemon's terminal event for the id arrives.
             let _ = self.conn.tx.send(Request::Cancel { id: self.id.clone() });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use m31r_protocol::{FrameReader, MAX_FRAME_BYTES, PROTOCOL_VERSION, write_frame};
+    use tokio::io::BufReader;
+    use tokio::net::UnixListener;
+
+    use super::*;
+
+    /// Answers the `hello` of every connection to `listener`, then reads and ignores the rest:
+    /// a daemon that froze after the handshake.
+    fn answer_hellos(listener: UnixListener) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut frames = FrameReader::new(BufReader::new(read), MAX_FRAME_BYTES);
+                    let hello = Event::Hello {
+                        version: PROTOCOL_VERSION,
+                        daemon: "test".into(),
+                        model: ModelInfo::default(),
+                    };
+                    if let Ok(Some(_)) = frames.next_frame().await
+                        && write_frame(&mut write, &hello).await.is_ok()
+                    {
+                        while let Ok(Some(_)) = frames.next_frame().await {}
+                    }
+                });
+            }
+        })
+    }
+
+    fn daemon(socket: &Path) -> Daemon {
+        Daemon::new(DaemonSettings {
+            socket: socket.to_path_buf(),
+            auto_start: false,
+            program: "m31rd".into(),
+            args: Vec::new(),
+            connect_timeout: Duration::from_secs(30),
+        })
+    }
+
+    /// Stretches the current backoff as if many attempts had failed.
+    fn long_backoff(daemon: &Daemon) {
+        lock(&daemon.inner.retry).not_before = Some(Instant::now() + MAX_BACKOFF);
+    }
+
+    #[tokio::test]
+    async fn a_socket_bound_anew_is_tried_despite_the_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("d.sock");
+        let daemon = daemon(&socket);
+        assert!(matches!(daemon.connection().await, Err(DaemonError::Unavailable { .. })));
+        long_backoff(&daemon);
+        // A socket file that refuses (a crashed daemon's leftover) keeps the backoff.
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        assert!(matches!(daemon.connection().await, Err(DaemonError::Unavailable { .. })));
+        long_backoff(&daemon);
+        let err = daemon.connection().await.unwrap_err().to_string();
+        assert!(err.contains("next attempt in"), "{err}");
+        // The daemon comes back on the same path: the next request connects.
+        std::fs::remove_file(&socket).unwrap();
+        let server = answer_hellos(UnixListener::bind(&socket).unwrap());
+        assert!(daemon.connection().await.is_ok());
+        assert!(daemon.snapshot().connected);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_fim_past_its_timeout_is_cancelled_and_unregistered() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("d.sock");
+        let server = answer_hellos(UnixListener::bind(&socket).unwrap());
+        let daemon = daemon(&socket);
+        daemon.connection().await.unwrap();
+        let input =
+            FimInput { prefix: "fn f() {".into(), suffix: "}".into(), context_files: Vec::new() };
+        let result =
+            daemon.fim(input, GenerationParams::default(), Duration::from_millis(50)).await;
+        assert!(
+            matches!(&result, Err(DaemonError::Timeout { id, .. }) if id == "c1"),
+            "{result:?}"
+        );
+        let conn = lock(&daemon.inner.conn).clone().unwrap();
+        assert!(lock(&conn.pending).is_empty());
+        server.abort();
     }
 }

@@ -85,6 +85,8 @@ pub enum Reason {
     DaemonUnavailable,
     /// The daemon answered with an error, or the connection dropped mid-request.
     DaemonError,
+    /// The daemon did not finish within the request's timeout (the request was cancelled there).
+    DaemonTimeout,
     /// A newer request for the same document replaced this one.
     Superseded,
     /// The daemon produced nothing.
@@ -106,6 +108,7 @@ impl Reason {
             Reason::UnknownDocument => "unknown_document",
             Reason::DaemonUnavailable => "daemon_unavailable",
             Reason::DaemonError => "daemon_error",
+            Reason::DaemonTimeout => "daemon_timeout",
             Reason::Superseded => "superseded",
             Reason::Empty => "empty",
             Reason::Whitespace => "whitespace",
@@ -115,12 +118,13 @@ impl Reason {
     }
 
     /// Every reason, for documentation and tests.
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::Disabled,
         Reason::Language,
         Reason::UnknownDocument,
         Reason::DaemonUnavailable,
         Reason::DaemonError,
+        Reason::DaemonTimeout,
         Reason::Superseded,
         Reason::Empty,
         Reason::Whitespace,

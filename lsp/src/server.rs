@@ -5,11 +5,13 @@
 //! Handlers read the documents before their first `.await`: tower-lsp-server polls message
 //! handlers in arrival order, so a request sees every `didChange` sent before it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
+use m31r_protocol::StopReason;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -90,6 +92,8 @@ pub struct Status {
     pub requests: u64,
     /// Of which suppressed (answered empty).
     pub suppressed: u64,
+    /// The suppressed ones by reason code.
+    pub suppressed_by: BTreeMap<String, u64>,
 }
 
 /// An open document and what the server remembers about it.
@@ -117,6 +121,7 @@ pub struct Backend {
     seq: AtomicU64,
     requests: AtomicU64,
     suppressed: AtomicU64,
+    suppressed_by: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -125,6 +130,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// A suppression and its detail, for the log.
 type Suppressed = (Reason, String);
+
+/// Which editor request a completion answers; each has its own timeout setting.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Inline,
+    Fallback,
+}
 
 /// A completion ready for the editor: text and the range it replaces.
 struct Shown {
@@ -148,6 +160,7 @@ impl Backend {
             seq: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
+            suppressed_by: Mutex::default(),
         }
     }
 
@@ -161,6 +174,7 @@ impl Backend {
                 position.text_document.uri,
                 position.position,
                 params.context.selected_completion_info,
+                Kind::Inline,
             )
             .await;
         Ok(InlineCompletionList {
@@ -181,6 +195,10 @@ impl Backend {
             cache_hit_rate: snap.cache_hit_rate,
             requests: self.requests.load(Ordering::Relaxed),
             suppressed: self.suppressed.load(Ordering::Relaxed),
+            suppressed_by: lock(&self.suppressed_by)
+                .iter()
+                .map(|(code, n)| ((*code).to_string(), *n))
+                .collect(),
         })
     }
 
@@ -190,13 +208,15 @@ impl Backend {
         uri: Uri,
         position: Position,
         selected: Option<SelectedCompletionInfo>,
+        kind: Kind,
     ) -> Option<Shown> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let result = self.try_complete(&uri, position, selected).await;
+        let result = self.try_complete(&uri, position, selected, kind).await;
         match result {
             Ok(shown) => Some(shown),
             Err((reason, detail)) => {
                 self.suppressed.fetch_add(1, Ordering::Relaxed);
+                *lock(&self.suppressed_by).entry(reason.code()).or_default() += 1;
                 let message = format!(
                     "m31r: suppressed {reason} at {}:{}:{}{}{detail}",
                     uri.as_str(),
@@ -216,6 +236,7 @@ impl Backend {
         uri: &Uri,
         position: Position,
         selected: Option<SelectedCompletionInfo>,
+        kind: Kind,
     ) -> Result<Shown, Suppressed> {
         // Everything up to the daemon call runs before the first await (see the module doc).
         let encoding = *lock(&self.encoding);
@@ -252,6 +273,13 @@ impl Backend {
             };
             (doc, cursor, prepared)
         };
+        let timeout_ms = match kind {
+            Kind::Inline => config.inline_timeout_ms,
+            Kind::Fallback => config.completion_timeout_ms,
+        };
+        let timeout = Duration::from_millis(u64::from(timeout_ms));
+        let mut params = prepared.params;
+        params.deadline_ms = deadline_ms(timeout_ms);
         let token = CancellationToken::new();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         if let Some((_, older)) = lock(&self.inflight).insert(uri.clone(), (seq, token.clone())) {
@@ -261,7 +289,7 @@ impl Backend {
         let result = tokio::select! {
             biased;
             () = token.cancelled() => Err((Reason::Superseded, String::new())),
-            r = self.daemon.fim(prepared.input, prepared.params) => {
+            r = self.daemon.fim(prepared.input, params, timeout) => {
                 r.map_err(|e| (self.reason_for(&e), e.to_string()))
             }
         };
@@ -275,7 +303,11 @@ impl Backend {
             self.notify_unreachable(detail).await;
         }
         let completion = result?;
-        let edit = postprocess(&completion.text, &prepared.site)
+        let text = match completion.stop {
+            StopReason::Deadline => complete_lines(&completion.text),
+            _ => &completion.text,
+        };
+        let edit = postprocess(text, &prepared.site)
             .map_err(|reason| (reason, format!("{:?}", completion.text)))?;
 
         // Map back to the editor's document: the selection (if any) is replaced too.
@@ -303,6 +335,7 @@ impl Backend {
         match e {
             DaemonError::Unavailable { .. } => Reason::DaemonUnavailable,
             DaemonError::Disconnected(_) | DaemonError::Failed { .. } => Reason::DaemonError,
+            DaemonError::Timeout { .. } => Reason::DaemonTimeout,
         }
     }
 
@@ -398,6 +431,22 @@ fn daemon_settings(config: &Config, options: &Options) -> DaemonSettings {
         auto_start: config.auto_start,
         program: config.daemon_path.clone(),
         args: config.daemon_args.clone(),
+        connect_timeout: Duration::from_millis(u64::from(config.connect_timeout_ms)),
+    }
+}
+
+/// The daemon's `deadline_ms` for a request the server waits `timeout` for: four fifths of it,
+/// so a slow daemon stops and answers with what it has before the server gives up on it.
+fn deadline_ms(timeout_ms: u32) -> u64 {
+    (u64::from(timeout_ms) * 4 / 5).max(1)
+}
+
+/// What to show of a completion cut short by its deadline: its whole lines when it has any, as a
+/// half-written last line of a block is worse than none; a first line is kept as it is.
+fn complete_lines(text: &str) -> &str {
+    match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => text,
     }
 }
 
@@ -515,7 +564,9 @@ impl LanguageServer for Backend {
 
     async fn completion(&self, params: CompletionParams) -> RpcResult<Option<CompletionResponse>> {
         let position = params.text_document_position;
-        let shown = self.complete(position.text_document.uri, position.position, None).await;
+        let shown = self
+            .complete(position.text_document.uri, position.position, None, Kind::Fallback)
+            .await;
         let items = shown
             .into_iter()
             .map(|s| CompletionItem {
@@ -528,5 +579,18 @@ impl LanguageServer for Backend {
             .collect();
         // Incomplete: the client asks again as the user types, instead of filtering this one.
         Ok(Some(CompletionResponse::List(CompletionList { is_incomplete: true, items })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_cut_keeps_whole_lines_and_leaves_the_daemon_a_margin() {
+        assert_eq!(complete_lines("let a = 1;\nlet b = 2;\nlet c"), "let a = 1;\nlet b = 2;");
+        assert_eq!(complete_lines("let a = 1;\n"), "let a = 1;");
+        assert_eq!(complete_lines("foo(ba"), "foo(ba");
+        assert_eq!((deadline_ms(500), deadline_ms(1)), (400, 1));
     }
 }

@@ -22,6 +22,10 @@ pub enum Reply {
     Text(String),
     /// Send nothing until the request is cancelled.
     Hold,
+    /// Send nothing, not even after a `cancel`: a frozen daemon.
+    Frozen,
+    /// Stream this text and finish as if the request's deadline had passed.
+    Deadline(String),
 }
 
 type Behaviour = Arc<dyn Fn(&FimInput) -> Reply + Send + Sync>;
@@ -102,19 +106,12 @@ async fn serve(
                 model: ModelInfo { version: "fake-model".into(), ..ModelInfo::default() },
             }),
             Request::Fim { id, input, .. } => match behaviour(input) {
-                Reply::Text(text) => {
-                    let half =
-                        text.char_indices().nth(text.chars().count() / 2).map_or(0, |(i, _)| i);
-                    for piece in [&text[..half], &text[half..]] {
-                        if !piece.is_empty() {
-                            out.push(Event::Token { id: id.clone(), text: piece.into() });
-                        }
-                    }
-                    out.push(done(id, StopReason::EndOfText));
-                }
+                Reply::Text(text) => stream_text(&mut out, id, &text, StopReason::EndOfText),
+                Reply::Deadline(text) => stream_text(&mut out, id, &text, StopReason::Deadline),
                 Reply::Hold => {
                     held.insert(id.clone());
                 }
+                Reply::Frozen => {}
             },
             Request::Warm { id, .. } => out.push(done(id, StopReason::Warmed)),
             Request::Cancel { id } => {
@@ -135,6 +132,17 @@ async fn serve(
             }
         }
     }
+}
+
+/// Queues `text` in two pieces and the `done`.
+fn stream_text(out: &mut Vec<Event>, id: &str, text: &str, stop: StopReason) {
+    let half = text.char_indices().nth(text.chars().count() / 2).map_or(0, |(i, _)| i);
+    for piece in [&text[..half], &text[half..]] {
+        if !piece.is_empty() {
+            out.push(Event::Token { id: id.into(), text: piece.into() });
+        }
+    }
+    out.push(done(id, stop));
 }
 
 fn done(id: &str, stop: StopReason) -> Event {

@@ -13,8 +13,12 @@ use crate::lsp_client::LspClient;
 const MAIN: &str = "file:///w/src/main.rs";
 const UTIL: &str = "file:///w/src/util.rs";
 
-/// A client initialised with a workspace at `/w`, these settings and no UTF-8 offer.
-async fn client(socket: &Path, settings: Value) -> (LspClient, Value) {
+/// A client initialised with a workspace at `/w`, these settings and no UTF-8 offer. Request
+/// timeouts not in `settings` are long: a busy test machine must not turn answers into timeouts.
+async fn client(socket: &Path, mut settings: Value) -> (LspClient, Value) {
+    for key in ["inlineTimeoutMs", "completionTimeoutMs"] {
+        settings.as_object_mut().unwrap().entry(key).or_insert(json!(30_000));
+    }
     let mut client = LspClient::start(Options { socket: Some(socket.to_path_buf()) });
     let result = client
         .initialize(json!({
@@ -98,9 +102,10 @@ async fn utf8_positions_when_the_client_offers_them() {
     let fake = FakeDaemon::start(&dir.path().join("d.sock"), |_| Reply::Text("1)".into()));
     let mut lsp = LspClient::start(Options { socket: Some(fake.socket.clone()) });
     let init = lsp
-        .initialize(
-            json!({"capabilities": {"general": {"positionEncodings": ["utf-8", "utf-16"]}}}),
-        )
+        .initialize(json!({
+            "capabilities": {"general": {"positionEncodings": ["utf-8", "utf-16"]}},
+            "initializationOptions": {"inlineTimeoutMs": 30_000}
+        }))
         .await;
     assert_eq!(init["capabilities"]["positionEncoding"], "utf-8");
     lsp.open(MAIN, "rust", "let é = f();").await;
@@ -281,4 +286,111 @@ async fn shutdown_and_exit_end_the_server() {
     assert_eq!(response["result"], Value::Null);
     assert!(response.get("error").is_none());
     lsp.notify("exit", Value::Null).await;
+}
+
+/// Waits until the server saw the daemon's connection close.
+async fn wait_disconnected(lsp: &mut LspClient) {
+    loop {
+        let status = lsp.request("m31r/status", Value::Null).await;
+        if status["result"]["connected"] == false {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn a_daemon_back_on_its_socket_is_used_despite_the_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let fake = FakeDaemon::start(&socket, |_| Reply::Text("one".into()));
+    let (mut lsp, _) = client(&socket, json!({"autoStart": false})).await;
+    lsp.open(MAIN, "rust", "fn f() {\n    \n}\n").await;
+    assert_eq!(items(&lsp.inline(MAIN, 1, 4).await)[0]["insertText"], "one");
+    fake.stop().await;
+    wait_disconnected(&mut lsp).await;
+    // Failed attempts while the daemon is away; waiting out each backoff grows the next one
+    // (250 ms, 500 ms, then 1 s), so a request right after the restart falls inside a backoff.
+    for wait_ms in [0, 300, 600] {
+        tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
+        assert!(items(&lsp.inline(MAIN, 1, 4).await).is_empty());
+    }
+    let status = lsp.request("m31r/status", Value::Null).await["result"].clone();
+    assert_eq!(status["suppressedBy"]["daemon_unavailable"], 3, "{status}");
+    let fake = FakeDaemon::start(&socket, |_| Reply::Text("two".into()));
+    // The first request after the restart is served.
+    assert_eq!(items(&lsp.inline(MAIN, 1, 4).await)[0]["insertText"], "two");
+    fake.stop().await;
+}
+
+#[tokio::test]
+async fn a_frozen_daemon_gets_a_timeout_and_a_cancel() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeDaemon::start(&dir.path().join("d.sock"), |_| Reply::Frozen);
+    let settings = json!({"inlineTimeoutMs": 200, "completionTimeoutMs": 300});
+    let (mut lsp, _) = client(&fake.socket, settings).await;
+    lsp.open(MAIN, "rust", "fn f() {\n    \n}\n").await;
+    assert_eq!(items(&lsp.inline(MAIN, 1, 4).await), &Vec::<Value>::new());
+    let Request::Fim { id: fim_id, params, .. } =
+        fake.wait_for(|r| matches!(r, Request::Fim { .. })).await
+    else {
+        unreachable!()
+    };
+    // The daemon is told to stop before the server gives up on it.
+    assert_eq!(params.deadline_ms, 160);
+    fake.wait_for(|r| matches!(r, Request::Cancel { id } if *id == fim_id)).await;
+    lsp.wait_notification(|n| {
+        n["params"]["message"].as_str().is_some_and(|m| m.contains("suppressed daemon_timeout"))
+    })
+    .await;
+
+    let response = lsp
+        .request(
+            "textDocument/completion",
+            json!({"textDocument": {"uri": MAIN}, "position": {"line": 1, "character": 4}}),
+        )
+        .await;
+    assert_eq!(response["result"]["items"], json!([]));
+    fake.wait_for(|r| matches!(r, Request::Cancel { id } if *id != fim_id)).await;
+    let status = lsp.request("m31r/status", Value::Null).await["result"].clone();
+    assert_eq!(status["suppressedBy"], json!({"daemon_timeout": 2}), "{status}");
+    assert_eq!(status["connected"], true, "a slow answer is no reason to drop the connection");
+    fake.stop().await;
+}
+
+#[tokio::test]
+async fn a_daemon_that_never_says_hello_times_out_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    // Accepts connections (the kernel's backlog would too) and never reads or answers.
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let settings = json!({"autoStart": false, "connectTimeoutMs": 100, "inlineTimeoutMs": 30000});
+    let (mut lsp, _) = client(&socket, settings).await;
+    lsp.open(MAIN, "rust", "fn f() {\n    \n}\n").await;
+    assert_eq!(items(&lsp.inline(MAIN, 1, 4).await), &Vec::<Value>::new());
+    lsp.wait_notification(|n| {
+        n["params"]["message"].as_str().is_some_and(|m| {
+            m.contains("suppressed daemon_unavailable") && m.contains("no handshake within 100ms")
+        })
+    })
+    .await;
+    drop(listener);
+}
+
+#[tokio::test]
+async fn a_completion_cut_by_its_deadline_keeps_its_whole_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeDaemon::start(&dir.path().join("d.sock"), |_| {
+        Reply::Deadline("let a = 1;\n    let b = 2;\n    let c".into())
+    });
+    let (mut lsp, _) = client(&fake.socket, json!({})).await;
+    lsp.open(MAIN, "rust", "fn f() {\n    \n}\n").await;
+    let response = lsp.inline(MAIN, 1, 4).await;
+    assert_eq!(items(&response)[0]["insertText"], "let a = 1;\n    let b = 2;");
+    let Request::Fim { params, .. } = fake.wait_for(|r| matches!(r, Request::Fim { .. })).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(params.deadline_ms, 24_000, "four fifths of the 30 s timeout");
+    fake.stop().await;
 }
