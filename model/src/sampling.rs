@@ -45,7 +45,7 @@ pub enum SamplingError {
 pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
-    scratch: Vec<(u32, f32)>,
+    scratch: Vec<(u32, f64)>,
 }
 
 impl Sampler {
@@ -81,33 +81,43 @@ impl Sampler {
         // Candidates by descending logit; ties keep the lower id first, so the order is total.
         let candidates = &mut self.scratch;
         candidates.clear();
-        candidates.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        candidates.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, f64::from(l))));
         candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if self.params.top_k > 0 {
             candidates.truncate(self.params.top_k);
         }
         let max = candidates[0].1;
-        let inv_t = 1.0 / self.params.temperature;
+        if !max.is_finite() {
+            // An infinite or NaN top logit has no meaningful softmax; its argmax is the answer.
+            return Ok(argmax(logits));
+        }
+        // In f64 with the top logit subtracted first, the top weight is exp(0) = 1 for every
+        // accepted temperature: even the smallest f32 temperature only sends the others to
+        // exp(-huge) = 0 (greedy), where 1/temperature in f32 overflowed to infinity and made
+        // the top weight 0 × inf = NaN.
+        let temperature = f64::from(self.params.temperature);
         let mut total = 0f64;
         for c in candidates.iter_mut() {
-            c.1 = ((c.1 - max) * inv_t).exp();
-            total += f64::from(c.1);
+            let weight = ((c.1 - max) / temperature).exp();
+            // A NaN logit gets no mass.
+            c.1 = if weight.is_nan() { 0.0 } else { weight };
+            total += c.1;
         }
         if self.params.top_p < 1.0 {
             let mut mass = 0f64;
             let keep = candidates
                 .iter()
                 .position(|c| {
-                    mass += f64::from(c.1) / total;
+                    mass += c.1 / total;
                     mass >= f64::from(self.params.top_p)
                 })
                 .map_or(candidates.len(), |i| i + 1);
             candidates.truncate(keep);
-            total = candidates.iter().map(|c| f64::from(c.1)).sum();
+            total = candidates.iter().map(|c| c.1).sum();
         }
         let mut target = self.rng.next_f64() * total;
         for c in candidates.iter() {
-            target -= f64::from(c.1);
+            target -= c.1;
             if target < 0.0 {
                 return Ok(c.0);
             }
@@ -167,6 +177,49 @@ mod tests {
         // A tiny p keeps only the single most likely token.
         let p = SamplingParams { temperature: 1.0, top_p: 1e-6, seed: 1, ..Default::default() };
         assert!(draws(p, 50).iter().all(|&t| t == order[0]));
+    }
+
+    #[test]
+    fn tiny_temperatures_are_greedy() {
+        let mut l = logits();
+        l[17] = 3.5;
+        let extreme = [f32::MAX, 0.0, -f32::MAX, f32::NEG_INFINITY, 1e30];
+        for temperature in [1e-40, 1e-30, f32::MIN_POSITIVE, f32::MIN_POSITIVE / 8.0] {
+            for seed in 0..200 {
+                let params = SamplingParams { temperature, seed, ..Default::default() };
+                let mut s = Sampler::new(params).unwrap();
+                assert_eq!(s.sample(&l).unwrap(), 17, "temperature {temperature:e}, seed {seed}");
+                assert_eq!(s.sample(&extreme).unwrap(), 0, "temperature {temperature:e}");
+                let top_p = SamplingParams { top_p: 0.5, ..params };
+                assert_eq!(Sampler::new(top_p).unwrap().sample(&l).unwrap(), 17);
+            }
+        }
+    }
+
+    #[test]
+    fn high_temperatures_keep_a_dominant_token() {
+        // At temperature 10 a lead of 1000 is still a factor exp(100): a NaN weight would let
+        // the pick fall through to the last candidate instead.
+        let mut l = vec![0.0f32; 50];
+        l[3] = 1000.0;
+        l[49] = -1000.0;
+        for seed in 0..200 {
+            let params = SamplingParams { temperature: 10.0, seed, ..Default::default() };
+            assert_eq!(Sampler::new(params).unwrap().sample(&l).unwrap(), 3, "seed {seed}");
+        }
+        let spread =
+            draws(SamplingParams { temperature: 10.0, seed: 7, ..Default::default() }, 300);
+        assert!(spread.iter().all(|&t| (t as usize) < logits().len()));
+        assert!(spread.iter().collect::<std::collections::HashSet<_>>().len() > 10);
+    }
+
+    #[test]
+    fn infinite_or_nan_logits_do_not_poison_the_pick() {
+        let params = SamplingParams { temperature: 1.0, seed: 3, ..Default::default() };
+        let mut s = Sampler::new(params).unwrap();
+        assert_eq!(s.sample(&[0.0, f32::INFINITY, 1.0]).unwrap(), 1);
+        assert_eq!(s.sample(&[f32::NAN, 0.0, 1e3]).unwrap(), 2);
+        assert_eq!(s.sample(&[0.0, 1e3, -f32::NAN]).unwrap(), 1);
     }
 
     #[test]
