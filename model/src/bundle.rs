@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -345,12 +345,15 @@ impl Bundle {
     /// Opens and verifies the bundle in `dir`. Nothing is trusted before its checksum matches.
     pub fn open(dir: &Path) -> Result<Self, BundleError> {
         let checksum_path = dir.join(CHECKSUM_FILE);
-        let listing = fs::read_to_string(&checksum_path).map_err(io_err(&checksum_path))?;
+        let listing = read_regular(&checksum_path, MAX_CHECKSUM_BYTES)?;
+        let listing = String::from_utf8(listing).map_err(|e| {
+            invalid(&checksum_path, format!("is not UTF-8 text: {}", e.utf8_error()))
+        })?;
         let expected = parse_checksums(&listing, &checksum_path)?;
 
         // The weights are memory-mapped, hashed, and later loaded from that same mapping.
         let weights_path = dir.join(WEIGHTS_FILE);
-        let weights_file = fs::File::open(&weights_path).map_err(io_err(&weights_path))?;
+        let weights_file = open_regular(&weights_path)?;
         // SAFETY: the mapping is read-only; a bundle is immutable once written (written to a
         // temporary directory and renamed), and the bytes are checksummed before use.
         let weights =
@@ -358,7 +361,7 @@ impl Bundle {
         verify(&weights_path, &weights, &expected[WEIGHTS_FILE])?;
         let read = |file: &str| -> Result<Vec<u8>, BundleError> {
             let path = dir.join(file);
-            let bytes = fs::read(&path).map_err(io_err(&path))?;
+            let bytes = read_regular(&path, u64::MAX)?;
             verify(&path, &bytes, &expected[file])?;
             Ok(bytes)
         };
@@ -580,14 +583,75 @@ impl Bundle {
     }
 }
 
+/// Largest `checksum.txt` accepted: four lines of `sha256sum` output are about 300 bytes.
+const MAX_CHECKSUM_BYTES: u64 = 64 << 10;
+
+/// Opens a bundle file for reading. Only a regular file (after following symlinks) is accepted:
+/// opening a FIFO would block start-up forever, and a device could be read without end.
+fn open_regular(path: &Path) -> Result<fs::File, BundleError> {
+    let refuse =
+        |meta: &fs::Metadata| invalid(path, format!("is {}, not a regular file", file_kind(meta)));
+    let meta = fs::metadata(path).map_err(io_err(path))?;
+    if !meta.is_file() {
+        return Err(refuse(&meta));
+    }
+    let mut options = fs::OpenOptions::new();
+    options.read(true);
+    // Non-blocking, so that a file swapped for a FIFO after the check cannot block the open
+    // either; reads of a regular file ignore the flag.
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options.open(path).map_err(io_err(path))?;
+    let meta = file.metadata().map_err(io_err(path))?;
+    if !meta.is_file() {
+        return Err(refuse(&meta));
+    }
+    Ok(file)
+}
+
+/// Reads a whole bundle file through [`open_regular`], refusing one longer than `limit` bytes.
+fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, BundleError> {
+    let mut bytes = Vec::new();
+    open_regular(path)?
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io_err(path))?;
+    if bytes.len() as u64 > limit {
+        return Err(invalid(path, format!("is larger than the {limit} bytes allowed")));
+    }
+    Ok(bytes)
+}
+
+/// What a file that is not a regular file is, for error messages.
+fn file_kind(meta: &fs::Metadata) -> &'static str {
+    let kind = meta.file_type();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if kind.is_fifo() {
+            return "a FIFO";
+        }
+        if kind.is_socket() {
+            return "a socket";
+        }
+        if kind.is_block_device() || kind.is_char_device() {
+            return "a device";
+        }
+    }
+    if kind.is_dir() { "a directory" } else { "a special file" }
+}
+
 /// Parses `sha256sum` output; every checksummed file must be listed exactly once, nothing else.
+///
+/// Errors give the line number but never the line: `checksum.txt` may be a symlink to a file
+/// that is not meant to be shown (a line of `/etc/shadow` must not end up in a log).
 fn parse_checksums(
     listing: &str,
     path: &Path,
 ) -> Result<HashMap<&'static str, String>, BundleError> {
     let mut found = HashMap::new();
     for (n, line) in listing.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let bad = |why: &str| invalid(path, format!("line {}: {why}: {line:?}", n + 1));
+        let bad = |why: &str| invalid(path, format!("line {}: {why}", n + 1));
         let (hash, name) =
             line.split_once(' ').ok_or_else(|| bad("expected '<sha256>  <file>'"))?;
         // sha256sum writes ' ' (text) or '*' (binary) between the two spaces' worth of separator.
@@ -595,12 +659,11 @@ fn parse_checksums(
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad("not a sha256 hex digest"));
         }
-        let known = CHECKSUMMED_FILES
-            .iter()
-            .find(|&&f| f == name)
-            .ok_or_else(|| bad("lists a file that is not part of a bundle"))?;
+        let known = CHECKSUMMED_FILES.iter().find(|&&f| f == name).ok_or_else(|| {
+            bad(&format!("lists {}, which is not part of a bundle", shown_name(name)))
+        })?;
         if found.insert(*known, hash.to_ascii_lowercase()).is_some() {
-            return Err(bad("lists a file twice"));
+            return Err(bad(&format!("lists {known} twice")));
         }
     }
     for file in CHECKSUMMED_FILES {
@@ -609,6 +672,17 @@ fn parse_checksums(
         }
     }
     Ok(found)
+}
+
+/// A file name from `checksum.txt` as an error may show it: quoted when it looks like a short
+/// plain file name, otherwise nothing of it.
+fn shown_name(name: &str) -> String {
+    let plain = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/');
+    if !name.is_empty() && name.len() <= 64 && name.bytes().all(plain) {
+        format!("{name:?}")
+    } else {
+        "a file".to_string()
+    }
 }
 
 fn verify(path: &Path, bytes: &[u8], expected: &str) -> Result<(), BundleError> {

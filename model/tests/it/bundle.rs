@@ -1,9 +1,12 @@
 //! Release bundle: a written bundle loads back to the same model and passes `sha256sum -c`; any
-//! flipped byte, missing file or config/weights disagreement refuses to load, naming the file.
+//! flipped byte, missing file or config/weights disagreement refuses to load, naming the file;
+//! so does a file that is not a regular file, without blocking on it.
 
 use std::fs;
 use std::path::Path;
 use std::process::Command;
+use std::sync::mpsc;
+use std::time::Duration;
 
 use candle_core::{DType, Device};
 use m31r_model::bundle::{
@@ -221,4 +224,91 @@ fn writing_never_overwrites_or_leaves_debris() {
     let entries: Vec<_> =
         fs::read_dir(f.dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(entries, vec![std::ffi::OsString::from("bundle")]);
+}
+
+/// `open_err` in a thread, waited for at most a generous two minutes, so that a regression that
+/// blocks (opening a FIFO) fails the test instead of hanging the run.
+fn open_err_promptly(dir: &Path) -> String {
+    let dir = dir.to_path_buf();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(open_err(&dir));
+    });
+    rx.recv_timeout(Duration::from_secs(120)).expect("Bundle::open blocked on a FIFO")
+}
+
+fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().expect("mkfifo is installed");
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+#[test]
+fn a_fifo_in_place_of_a_bundle_file_is_refused_without_blocking() {
+    let f = fixture();
+    let elsewhere = f.dir.path().join("fifo");
+    for file in CHECKSUMMED_FILES.iter().chain([&CHECKSUM_FILE]) {
+        let path = f.path().join(file);
+        let original = fs::read(&path).unwrap();
+        fs::remove_file(&path).unwrap();
+        mkfifo(&path);
+        let err = open_err_promptly(&f.path());
+        assert!(err.contains(file) && err.contains("FIFO"), "{file} as a FIFO: {err}");
+
+        // Symlinks are followed: one to a FIFO is refused the same way.
+        fs::remove_file(&path).unwrap();
+        mkfifo(&elsewhere);
+        std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
+        let err = open_err_promptly(&f.path());
+        assert!(err.contains(file) && err.contains("FIFO"), "{file} to a FIFO: {err}");
+        fs::remove_file(&path).unwrap();
+        fs::remove_file(&elsewhere).unwrap();
+
+        // So is a directory.
+        fs::create_dir(&path).unwrap();
+        let err = open_err_promptly(&f.path());
+        assert!(err.contains(file) && err.contains("directory"), "{file} as a dir: {err}");
+        fs::remove_dir(&path).unwrap();
+        fs::write(&path, &original).unwrap();
+    }
+    // A symlink to a regular file is still a bundle file.
+    let path = f.path().join(CONFIG_FILE);
+    let real = f.dir.path().join("config-elsewhere.yaml");
+    fs::rename(&path, &real).unwrap();
+    std::os::unix::fs::symlink(&real, &path).unwrap();
+    Bundle::open(&f.path()).unwrap();
+}
+
+#[test]
+fn a_malformed_checksum_line_is_not_echoed() {
+    let f = fixture();
+    let path = f.path().join(CHECKSUM_FILE);
+    let listing = fs::read_to_string(&path).unwrap();
+    // What a symlink to /etc/shadow would show.
+    let secret = "root:$6$hunter2salt$Zm9vYmFyYmF6cXV4c2VjcmV0aGFzaA:19000:0:99999:7:::";
+    let hex = "a".repeat(64);
+    for bad in [
+        secret.to_string(),
+        format!("{secret}  {WEIGHTS_FILE}"),
+        format!("{hex}  {secret}"),
+        format!("{hex} \u{1b}[2J{secret}"),
+    ] {
+        fs::write(&path, format!("{listing}{bad}\n")).unwrap();
+        let err = open_err(&f.path());
+        assert!(err.contains(CHECKSUM_FILE) && err.contains("line 5"), "{err}");
+        for piece in ["root", "hunter2", "Zm9v", "19000", "\u{1b}"] {
+            assert!(!err.contains(piece), "the error shows {piece:?}: {err}");
+        }
+    }
+    // A plain file name is still shown, to say what is wrong.
+    fs::write(&path, format!("{listing}{hex}  extra.bin\n")).unwrap();
+    let err = open_err(&f.path());
+    assert!(err.contains("line 5") && err.contains("extra.bin"), "{err}");
+    fs::write(&path, format!("{listing}{listing}")).unwrap();
+    let err = open_err(&f.path());
+    assert!(err.contains("line 5") && err.contains("twice"), "{err}");
+
+    // A huge checksum.txt (a symlink to a big file) is refused before it is read whole.
+    fs::write(&path, "x".repeat(1 << 20)).unwrap();
+    let err = open_err(&f.path());
+    assert!(err.contains(CHECKSUM_FILE) && err.contains("larger"), "{err}");
 }
