@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, IndexOp};
 use m31r_model::fim::{FimBudget, FimError, serving_prompt};
 use m31r_model::sampling::{Sampler, SamplingParams};
+use m31r_model::tokenizer::TokenizerError;
 use m31r_model::{Model, ModelError, Tokenizer};
 use m31r_protocol::{ErrorCode, Event, FimInput, GenerationParams, StopReason, Timings, Usage};
 
@@ -485,24 +486,13 @@ impl Worker {
         kind: &JobKind,
         budget: usize,
     ) -> Result<(Vec<u32>, Option<CodeContext>), JobError> {
-        let encode =
-            |text: &str| self.tokenizer.encode(text).map_err(|e| bad_params(e.to_string()));
         match kind {
             #[cfg(test)]
             JobKind::Panic => panic!("panic requested by a test"),
             JobKind::Generate { prompt } | JobKind::Complete { prompt } => {
-                let mut ids = encode(prompt)?;
-                if ids.is_empty() {
-                    // Nothing to condition on: start as a document starts.
-                    ids.push(self.tokenizer.special_ids().end_of_text);
-                }
-                if ids.len() > budget {
-                    // Drop the distant start in whole steps so the cut point, and with it the
-                    // cache, stays put while the user types.
-                    let step = self.config.prompt_cut_step.clamp(1, budget);
-                    let drop = (ids.len() - budget).div_ceil(step) * step;
-                    ids.drain(..drop.min(ids.len() - 1));
-                }
+                let ids =
+                    plain_prompt(&self.tokenizer, prompt, budget, self.config.prompt_cut_step)
+                        .map_err(|e| bad_params(e.to_string()))?;
                 let code =
                     matches!(kind, JobKind::Complete { .. }).then(|| CodeContext::new(prompt, ""));
                 Ok((ids, code))
@@ -535,6 +525,33 @@ impl Worker {
             }
         }
     }
+}
+
+/// Token ids of a `generate` / `complete` prompt, cut to `budget` tokens by dropping its distant
+/// start in whole steps of `cut_step` tokens, so that the cut point, and with it the cache, stays
+/// put while the user types.
+///
+/// Text the budget cannot reach is cut before encoding ([`Tokenizer::tail_start`]): a prompt at
+/// the frame limit then costs memory in proportion to the context, not to its length. The text
+/// is cut at a line start, where the kept tokens are exactly those of the whole text; only the
+/// step alignment then counts from there.
+fn plain_prompt(
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    budget: usize,
+    cut_step: usize,
+) -> Result<Vec<u32>, TokenizerError> {
+    let mut ids = tokenizer.encode(&prompt[tokenizer.tail_start(prompt, budget)..])?;
+    if ids.is_empty() {
+        // Nothing to condition on: start as a document starts.
+        ids.push(tokenizer.special_ids().end_of_text);
+    }
+    if ids.len() > budget {
+        let step = cut_step.clamp(1, budget.max(1));
+        let drop = (ids.len() - budget).div_ceil(step) * step;
+        ids.drain(..drop.min(ids.len() - 1));
+    }
+    Ok(ids)
 }
 
 /// One structured log line per request, inside a span carrying its id.
@@ -664,6 +681,80 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(engine.counters().prefilled_tokens.load(Ordering::Relaxed), 0);
+    }
+
+    /// The uncut path: the whole prompt encoded, then the token-level cut.
+    fn uncut_prompt(tokenizer: &Tokenizer, prompt: &str, budget: usize, step: usize) -> Vec<u32> {
+        let mut ids = tokenizer.encode(prompt).unwrap();
+        if ids.len() > budget {
+            let drop = (ids.len() - budget).div_ceil(step) * step;
+            ids.drain(..drop.min(ids.len() - 1));
+        }
+        ids
+    }
+
+    fn test_tokenizer() -> Tokenizer {
+        let text = "fn main() { let x = 1; println!(\"{x}\"); }\n".repeat(20);
+        Tokenizer::train([text].iter(), 300).unwrap()
+    }
+
+    /// Varied lines of code, `n` of them.
+    fn code_lines(n: usize) -> String {
+        (0..n)
+            .map(|i| format!("fn f{i}() {{ let x = {}; println!(\"{{x}}\"); }}\n", i * 7))
+            .collect()
+    }
+
+    #[test]
+    fn a_prompt_cut_before_encoding_keeps_the_tokens_of_the_uncut_path() {
+        let tok = test_tokenizer();
+        let budget = 248;
+        let prompt = format!("{}fn main() {{ let y", code_lines(6000));
+        let start = tok.tail_start(&prompt, budget);
+        assert!(start > 0, "a {}-byte prompt was not cut", prompt.len());
+        assert!(tok.encode(&prompt[start..]).unwrap().len() >= budget);
+        // Cut by single tokens the result is the uncut one exactly.
+        assert_eq!(
+            plain_prompt(&tok, &prompt, budget, 1).unwrap(),
+            uncut_prompt(&tok, &prompt, budget, 1)
+        );
+        // In whole steps, the kept tokens are still the last ones of the whole prompt.
+        let uncut = tok.encode(&prompt).unwrap();
+        let cut = plain_prompt(&tok, &prompt, budget, 64).unwrap();
+        assert!(uncut.ends_with(&cut) && cut.len() <= budget && cut.len() > budget - 64);
+        // A prompt short enough is not cut before encoding: results are exactly as before.
+        let short = code_lines(100);
+        assert_eq!(tok.tail_start(&short, budget), 0);
+        assert_eq!(
+            plain_prompt(&tok, &short, budget, 64).unwrap(),
+            uncut_prompt(&tok, &short, budget, 64)
+        );
+        assert_eq!(
+            plain_prompt(&tok, "", budget, 64).unwrap(),
+            vec![tok.special_ids().end_of_text]
+        );
+    }
+
+    #[test]
+    fn a_prompt_at_the_frame_limit_is_encoded_only_near_its_end() {
+        let tok = test_tokenizer();
+        let budget = 248;
+        let bound = 3 * tok.cut_bytes(budget);
+        let lines = code_lines(120_000);
+        let one_line = "x".repeat(4 << 20);
+        for prompt in [&lines[..4 << 20], &one_line] {
+            let encoded = prompt.len() - tok.tail_start(prompt, budget);
+            assert!(encoded < bound, "{encoded} bytes encoded of {}", prompt.len());
+            let ids = plain_prompt(&tok, prompt, budget, 256).unwrap();
+            assert!(!ids.is_empty() && ids.len() <= budget);
+        }
+        // Through the engine: the job runs and reports a prompt within the budget.
+        let engine = engine(EngineConfig::default());
+        let events = submit(&engine, JobKind::Generate { prompt: lines[..4 << 20].into() }, false);
+        match events.last() {
+            Some(Event::Done { usage, .. }) => assert!(usage.prompt_tokens as usize <= 248),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

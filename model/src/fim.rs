@@ -18,6 +18,13 @@
 //! `[<|file_sep|> path "\n" text]* <|fim_prefix|> <|fim_suffix|> S <|fim_middle|> P`
 //! and fits it into [`FimBudget::max_prompt_tokens`] with these rules, applied in order:
 //!
+//! 0. Text the budget cannot reach is never encoded, so a huge prompt costs memory in proportion
+//!    to the budget, not to its length: the prefix is cut to its tail and the suffix to its head
+//!    by [`Tokenizer::tail_start`] and [`Tokenizer::head_end`] (at a line start, keeping at least
+//!    the room in the longest tokens and at least 64 KiB; text within twice that is never cut),
+//!    and a context file too long to fit in any tokenization is dropped unencoded. Cutting at a
+//!    line start keeps every kept token as it is in the whole text; only the prefix's step
+//!    alignment (rule 4) then counts from the cut rather than from the start of the text.
 //! 1. The 3 FIM special tokens are always present; a budget below 3 + 1 tokens is
 //!    [`FimError::BudgetTooSmall`].
 //! 2. The suffix gets at most `suffix_share` of the budget and is cut from its far end: the
@@ -110,9 +117,9 @@ pub struct FimPrompt {
     /// Number of leading ids that typing more text at the cursor cannot change, while
     /// `prefix_tokens_dropped` stays the same.
     pub stable_len: usize,
-    /// Tokens cut from the start of the prefix.
+    /// Tokens cut from the start of the prefix (of the part that was encoded: see rule 0).
     pub prefix_tokens_dropped: usize,
-    /// Tokens cut from the end of the suffix.
+    /// Tokens cut from the end of the suffix (of the part that was encoded: see rule 0).
     pub suffix_tokens_dropped: usize,
     /// Context files dropped, counted from the first one given.
     pub context_files_dropped: usize,
@@ -175,39 +182,30 @@ pub fn serving_prompt(
     let special = tok.special_ids();
     let available = budget.max_prompt_tokens - FIM_SPECIAL_TOKENS;
 
-    let suffix_ids = tok.encode(suffix)?;
     // Truncation toward zero keeps the suffix within its share.
     let suffix_cap = ((budget.max_prompt_tokens as f64 * f64::from(budget.suffix_share)) as usize)
         .min(available);
+    // Text the budget cannot reach is cut before encoding (rule 0).
+    let suffix = &suffix[..tok.head_end(suffix, suffix_cap)];
+    let suffix_ids = tok.encode(suffix)?;
     let suffix_offsets = byte_offsets(tok, &suffix_ids)?;
     let mut suffix_kept = suffix_ids.len().min(suffix_cap);
     while suffix_kept > 0 && !suffix.is_char_boundary(suffix_offsets[suffix_kept]) {
         suffix_kept -= 1;
     }
 
-    let context: Vec<Vec<u32>> = context_files
-        .iter()
-        .map(|(path, text)| {
-            let mut ids = vec![special.file_sep];
-            ids.extend(tok.encode(&format!("{path}\n{text}"))?);
-            Ok(ids)
-        })
-        .collect::<Result<_, TokenizerError>>()?;
     let context_room = available - suffix_kept;
-    let mut context_len: usize = context.iter().map(Vec::len).sum();
-    let mut context_dropped = 0;
-    while context_len > context_room {
-        context_len -= context[context_dropped].len();
-        context_dropped += 1;
-    }
+    let (context, context_len) = fit_context_files(tok, context_files, context_room)?;
+    let context_dropped = context_files.len() - context.len();
 
+    let prefix_room = context_room - context_len;
+    let prefix = &prefix[tok.tail_start(prefix, prefix_room)..];
     // Encoding the head and the last chunk separately makes the head's tokens independent of
     // what is typed next, which is what `stable_len` promises.
     let split = tok.last_chunk_start(prefix);
     let mut prefix_ids = tok.encode(&prefix[..split])?;
     let head_len = prefix_ids.len();
     prefix_ids.extend(tok.encode(&prefix[split..])?);
-    let prefix_room = context_room - context_len;
     let mut prefix_dropped = 0;
     if prefix_ids.len() > prefix_room {
         let step = budget.prefix_cut_step.min(prefix_room.max(1));
@@ -224,7 +222,7 @@ pub fn serving_prompt(
     }
 
     let mut ids = Vec::with_capacity(budget.max_prompt_tokens);
-    for file in &context[context_dropped..] {
+    for file in &context {
         ids.extend_from_slice(file);
     }
     ids.push(special.fim_prefix);
@@ -241,6 +239,35 @@ pub fn serving_prompt(
         suffix_tokens_dropped: suffix_ids.len() - suffix_kept,
         context_files_dropped: context_dropped,
     })
+}
+
+/// The context files that fit in `room` tokens (rule 3), each `<|file_sep|> path "\n" text`, and
+/// their total length. Kept from the last file back while they fit, which keeps the same files
+/// as dropping from the first one on until the rest fits, but never encodes a file before the
+/// first one that does not fit, nor one too long in bytes to fit in any tokenization.
+fn fit_context_files(
+    tok: &Tokenizer,
+    files: &[(&str, &str)],
+    room: usize,
+) -> Result<(Vec<Vec<u32>>, usize), TokenizerError> {
+    let mut kept = Vec::new();
+    let mut len = 0;
+    for (path, text) in files.iter().rev() {
+        let left = room - len;
+        // A token holds at most `max_token_bytes`, so longer text has more tokens than `left`.
+        if path.len() + 1 + text.len() > left.saturating_mul(tok.max_token_bytes()) {
+            break;
+        }
+        let mut ids = vec![tok.special_ids().file_sep];
+        ids.extend(tok.encode(&format!("{path}\n{text}"))?);
+        if ids.len() > left {
+            break;
+        }
+        len += ids.len();
+        kept.push(ids);
+    }
+    kept.reverse();
+    Ok((kept, len))
 }
 
 /// Byte offset in the encoded text where each token starts, plus the text's length at the end.
@@ -429,6 +456,47 @@ mod tests {
         assert_eq!(p.ids.iter().filter(|&&id| id == sp.file_sep).count(), 2);
         let first_file = tok.decode(&p.ids[1..sizes[1]]).unwrap();
         assert!(first_file.starts_with("mid.rs\n"), "{first_file}");
+    }
+
+    #[test]
+    fn huge_prompts_are_cut_before_encoding_with_the_same_result() {
+        let tok = &*TOK_1024;
+        let sp = tok.special_ids();
+        let text = fixture();
+        let line_start = |from: usize| {
+            (from..text.len()).find(|&i| Tokenizer::is_encode_boundary(&text, i)).unwrap()
+        };
+        // Each longer than its room in tokens, yet short enough never to be cut before encoding.
+        let prefix = &text[line_start(text.len() - 1500)..];
+        let suffix = &text[..line_start(600)];
+        let junk = text.repeat(300);
+        let (big_prefix, big_suffix) = (format!("{junk}{prefix}"), format!("{suffix}{junk}"));
+        let budget = FimBudget { max_prompt_tokens: 160, suffix_share: 0.25, prefix_cut_step: 1 };
+        let near = ("near.rs", "fn near() {}\n");
+
+        let small = serving_prompt(tok, &[("far.rs", &text), near], prefix, suffix, &budget);
+        let small = small.unwrap();
+        let big =
+            serving_prompt(tok, &[("far.rs", &junk), near], &big_prefix, &big_suffix, &budget);
+        let big = big.unwrap();
+        let fm = position(&small.ids, sp.fim_middle);
+        let kept_prefix = small.ids.len() - fm - 1;
+        assert!(small.prefix_tokens_dropped > 0 && small.suffix_tokens_dropped > 0);
+        assert_eq!(tok.tail_start(prefix, kept_prefix), 0, "the small prefix was cut");
+        assert_eq!(tok.head_end(suffix, budget.max_prompt_tokens / 4), suffix.len());
+        assert!(tok.tail_start(&big_prefix, kept_prefix) > 0);
+        assert_eq!(big.ids, small.ids);
+        assert_eq!(big.stable_len, small.stable_len);
+        assert_eq!((big.context_files_dropped, small.context_files_dropped), (1, 1));
+
+        // With whole steps the cut counts steps from the text kept, not the whole text; what is
+        // kept is still the text nearest the cursor.
+        let budget = FimBudget { prefix_cut_step: 32, ..budget };
+        let big = serving_prompt(tok, &[], &big_prefix, &big_suffix, &budget).unwrap();
+        assert!(big.ids.len() <= budget.max_prompt_tokens);
+        let fm = position(&big.ids, sp.fim_middle);
+        assert!(big_prefix.ends_with(&tok.decode(&big.ids[fm + 1..]).unwrap()));
+        assert!(big_suffix.starts_with(&tok.decode(&big.ids[2..fm]).unwrap()));
     }
 
     #[test]

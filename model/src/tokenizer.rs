@@ -35,6 +35,10 @@ pub const BYTE_ALPHABET_SIZE: usize = 256;
 /// Smallest vocabulary [`Tokenizer::train`] accepts: every byte plus every special token.
 pub const MIN_VOCAB_SIZE: usize = BYTE_ALPHABET_SIZE + SpecialToken::ALL.len();
 
+/// Least number of bytes [`Tokenizer::cut_bytes`] gives: text this short costs little to encode,
+/// and prompts of ordinary length are then never cut before encoding, whatever the budget.
+pub const MIN_CUT_BYTES: usize = 64 << 10;
+
 /// Why a tokenizer could not be trained, loaded, saved or used.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -282,6 +286,8 @@ impl SpecialIds {
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     special: SpecialIds,
+    /// Longest spelling in the vocabulary, in bytes (at least 1).
+    max_token_bytes: usize,
 }
 
 impl fmt::Debug for Tokenizer {
@@ -407,6 +413,10 @@ impl Tokenizer {
         }
         // From here on `<|fim_prefix|>` in user text is ordinary bytes, never the control token.
         inner.set_encode_special_tokens(true);
+        // Byte-level spellings have one character per byte; specials are counted too, which
+        // only makes the bound looser.
+        let max_token_bytes =
+            inner.get_vocab(true).keys().map(|t| t.chars().count()).max().unwrap_or(1).max(1);
         let [end_of_text, fim_prefix, fim_suffix, fim_middle, fim_pad, file_sep, repo_name, cot] =
             ids;
         Ok(Self {
@@ -421,6 +431,7 @@ impl Tokenizer {
                 repo_name,
                 cot,
             },
+            max_token_bytes,
         })
     }
 
@@ -504,6 +515,73 @@ impl Tokenizer {
             .map_or(0, |(_, (start, _), _)| *start)
     }
 
+    /// Most bytes of text one token can stand for: the longest spelling in the vocabulary.
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
+    }
+
+    /// The byte step `need` by which [`Tokenizer::tail_start`] and [`Tokenizer::head_end`] cut
+    /// text for `max_tokens` tokens: `max_tokens` of the longest tokens, so that `need` bytes
+    /// always hold at least `max_tokens` tokens, and never below [`MIN_CUT_BYTES`].
+    pub fn cut_bytes(&self, max_tokens: usize) -> usize {
+        max_tokens.saturating_mul(self.max_token_bytes).max(MIN_CUT_BYTES)
+    }
+
+    /// Byte offset of `text` from which to encode it when only its last `max_tokens` tokens
+    /// can be used, so that a huge text costs memory in proportion to `max_tokens`, not to its
+    /// length.
+    ///
+    /// 0 (encode everything) unless the text is at least twice as long as
+    /// [`Tokenizer::cut_bytes`] (`need`). Otherwise at least `need` bytes are kept, so at least
+    /// `max_tokens` tokens, and less than `3 × need`. The cut is a line start (see
+    /// [`Tokenizer::is_encode_boundary`]), where encoding the rest gives exactly the last tokens
+    /// of encoding the whole text; only a text without one in the searched step falls back to a
+    /// character boundary, where the first few kept tokens may differ. The cut moves in whole
+    /// steps of `need` bytes counted from the start, so it stays put while text is appended.
+    pub fn tail_start(&self, text: &str, max_tokens: usize) -> usize {
+        let need = self.cut_bytes(max_tokens);
+        let anchor = text.len().saturating_sub(need) / need * need;
+        if anchor == 0 {
+            return 0;
+        }
+        // Searching back keeps more text, never less than `need` bytes.
+        (anchor - need + 1..=anchor)
+            .rev()
+            .find(|&at| Self::is_encode_boundary(text, at))
+            .unwrap_or_else(|| floor_char_boundary(text, anchor))
+    }
+
+    /// Byte length of the start of `text` to encode when only its first `max_tokens` tokens
+    /// can be used; the counterpart of [`Tokenizer::tail_start`] for text cut from its end.
+    ///
+    /// The whole text unless it is longer than twice `need` bytes ([`Tokenizer::cut_bytes`]);
+    /// otherwise the first line start at or after `need` bytes, where encoding the
+    /// start gives exactly the first tokens of encoding the whole text, or, without one in the
+    /// next `need` bytes, a character boundary.
+    pub fn head_end(&self, text: &str, max_tokens: usize) -> usize {
+        let need = self.cut_bytes(max_tokens);
+        let limit = need.saturating_mul(2);
+        if text.len() <= limit {
+            return text.len();
+        }
+        (need..=limit)
+            .find(|&at| Self::is_encode_boundary(text, at))
+            .unwrap_or_else(|| ceil_char_boundary(text, limit))
+    }
+
+    /// Whether encoding can be split at byte `at` of `text` without changing a token: a line
+    /// start whose first character is not whitespace. No pre-token of the LLaMA-3 split runs
+    /// from a newline into such a character, and none looks past one, so the pre-tokens (and
+    /// with them the tokens) on each side are the same as in the whole text. (A foreign
+    /// `tokenizer.json` with another split could differ, but only in the tokens at the cut.)
+    pub fn is_encode_boundary(text: &str, at: usize) -> bool {
+        at > 0
+            && at < text.len()
+            && text.as_bytes()[at - 1] == b'\n'
+            // After an ASCII newline `at` is always a character boundary.
+            && text[at..].chars().next().is_some_and(|c| !c.is_whitespace())
+    }
+
     /// Number of source bytes an ordinary token stands for. The decoder is validated to be
     /// byte-level at load, where every character of a token's spelling is one byte.
     pub(crate) fn token_byte_len(&self, id: u32) -> Result<usize, TokenizerError> {
@@ -512,6 +590,22 @@ impl Tokenizer {
             .map(|t| t.chars().count())
             .ok_or(TokenizerError::UnknownId { id, vocab_size: self.vocab_size() })
     }
+}
+
+/// The largest character boundary of `text` at or before `at` (`at <= text.len()`).
+fn floor_char_boundary(text: &str, mut at: usize) -> usize {
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
+/// The smallest character boundary of `text` at or after `at` (`at <= text.len()`).
+fn ceil_char_boundary(text: &str, mut at: usize) -> usize {
+    while !text.is_char_boundary(at) {
+        at += 1;
+    }
+    at
 }
 
 /// LLaMA-3's pre-tokenizer: the `llama-bpe` regex split, then the byte-to-character mapping.
@@ -876,6 +970,52 @@ const TABLE: [u32; 8] = [0x0000_0001, 0xdead_beef, 42, 1_000_000, 7, 9, 11, 13];
         assert_eq!(tok.last_chunk_start("größe"), 0);
     }
 
+    #[test]
+    fn huge_texts_are_cut_to_a_bound_before_encoding() {
+        let tok = &*TOK_1024;
+        let lines = RUST_FIXTURE.concat();
+        let huge = lines.repeat((4 << 20) / lines.len() + 1);
+        // No line start to cut at: the cut falls back to a character boundary.
+        let one_line = "é".repeat(2 << 20);
+        for max_tokens in [0, 1, 100, 2048] {
+            let need = tok.cut_bytes(max_tokens);
+            for text in [&huge, &one_line] {
+                let start = tok.tail_start(text, max_tokens);
+                let kept = text[start..].len();
+                assert!(kept >= need && kept < 3 * need, "{max_tokens}: kept {kept} of {need}");
+                let end = tok.head_end(text, max_tokens);
+                assert!(end >= need && end <= 2 * need + 3, "{max_tokens}: head {end} of {need}");
+                assert!(text.is_char_boundary(end));
+            }
+        }
+        // Text within twice the bound is never cut, so normal prompts encode as before.
+        assert_eq!(tok.tail_start(&lines, 2048), 0);
+        assert_eq!(tok.head_end(&lines, 2048), lines.len());
+
+        // While text is appended the cut stays put, moving only once per step.
+        let step = tok.cut_bytes(100);
+        let starts: HashSet<usize> = (400_000..400_000 + step / 2)
+            .filter(|&n| huge.is_char_boundary(n))
+            .map(|n| tok.tail_start(&huge[..n], 100))
+            .collect();
+        assert!(starts.len() <= 2, "{starts:?}");
+    }
+
+    #[test]
+    fn encoding_after_a_cut_gives_the_tokens_of_the_whole_text() {
+        let tok = &*TOK_1024;
+        let text = RUST_FIXTURE.concat().repeat(60);
+        let whole = tok.encode(&text).unwrap();
+        let start = tok.tail_start(&text, 100);
+        assert!(start > 0 && Tokenizer::is_encode_boundary(&text, start));
+        let tail = tok.encode(&text[start..]).unwrap();
+        assert!(tail.len() >= 100 && whole.ends_with(&tail));
+        let end = tok.head_end(&text, 100);
+        assert!(end < text.len() && Tokenizer::is_encode_boundary(&text, end));
+        let head = tok.encode(&text[..end]).unwrap();
+        assert!(head.len() >= 100 && whole.starts_with(&head));
+    }
+
     fn arbitrary_text() -> impl Strategy<Value = String> {
         prop_oneof![
             any::<String>(),
@@ -896,6 +1036,20 @@ const TABLE: [u32; 8] = [0x0000_0001, 0xdead_beef, 42, 1_000_000, 7, 9, 11, 13];
                 prop_assert_eq!(tok.decode(&ids).unwrap(), text.clone());
                 let bytes: usize = ids.iter().map(|&id| tok.token_byte_len(id).unwrap()).sum();
                 prop_assert_eq!(bytes, text.len());
+            }
+        }
+
+        #[test]
+        fn encoding_splits_exactly_at_encode_boundaries(
+            parts in prop::collection::vec(arbitrary_text(), 1..6)
+        ) {
+            let text = parts.join("\n");
+            let tok = &*TOK_1024;
+            let whole = tok.encode(&text).unwrap();
+            for at in (0..=text.len()).filter(|&at| Tokenizer::is_encode_boundary(&text, at)) {
+                let mut split = tok.encode(&text[..at]).unwrap();
+                split.extend(tok.encode(&text[at..]).unwrap());
+                prop_assert_eq!(&split, &whole, "split at byte {}", at);
             }
         }
     }
