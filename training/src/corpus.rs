@@ -137,17 +137,17 @@ impl DatasetInfo {
     /// The end-of-stage summary table.
     pub fn table(&self) -> String {
         let mut out = format!("dataset {}\n", self.dataset_id);
-        out += &format!("{:<14} {:>8} {:>10} {:>14}\n", "split", "crates", "files", "bytes");
+        out += &format!("{:<15} {:>8} {:>10} {:>14}\n", "split", "crates", "files", "bytes");
         for split in Split::ALL {
             let s = self.splits.get(&split).copied().unwrap_or_default();
-            out += &format!("{:<14} {:>8} {:>10} {:>14}\n", split, s.crates, s.files, s.bytes);
+            out += &format!("{:<15} {:>8} {:>10} {:>14}\n", split, s.crates, s.files, s.bytes);
         }
-        out += &format!("{:<14} {:>8} {:>10} {:>14}\n", "dropped", "", "files", "bytes");
+        out += &format!("{:<15} {:>8} {:>10} {:>14}\n", "dropped", "", "files", "bytes");
         for reason in DropReason::ALL {
             let d = self.dropped.get(&reason).copied().unwrap_or_default();
-            out += &format!("{:<14} {:>8} {:>10} {:>14}\n", reason, "", d.files, d.bytes);
+            out += &format!("{:<15} {:>8} {:>10} {:>14}\n", reason, "", d.files, d.bytes);
         }
-        out += &format!("{:<14} {:>8} {:>10}\n", "files seen", "", self.files_seen);
+        out += &format!("{:<15} {:>8} {:>10}\n", "files seen", "", self.files_seen);
         out
     }
 }
@@ -179,12 +179,16 @@ pub fn default_registry_src() -> Option<PathBuf> {
 
 /// A file found by the walk, before it is read.
 struct Candidate {
+    /// Where the walk found it (for a followed symlink, the link).
     path: PathBuf,
+    /// What to read: `path`, or a followed symlink's resolved target.
+    read_path: PathBuf,
     crate_id: CrateId,
     file: String,
     bytes: u64,
-    /// The walk could not even stat it.
-    walk_error: Option<String>,
+    /// The walk's own verdict (an unlistable directory, a link out of the inputs), given
+    /// before anything else is looked at.
+    walk_drop: Option<(DropReason, String)>,
 }
 
 /// What reading and filtering a candidate gave.
@@ -247,7 +251,7 @@ pub fn build_corpus(opts: &CorpusOptions) -> Result<DatasetInfo> {
             .collect();
         for (c, outcome) in chunk.iter().zip(outcomes) {
             let mut entry = ManifestEntry {
-                path: c.path.display().to_string(),
+                path: path_text(&c.path),
                 crate_name: c.crate_id.name.clone(),
                 version: c.crate_id.version.to_string(),
                 file: c.file.clone(),
@@ -431,46 +435,127 @@ fn claim_out_dir(out: &Path, dataset_id: &str, force: bool) -> Result<()> {
 
 /// Walks the inputs in a deterministic order. Unreadable entries become candidates carrying
 /// their error, so they are counted rather than lost.
+///
+/// Symbolic links are never followed by the walk itself, so it cannot loop or leave the
+/// inputs. Each link is resolved instead: a link to a file inside the inputs is read like that
+/// file (and usually dropped as its duplicate); a link to a directory inside the inputs is
+/// skipped, since the walk reaches that directory's files where they are; a link resolving
+/// outside the inputs, or into the output directory, is recorded as `symlink_outside` and not
+/// read; a dangling link is `unreadable`.
 fn walk(roots: &[PathBuf], out: &Path, progress: Progress) -> Vec<Candidate> {
     let spinner = progress.spinner("scanning");
     let mut resolver = CrateResolver::default();
     let mut candidates = Vec::new();
     for root in roots {
         let walker = WalkDir::new(root)
-            .follow_links(true)
+            .follow_links(false)
             .sort_by_file_name()
             .into_iter()
             .filter_entry(|e| !skip_dir(e, out));
         for entry in walker {
-            let (path, bytes, walk_error) = match entry {
+            let found = match entry {
                 Ok(e) if e.file_type().is_file() => {
                     let bytes = e.metadata().map(|m| m.len()).unwrap_or(0);
-                    (e.into_path(), bytes, None)
+                    let path = e.into_path();
+                    Found { read_path: path.clone(), path, bytes, walk_drop: None }
                 }
+                Ok(e) if e.path_is_symlink() => match follow_link(e.path(), roots, out) {
+                    Some(found) => found,
+                    None => continue,
+                },
                 Ok(_) => continue,
                 Err(err) => {
-                    // A symlink loop is a property of the tree, not a file to count.
-                    if err.loop_ancestor().is_some() {
-                        continue;
-                    }
+                    // Without followed links the walk cannot loop, so every error has a path.
                     let Some(path) = err.path().map(Path::to_path_buf) else { continue };
-                    (path, 0, Some(err.to_string()))
+                    let why = err.io_error().map_or_else(|| err.to_string(), |e| e.to_string());
+                    let detail = if path.is_dir() {
+                        format!("directory not listed, its files are missing: {why}")
+                    } else {
+                        why
+                    };
+                    let walk_drop = Some((DropReason::Unreadable, detail));
+                    Found { read_path: path.clone(), path, bytes: 0, walk_drop }
                 }
             };
-            let (crate_id, crate_dir) = resolver.resolve(root, &path);
-            let file = path
+            let (crate_id, crate_dir) = resolver.resolve(root, &found.path);
+            let file = found
+                .path
                 .strip_prefix(&crate_dir)
-                .unwrap_or(&path)
+                .unwrap_or(&found.path)
                 .components()
-                .map(|c| c.as_os_str().to_string_lossy())
+                .map(|c| path_text(Path::new(c.as_os_str())))
                 .collect::<Vec<_>>()
                 .join("/");
-            candidates.push(Candidate { path, crate_id, file, bytes, walk_error });
+            candidates.push(Candidate {
+                path: found.path,
+                read_path: found.read_path,
+                crate_id,
+                file,
+                bytes: found.bytes,
+                walk_drop: found.walk_drop,
+            });
             spinner.inc(1);
         }
     }
     spinner.finish_and_clear();
     candidates
+}
+
+/// What the walk makes of one entry, before the crate is resolved.
+struct Found {
+    path: PathBuf,
+    read_path: PathBuf,
+    bytes: u64,
+    walk_drop: Option<(DropReason, String)>,
+}
+
+/// Resolves the symlink at `link` by the rules of [`walk`]; `None` when it is not a candidate
+/// (a directory inside the inputs, or something that is not a file).
+fn follow_link(link: &Path, roots: &[PathBuf], out: &Path) -> Option<Found> {
+    let found = |read_path: PathBuf, bytes, walk_drop| Found {
+        path: link.to_path_buf(),
+        read_path,
+        bytes,
+        walk_drop,
+    };
+    let target = match fs::canonicalize(link) {
+        Ok(t) => t,
+        Err(e) => {
+            let detail = format!("symlink does not resolve: {e}");
+            return Some(found(link.to_path_buf(), 0, Some((DropReason::Unreadable, detail))));
+        }
+    };
+    let inside = roots.iter().any(|r| target.starts_with(r)) && !target.starts_with(out);
+    if !inside {
+        let detail = format!("points to {}", path_text(&target));
+        return Some(found(target, 0, Some((DropReason::SymlinkOutside, detail))));
+    }
+    match fs::metadata(&target) {
+        Ok(m) if m.is_file() => Some(found(target, m.len(), None)),
+        Ok(_) => None,
+        Err(e) => Some(found(target, 0, Some((DropReason::Unreadable, e.to_string())))),
+    }
+}
+
+/// A path as text for the manifest, one-to-one: valid UTF-8 is kept except that `\` becomes
+/// `\\`, and each byte that is not UTF-8 becomes `\xNN` (lowercase hex). A lossy conversion
+/// would give two names differing only in such a byte the same text.
+pub fn path_text(path: &Path) -> String {
+    let bytes = path.as_os_str().as_encoded_bytes();
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\\' {
+                out.push_str("\\\\");
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out += &format!("\\x{b:02x}");
+        }
+    }
+    out
 }
 
 /// Directories never searched: version control, Cargo build output (marked by `CACHEDIR.TAG`,
@@ -486,19 +571,19 @@ fn skip_dir(entry: &walkdir::DirEntry, out: &Path) -> bool {
 /// Reads and filters one candidate.
 fn examine(c: &Candidate, is_newest: bool, config: &CorpusConfig) -> Outcome {
     let drop = |reason, sha256, detail| Outcome::Drop { reason, sha256, detail };
+    if let Some((reason, detail)) = &c.walk_drop {
+        return drop(*reason, None, Some(detail.clone()));
+    }
     if c.path.extension().is_none_or(|e| e != "rs") {
         return drop(DropReason::NotRust, None, None);
     }
     if !is_newest {
         return drop(DropReason::OldVersion, None, None);
     }
-    if let Some(err) = &c.walk_error {
-        return drop(DropReason::Unreadable, None, Some(err.clone()));
-    }
     if c.bytes > config.max_file_bytes {
         return drop(DropReason::HugeFile, None, None);
     }
-    let bytes = match fs::read(&c.path) {
+    let bytes = match fs::read(&c.read_path) {
         Ok(b) => b,
         Err(e) => return drop(DropReason::Unreadable, None, Some(e.to_string())),
     };

@@ -18,12 +18,19 @@ pub enum DropReason {
     NotRust,
     /// A newer version of the same crate is in the corpus.
     OldVersion,
-    /// The file could not be read (permissions, a dangling link, an I/O error).
+    /// The file could not be read (permissions, a dangling link, an I/O error), or it is a
+    /// directory that could not be listed (its files are missing, so it is counted).
     Unreadable,
+    /// A symbolic link whose target lies outside the input directories (or inside the output
+    /// directory): not followed, so the corpus holds only what the inputs hold.
+    SymlinkOutside,
     /// Larger than `max_file_bytes`.
     HugeFile,
     /// Not valid UTF-8.
     NonUtf8,
+    /// Valid UTF-8 but binary in practice: a NUL, or more than 1% control characters
+    /// (see [`is_binary`]).
+    Binary,
     /// Says in its header that it is generated.
     Generated,
     /// Has a line longer than `max_line_chars`.
@@ -37,13 +44,17 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    /// Every reason, in the order the filters apply them.
-    pub const ALL: [DropReason; 10] = [
+    /// Every reason, in report order: what the walk found, then the content checks in the
+    /// order they apply. (The walk's own verdicts, `unreadable` and `symlink_outside`, are
+    /// given before the name is looked at: a directory or a link has no meaningful extension.)
+    pub const ALL: [DropReason; 12] = [
         DropReason::NotRust,
         DropReason::OldVersion,
         DropReason::Unreadable,
+        DropReason::SymlinkOutside,
         DropReason::HugeFile,
         DropReason::NonUtf8,
+        DropReason::Binary,
         DropReason::Generated,
         DropReason::HugeLine,
         DropReason::SysBindings,
@@ -57,8 +68,10 @@ impl DropReason {
             DropReason::NotRust => "not_rust",
             DropReason::OldVersion => "old_version",
             DropReason::Unreadable => "unreadable",
+            DropReason::SymlinkOutside => "symlink_outside",
             DropReason::HugeFile => "huge_file",
             DropReason::NonUtf8 => "non_utf8",
+            DropReason::Binary => "binary",
             DropReason::Generated => "generated",
             DropReason::HugeLine => "huge_line",
             DropReason::SysBindings => "sys_bindings",
@@ -92,6 +105,9 @@ pub fn is_sys_crate(crate_name: &str) -> bool {
 
 /// The content filters, in order, for a UTF-8 text of acceptable size.
 pub fn check_text(text: &str, crate_name: &str, config: &CorpusConfig) -> Option<DropReason> {
+    if is_binary(text) {
+        return Some(DropReason::Binary);
+    }
     if is_generated(text, config.header_lines) {
         return Some(DropReason::Generated);
     }
@@ -121,6 +137,23 @@ pub fn check_text(text: &str, crate_name: &str, config: &CorpusConfig) -> Option
         return Some(DropReason::TableDump);
     }
     None
+}
+
+/// Whether a UTF-8 text is binary in practice: it holds a NUL, or more than 1% of its
+/// characters are control characters other than tab, line feed, carriage return and form feed
+/// (C0 controls, DEL and the C1 range U+0080..U+009F). Source code spells control characters as
+/// escapes (`"\x00"`, `'\u{1b}'`), which are printable text, so real Rust files pass; the 1%
+/// leaves room for the odd raw escape character pasted into a string or comment.
+pub fn is_binary(text: &str) -> bool {
+    let (mut chars, mut controls) = (0usize, 0usize);
+    for c in text.chars() {
+        if c == '\0' {
+            return true;
+        }
+        chars += 1;
+        controls += usize::from(c.is_control() && !matches!(c, '\t' | '\n' | '\r' | '\x0c'));
+    }
+    controls * 100 > chars
 }
 
 /// Markers that, in a comment near the top of a file, say a tool wrote it.
@@ -253,6 +286,20 @@ mod tests {
         ] {
             assert!(!is_data_line(code), "{code}");
         }
+    }
+
+    #[test]
+    fn binary_means_a_nul_or_over_one_percent_control_characters() {
+        assert!(is_binary("fn f() {}\0"));
+        assert!(is_binary("\x01\x02\x03\n\x04\x05\n"));
+        let text = "let s = \"\\x00\\x1b\\u{7f}\";\r\n\t\x0c\n";
+        assert!(!is_binary(text), "escapes are text");
+        // Exactly 1% is still text; one more control character is not.
+        let mut text = "a".repeat(99);
+        text.push('\x1b');
+        assert!(!is_binary(&text));
+        text.push('\u{85}');
+        assert!(is_binary(&text));
     }
 
     #[test]
