@@ -14,6 +14,7 @@ use crate::server::ConnectionLimits;
 
 use m31r_model::ModelConfig;
 pub use m31r_model::Precision;
+use m31r_protocol::socket::default_socket_path;
 
 /// Everything `m31rd` can be configured with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,7 +174,7 @@ impl DaemonConfig {
             .map_err(Box::new)
     }
 
-    /// The socket path, with the documented default.
+    /// The socket path, with the protocol's default ([`default_socket_path`]).
     pub fn socket_path(&self) -> PathBuf {
         self.socket.clone().unwrap_or_else(default_socket_path)
     }
@@ -244,22 +245,6 @@ pub fn check_memory_budget(
 /// `~/.config/m31r/m31r.toml` (platform equivalent), if a home directory is known.
 pub fn default_config_file() -> Option<PathBuf> {
     directories::ProjectDirs::from("", "", "m31r").map(|d| d.config_dir().join("m31r.toml"))
-}
-
-/// `$XDG_RUNTIME_DIR/m31r/m31rd.sock`, else a per-user directory under the cache dir.
-pub fn default_socket_path() -> PathBuf {
-    let dirs = directories::ProjectDirs::from("", "", "m31r");
-    let dir = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(|d| PathBuf::from(d).join("m31r"))
-        .or_else(|| dirs.as_ref().map(|d| d.cache_dir().join("run")))
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("m31r-{}", current_uid())));
-    dir.join("m31rd.sock")
-}
-
-/// The real user id of this process.
-pub fn current_uid() -> u32 {
-    // SAFETY: getuid has no preconditions and cannot fail.
-    unsafe { libc::getuid() }
 }
 
 #[cfg(test)]

@@ -241,14 +241,14 @@ pub fn prepare_socket_dir(dir: &Path) -> Result<(), ServerError> {
     if !meta.is_dir() {
         return Err(io(dir)(std::io::Error::other("exists and is not a directory")));
     }
-    let (uid, mode) = (crate::config::current_uid(), meta.permissions().mode() & 0o7777);
+    let (uid, mode) = (m31r_protocol::socket::current_uid(), meta.permissions().mode() & 0o7777);
     if meta.uid() != uid {
         return Err(refuse(format!(
             "it belongs to uid {}, not to this user (uid {uid})",
             meta.uid()
         )));
     }
-    let own_default = crate::config::default_socket_path().parent() == Some(dir);
+    let own_default = m31r_protocol::socket::default_socket_path().parent() == Some(dir);
     if own_default && mode & 0o077 != 0 {
         tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), "making the socket directory private (0700)");
         return std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
@@ -311,7 +311,7 @@ impl Server {
     /// Serves until shutdown is requested; then cancels in-flight work, waits briefly for
     /// connections to drain and returns (the caller drops the listener, removing the socket).
     pub async fn serve(self: &Arc<Self>, listener: &Listener) {
-        let uid = crate::config::current_uid();
+        let uid = m31r_protocol::socket::current_uid();
         let mut stop = self.shutdown.subscribe();
         loop {
             let stream = tokio::select! {
@@ -327,10 +327,10 @@ impl Server {
             if self.shutting_down() {
                 break;
             }
-            match stream.peer_cred() {
-                Ok(cred) if cred.uid() == uid => {}
-                Ok(cred) => {
-                    tracing::warn!(peer_uid = cred.uid(), "refused a connection from another user");
+            match m31r_protocol::socket::peer_uid(&stream) {
+                Ok(peer) if peer == uid => {}
+                Ok(peer) => {
+                    tracing::warn!(peer_uid = peer, "refused a connection from another user");
                     continue;
                 }
                 Err(e) => {

@@ -95,9 +95,10 @@ impl Config {
         problems
     }
 
-    /// The socket to use: the setting, else the daemon's default.
+    /// The socket to use: the setting, else the protocol's default, where `m31rd` listens unless
+    /// told otherwise.
     pub fn socket(&self) -> PathBuf {
-        self.socket_path.clone().unwrap_or_else(default_socket_path)
+        self.socket_path.clone().unwrap_or_else(m31r_protocol::socket::default_socket_path)
     }
 }
 
@@ -114,22 +115,6 @@ fn set_ranged(slot: &mut u32, value: &Value, min: u32, max: u32) -> Result<(), S
     }
     *slot = v;
     Ok(())
-}
-
-/// The daemon's default socket, the same rule as `m31rd`: `$XDG_RUNTIME_DIR/m31r/m31rd.sock`, else
-/// `run/m31rd.sock` in the per-user cache directory, else `$TMPDIR/m31r-<uid>/m31rd.sock`.
-pub fn default_socket_path() -> PathBuf {
-    let dirs = directories::ProjectDirs::from("", "", "m31r");
-    let dir = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(|d| PathBuf::from(d).join("m31r"))
-        .or_else(|| dirs.as_ref().map(|d| d.cache_dir().join("run")))
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("m31r-{}", current_uid())));
-    dir.join("m31rd.sock")
-}
-
-fn current_uid() -> u32 {
-    // SAFETY: getuid has no preconditions and cannot fail.
-    unsafe { libc::getuid() }
 }
 
 #[cfg(test)]

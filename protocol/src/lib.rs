@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod frame;
+pub mod socket;
 pub mod types;
 
 pub use client::{Client, ClientError, ClientReader, ClientWriter};

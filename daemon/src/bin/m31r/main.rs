@@ -257,7 +257,7 @@ pub fn socket_path(conn: &Connection) -> PathBuf {
     match m31r_daemon::config::DaemonConfig::resolve(None, NoFlags {}) {
         Ok(config) => config.socket_path(),
         Err(e) => {
-            let fallback = m31r_daemon::config::default_socket_path();
+            let fallback = m31r_protocol::socket::default_socket_path();
             eprintln!(
                 "m31r: ignoring the daemon configuration ({e}); trying {}",
                 fallback.display()
