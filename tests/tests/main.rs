@@ -5,3 +5,4 @@
 
 mod dependency_rules;
 mod lsp_e2e;
+mod module_cycles;

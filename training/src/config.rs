@@ -1,5 +1,7 @@
 //! The data-stage settings of a training config file (`configs/train/<preset>.toml`): corpus
-//! filters, split ratios, tokenizer vocabulary and shard size. Unknown keys are errors.
+//! filters, split ratios, tokenizer vocabulary and shard size, and (in [`train`]) the loop's
+//! `[train]` table. Unknown keys are errors. A leaf: the stages read these types, never the
+//! other way round.
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +10,10 @@ use m31r_model::tokenizer::MIN_VOCAB_SIZE;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Result, invalid, io_err};
+
+pub mod train;
+
+pub use train::{Schedule, TrainConfig};
 
 /// The shipped configs, embedded so the binary works from any directory: one per model preset
 /// it is named after, plus `cpu` (the tiny shape trained for the best model a 2-core CPU makes in
@@ -44,7 +50,7 @@ pub struct DataConfig {
     pub shards: ShardConfig,
     /// The training loop.
     #[serde(default)]
-    pub train: crate::train::TrainConfig,
+    pub train: TrainConfig,
 }
 
 /// Thresholds of the corpus filters (see [`crate::filters`]).
@@ -177,7 +183,7 @@ impl DataConfig {
             split: SplitConfig::default(),
             tokenizer: TokenizerConfig::default(),
             shards: ShardConfig::default(),
-            train: crate::train::TrainConfig::default(),
+            train: TrainConfig::default(),
         })
     }
 

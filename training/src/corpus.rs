@@ -25,7 +25,8 @@ use crate::config::{CorpusConfig, SplitConfig};
 use crate::crates::{CrateId, CrateResolver, Version};
 use crate::error::{DataError, Result, invalid, io_err};
 use crate::filters::{self, DropReason};
-use crate::fsutil::{AtomicFile, TEMP_PREFIX, sha256_hex, write_atomic};
+pub use crate::fsutil::path_text;
+use crate::fsutil::{AtomicFile, TEMP_PREFIX, read_json, sha256_hex, write_atomic, write_json};
 use crate::progress::Progress;
 use crate::split::{self, Split};
 
@@ -537,27 +538,6 @@ fn follow_link(link: &Path, roots: &[PathBuf], out: &Path) -> Option<Found> {
     }
 }
 
-/// A path as text for the manifest, one-to-one: valid UTF-8 is kept except that `\` becomes
-/// `\\`, and each byte that is not UTF-8 becomes `\xNN` (lowercase hex). A lossy conversion
-/// would give two names differing only in such a byte the same text.
-pub fn path_text(path: &Path) -> String {
-    let bytes = path.as_os_str().as_encoded_bytes();
-    let mut out = String::with_capacity(bytes.len());
-    for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if c == '\\' {
-                out.push_str("\\\\");
-            } else {
-                out.push(c);
-            }
-        }
-        for b in chunk.invalid() {
-            out += &format!("\\x{b:02x}");
-        }
-    }
-    out
-}
-
 /// Directories never searched: version control, Cargo build output (marked by `CACHEDIR.TAG`,
 /// full of generated code) and the output directory itself.
 fn skip_dir(entry: &walkdir::DirEntry, out: &Path) -> bool {
@@ -603,17 +583,6 @@ fn examine(c: &Candidate, is_newest: bool, config: &CorpusConfig) -> Outcome {
         Some(reason) => drop(reason, Some(sha256), None),
         None => Outcome::Keep { text, sha256 },
     }
-}
-
-pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value).map_err(|e| invalid(path, e.to_string()))?;
-    text.push('\n');
-    write_atomic(path, text.as_bytes())
-}
-
-pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = fs::read_to_string(path).map_err(io_err(path))?;
-    serde_json::from_str(&text).map_err(|e| invalid(path, e.to_string()))
 }
 
 /// A finished corpus, read back from a data directory.

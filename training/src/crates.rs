@@ -170,7 +170,7 @@ impl CrateResolver {
         }
         let name = root
             .file_name()
-            .map(|n| crate::corpus::path_text(Path::new(n)))
+            .map(|n| crate::fsutil::path_text(Path::new(n)))
             .unwrap_or_else(|| "root".to_owned());
         (CrateId { name, version: Version::zero() }, root.to_path_buf())
     }

@@ -13,8 +13,8 @@ use m31r_model::bundle::{BundleInfo, BundleMetadata, write_bundle_weights};
 use m31r_model::config::ModelConfig;
 use m31r_model::tokenizer::Tokenizer;
 
-use crate::corpus::read_json;
 use crate::eval::EvalReport;
+use crate::fsutil::read_json;
 use crate::train::checkpoint::{self, LoopState};
 use crate::train::{METRICS_FILE, RUN_FILE, RunSpec, TrainError};
 

@@ -1,4 +1,4 @@
-//! Atomic file writes and hashing helpers shared by the stages.
+//! Atomic file writes, JSON files, path text and hashing helpers shared by the stages.
 //!
 //! Every file a stage produces is written under a temporary name in the same directory and
 //! renamed into place only when complete: a crash leaves either the old file or the new one,
@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{Result, io_err};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, invalid, io_err};
 
 /// Prefix of every temporary file the pipeline writes; such files are never read as output.
 pub const TEMP_PREFIX: &str = ".tmp-";
@@ -100,4 +102,38 @@ impl Drop for AtomicFile {
 /// Hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     m31r_model::bundle::sha256_hex(bytes)
+}
+
+/// Writes `value` as pretty JSON with a final newline, atomically.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value).map_err(|e| invalid(path, e.to_string()))?;
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
+}
+
+/// Reads a JSON file; a syntax or shape error names the file.
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    serde_json::from_str(&text).map_err(|e| invalid(path, e.to_string()))
+}
+
+/// A path as text for the manifest, one-to-one: valid UTF-8 is kept except that `\` becomes
+/// `\\`, and each byte that is not UTF-8 becomes `\xNN` (lowercase hex). A lossy conversion
+/// would give two names differing only in such a byte the same text.
+pub fn path_text(path: &Path) -> String {
+    let bytes = path.as_os_str().as_encoded_bytes();
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\\' {
+                out.push_str("\\\\");
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out += &format!("\\x{b:02x}");
+        }
+    }
+    out
 }

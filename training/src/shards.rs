@@ -18,9 +18,9 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::corpus::{Corpus, DATASET_FILE, DatasetInfo, read_json, write_json};
+use crate::corpus::{Corpus, DATASET_FILE, DatasetInfo};
 use crate::error::{DataError, Result, invalid, io_err};
-use crate::fsutil::{AtomicFile, sha256_hex, write_atomic};
+use crate::fsutil::{AtomicFile, read_json, sha256_hex, write_atomic, write_json};
 use crate::progress::Progress;
 use crate::split::Split;
 use crate::tok::load_tokenizer;

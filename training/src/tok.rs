@@ -7,9 +7,9 @@ use m31r_model::tokenizer::Tokenizer;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::corpus::{Corpus, ManifestEntry, read_json, write_json};
+use crate::corpus::{Corpus, ManifestEntry};
 use crate::error::{DataError, Result};
-use crate::fsutil::{sha256_hex, write_atomic};
+use crate::fsutil::{read_json, sha256_hex, write_atomic, write_json};
 use crate::progress::Progress;
 use crate::split::Split;
 

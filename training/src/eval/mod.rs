@@ -284,7 +284,7 @@ pub struct EvalReport {
 impl EvalReport {
     /// Reads a JSON report written by `eval --out`.
     pub fn read(path: &std::path::Path) -> Result<Self, DataError> {
-        crate::corpus::read_json(path)
+        crate::fsutil::read_json(path)
     }
 
     /// Flat metric → value map for the bundle's `metadata.json` `eval` field. Compressor values

@@ -17,8 +17,8 @@ use m31r_model::fim::{FimMode, training_sequence};
 use m31r_model::rng::Rng;
 use m31r_model::tokenizer::Tokenizer;
 
+use crate::config::TrainConfig;
 use crate::shards::ShardSet;
-use crate::train::config::TrainConfig;
 
 /// The objective a sequence trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -11,9 +11,9 @@ use m31r_model::rng::Rng;
 use m31r_model::transformer::Model;
 
 use super::batch::{Objective, Sequence};
-use super::config::TrainConfig;
 use super::optim::{AdamW, Grads};
 use super::{TrainError, micro_loss};
+use crate::config::TrainConfig;
 
 /// One shape to measure.
 #[derive(Debug, Clone)]

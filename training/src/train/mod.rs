@@ -9,7 +9,6 @@
 pub mod batch;
 pub mod bench;
 pub mod checkpoint;
-pub mod config;
 pub mod optim;
 
 use std::fs;
@@ -24,15 +23,16 @@ use m31r_model::tokenizer::Tokenizer;
 use m31r_model::transformer::Model;
 use serde::{Deserialize, Serialize};
 
-use crate::corpus::{Corpus, read_json};
+pub use crate::config::{Schedule, TrainConfig};
+use crate::corpus::Corpus;
 use crate::error::DataError;
+use crate::fsutil::read_json;
 use crate::progress::Progress;
 use crate::shards::ShardSet;
 use crate::split::Split;
 use crate::tok::load_tokenizer;
 use batch::{BatchSampler, Objective, Sequence};
 use checkpoint::LoopState;
-pub use config::{Schedule, TrainConfig};
 use optim::{AdamW, Grads};
 
 /// Why training stopped with an error; names the file or setting at fault.
