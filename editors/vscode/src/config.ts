@@ -16,6 +16,9 @@ export interface ServerSettings {
   daemonPath: string;
   daemonArgs: string[];
   contextFiles: boolean;
+  inlineTimeoutMs: number;
+  completionTimeoutMs: number;
+  connectTimeoutMs: number;
 }
 
 /** Everything the extension reads: the server's settings plus how to launch and poll it. */
@@ -37,6 +40,9 @@ export const SERVER_DEFAULTS: Readonly<ServerSettings> = Object.freeze({
   daemonPath: "m31rd",
   daemonArgs: [],
   contextFiles: true,
+  inlineTimeoutMs: 500,
+  completionTimeoutMs: 1000,
+  connectTimeoutMs: 2000,
 });
 
 /** Extension-only settings' defaults. */
@@ -53,6 +59,9 @@ const isStringArray = (v: unknown): v is string[] =>
   Array.isArray(v) && v.every((x) => typeof x === "string");
 const isPositiveInt = (v: unknown): v is number =>
   typeof v === "number" && Number.isInteger(v) && v > 0;
+/** The range m31r-lsp accepts for its timeouts; outside it the server would ignore the value. */
+const isTimeoutMs = (v: unknown): v is number =>
+  typeof v === "number" && Number.isInteger(v) && v >= 50 && v <= 60000;
 
 /**
  * Reads and validates every setting. A value of the wrong type falls back to its default and adds a
@@ -79,6 +88,9 @@ export function readSettings(get: SettingGetter): { settings: ExtensionSettings;
     daemonPath: pick("daemonPath", d.daemonPath, (v) => typeof v === "string" && v.length > 0),
     daemonArgs: pick("daemonArgs", [...d.daemonArgs], isStringArray),
     contextFiles: pick("contextFiles", d.contextFiles, (v) => typeof v === "boolean"),
+    inlineTimeoutMs: pick("inlineTimeoutMs", d.inlineTimeoutMs, isTimeoutMs),
+    completionTimeoutMs: pick("completionTimeoutMs", d.completionTimeoutMs, isTimeoutMs),
+    connectTimeoutMs: pick("connectTimeoutMs", d.connectTimeoutMs, isTimeoutMs),
   };
   const e = EXTENSION_DEFAULTS;
   return {
@@ -104,6 +116,9 @@ export function serverConfiguration(s: ServerSettings): Record<keyof ServerSetti
     daemonPath: s.daemonPath,
     daemonArgs: [...s.daemonArgs],
     contextFiles: s.contextFiles,
+    inlineTimeoutMs: s.inlineTimeoutMs,
+    completionTimeoutMs: s.completionTimeoutMs,
+    connectTimeoutMs: s.connectTimeoutMs,
   };
 }
 

@@ -18,6 +18,9 @@ M.defaults = {
     daemonPath = "m31rd",
     daemonArgs = {},
     contextFiles = true,
+    inlineTimeoutMs = 500,
+    completionTimeoutMs = 1000,
+    connectTimeoutMs = 2000,
   },
   --- nil: native vim.lsp.inline_completion when Neovim has it; false: always the plugin's ghost text.
   native = nil,
@@ -43,6 +46,9 @@ local SETTING_KEYS = {
   "daemonPath",
   "daemonArgs",
   "contextFiles",
+  "inlineTimeoutMs",
+  "completionTimeoutMs",
+  "connectTimeoutMs",
 }
 
 --- The configuration object m31r-lsp gets (initializationOptions and settings.m31r): the contract's keys,

@@ -19,6 +19,7 @@ const ROOT = path.resolve(__dirname, "..", "..");
 
 const CONTRACT_KEYS = [
   "enabled", "languages", "maxLines", "maxTokens", "socketPath", "autoStart", "daemonPath", "daemonArgs", "contextFiles",
+  "inlineTimeoutMs", "completionTimeoutMs", "connectTimeoutMs",
 ];
 
 test("unset settings give the contract defaults", () => {
@@ -38,6 +39,7 @@ test("valid values are taken as given", () => {
   const values: Record<string, unknown> = {
     enabled: false, languages: ["rust", "toml"], maxLines: 3, maxTokens: 40, socketPath: "/tmp/x.sock",
     autoStart: false, daemonPath: "/opt/m31rd", daemonArgs: ["--bundle", "/b"], contextFiles: false,
+    inlineTimeoutMs: 250, completionTimeoutMs: 60000, connectTimeoutMs: 50,
     serverPath: "/opt/m31r-lsp", serverArgs: ["--log-file", "/tmp/l"], statusPollSeconds: 0,
   };
   const { settings, warnings } = readSettings((k) => values[k]);
