@@ -21,7 +21,7 @@ if ! "$venv/bin/python" -c 'import llama_cpp' 2>/dev/null; then
     "$venv/bin/pip" install --quiet --upgrade pip cmake ninja
     PATH="$venv/bin:$PATH" "$venv/bin/pip" install --quiet llama-cpp-python
 fi
-cargo build --release --quiet -p m31r-daemon --bin m31r
+cargo build --release --quiet -p m31r-cli --bin m31r
 mkdir -p "$out"
 RAYON_NUM_THREADS=$threads target/release/m31r bench \
     --presets "${PRESETS:-tiny,small}" --precisions "${PRECISIONS:-f32,f16,q8_0,q4_0}" \

@@ -18,7 +18,7 @@ bin=target/release
 step() { printf '\n==> %s\n' "$*"; }
 
 step "build (release)"
-cargo build --release --locked -p m31r-train -p m31r-daemon
+cargo build --release --locked -p m31r-train -p m31r-daemon -p m31r-cli
 
 if [ ! -f "$work/bundle/checksum.txt" ]; then
     inputs=()

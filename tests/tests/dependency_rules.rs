@@ -1,6 +1,7 @@
 //! DESIGN §1's dependency rule, checked against `cargo metadata`: protocol and model depend on no
-//! internal crate, daemon on protocol + model, lsp on protocol only, training on model only, and
-//! candle is never in the dependency tree of `m31r-lsp` or `m31r-protocol`.
+//! internal crate, daemon on protocol + model, the CLI on protocol + daemon + model, lsp on
+//! protocol only, training on model only, and candle is never in the dependency tree of `m31r-lsp`
+//! or `m31r-protocol`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
@@ -13,8 +14,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("m31r-model", &[]),
     ("m31r-daemon", &["m31r-protocol", "m31r-model"]),
     ("m31r-lsp", &["m31r-protocol"]),
+    ("m31r-cli", &["m31r-protocol", "m31r-daemon", "m31r-model"]),
     ("m31r-train", &["m31r-model"]),
-    ("m31r-tests", &["m31r-protocol", "m31r-model", "m31r-daemon", "m31r-lsp", "m31r-train"]),
+    (
+        "m31r-tests",
+        &["m31r-protocol", "m31r-model", "m31r-daemon", "m31r-lsp", "m31r-cli", "m31r-train"],
+    ),
 ];
 
 /// Packages that must stay free of candle, at any depth.

@@ -1,0 +1,8 @@
+//! Integration tests of the `m31r` crate: the documents it stands on (the protocol reference and
+//! the example daemon config) agree with the code.
+
+// Test helpers fail loudly by design.
+#![allow(clippy::unwrap_used)]
+
+mod example_config;
+mod protocol_doc;
