@@ -9,7 +9,7 @@ use m31r_model::config::ModelConfig;
 use m31r_model::tokenizer::MIN_VOCAB_SIZE;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{DataError, Result, invalid, io_err};
+use crate::error::{Error, Result, invalid, io_err};
 
 pub mod train;
 
@@ -148,7 +148,7 @@ impl DataConfig {
         }
         match PRESETS.iter().find(|(name, _)| *name == spec) {
             Some((name, text)) => Self::parse(text, Path::new(&format!("<preset {name}>"))),
-            None => Err(DataError::Io {
+            None => Err(Error::Io {
                 path: path.to_path_buf(),
                 source: std::io::Error::new(
                     std::io::ErrorKind::NotFound,

@@ -23,7 +23,7 @@ use walkdir::WalkDir;
 
 use crate::config::{CorpusConfig, SplitConfig};
 use crate::crates::{CrateId, CrateResolver, Version};
-use crate::error::{DataError, Result, invalid, io_err};
+use crate::error::{Error, Result, invalid, io_err};
 use crate::filters::{self, DropReason};
 pub use crate::fsutil::path_text;
 use crate::fsutil::{AtomicFile, TEMP_PREFIX, read_json, sha256_hex, write_atomic, write_json};
@@ -201,7 +201,7 @@ enum Outcome {
 /// Runs the `corpus` stage.
 pub fn build_corpus(opts: &CorpusOptions) -> Result<DatasetInfo> {
     if opts.inputs.is_empty() {
-        return Err(DataError::EmptyCorpus {
+        return Err(Error::EmptyCorpus {
             inputs: "(none)".into(),
             reason: "no input directory given".into(),
         });
@@ -209,7 +209,7 @@ pub fn build_corpus(opts: &CorpusOptions) -> Result<DatasetInfo> {
     let mut roots = Vec::with_capacity(opts.inputs.len());
     for input in &opts.inputs {
         if !input.is_dir() {
-            return Err(DataError::MissingInput { path: input.clone() });
+            return Err(Error::MissingInput { path: input.clone() });
         }
         roots.push(fs::canonicalize(input).map_err(io_err(input))?);
     }
@@ -220,7 +220,7 @@ pub fn build_corpus(opts: &CorpusOptions) -> Result<DatasetInfo> {
 
     let mut candidates = walk(&roots, &out, opts.progress);
     if candidates.is_empty() {
-        return Err(DataError::EmptyCorpus {
+        return Err(Error::EmptyCorpus {
             inputs: inputs_text.join(", "),
             reason: "the directories contain no files".into(),
         });
@@ -305,7 +305,7 @@ pub fn build_corpus(opts: &CorpusOptions) -> Result<DatasetInfo> {
             }
         }
         let reasons: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
-        return Err(DataError::EmptyCorpus {
+        return Err(Error::EmptyCorpus {
             inputs: inputs_text.join(", "),
             reason: format!("{} files seen, all dropped ({})", entries.len(), reasons.join(", ")),
         });
@@ -382,7 +382,7 @@ fn check_out_dir(out: &Path, force: bool) -> Result<()> {
         return Ok(());
     }
     if !out.is_dir() {
-        return Err(DataError::WouldOverwrite {
+        return Err(Error::WouldOverwrite {
             path: out.to_path_buf(),
             reason: "exists and is not a directory".into(),
         });
@@ -390,7 +390,7 @@ fn check_out_dir(out: &Path, force: bool) -> Result<()> {
     let has_dataset = out.join(DATASET_FILE).is_file();
     let empty = fs::read_dir(out).map_err(io_err(out))?.next().is_none();
     if !has_dataset && !empty {
-        return Err(DataError::WouldOverwrite {
+        return Err(Error::WouldOverwrite {
             path: out.to_path_buf(),
             reason: format!(
                 "is not empty and holds no {DATASET_FILE}, so it is not an m31r data directory"
@@ -413,7 +413,7 @@ fn claim_out_dir(out: &Path, dataset_id: &str, force: bool) -> Result<()> {
         return Ok(());
     }
     if !force {
-        return Err(DataError::WouldOverwrite {
+        return Err(Error::WouldOverwrite {
             path: out.to_path_buf(),
             reason: format!(
                 "holds dataset {} but these inputs give dataset {dataset_id}",
@@ -607,7 +607,7 @@ impl Corpus {
     pub fn open(dir: &Path) -> Result<Self> {
         let dataset_path = dir.join(DATASET_FILE);
         if !dataset_path.is_file() {
-            return Err(DataError::StageMissing {
+            return Err(Error::StageMissing {
                 dir: dir.to_path_buf(),
                 missing: DATASET_FILE,
                 stage: "corpus",

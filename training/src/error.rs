@@ -1,4 +1,5 @@
-//! The data pipeline's error type: every variant names the file or directory at fault.
+//! The crate's one error type, shared by every stage (data, training, export, report): every
+//! variant names the file, directory or setting at fault.
 
 use std::io;
 use std::path::PathBuf;
@@ -8,7 +9,7 @@ use m31r_model::tokenizer::TokenizerError;
 /// Why a pipeline stage could not run. Per-file problems inside a corpus (an unreadable or
 /// non-UTF-8 file) are not errors: they are recorded as drop reasons and counted.
 #[derive(Debug, thiserror::Error)]
-pub enum DataError {
+pub enum Error {
     /// An input directory does not exist or is not a directory.
     #[error("input directory {} does not exist or is not a directory", path.display())]
     MissingInput {
@@ -40,7 +41,8 @@ pub enum DataError {
         /// The underlying error.
         source: io::Error,
     },
-    /// A file exists but its content is wrong: bad syntax, a hash mismatch, a missing entry.
+    /// A file or setting is wrong: bad syntax, a hash mismatch, a missing entry, an inconsistent
+    /// run.
     #[error("{}: {reason}", path.display())]
     Invalid {
         /// The file at fault.
@@ -69,18 +71,34 @@ pub enum DataError {
         /// What went wrong.
         reason: String,
     },
+    /// A training tensor operation failed.
+    #[error("training step failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// The model could not be built.
+    #[error(transparent)]
+    Model(#[from] m31r_model::ModelError),
+    /// A run directory has no training metrics to report on.
+    #[error(
+        "{}: no training metrics (metrics.jsonl is missing or has no step logged); \
+         is this a run directory written by `m31r-train train`?",
+        run_dir.display()
+    )]
+    NoMetrics {
+        /// The run directory.
+        run_dir: PathBuf,
+    },
 }
 
 /// Shorthand for the pipeline's results.
-pub type Result<T, E = DataError> = std::result::Result<T, E>;
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Builds a closure that wraps an I/O error with the path it concerns.
-pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> DataError {
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
     let path = path.into();
-    move |source| DataError::Io { path, source }
+    move |source| Error::Io { path, source }
 }
 
-/// Builds an [`DataError::Invalid`].
-pub(crate) fn invalid(path: impl Into<PathBuf>, reason: impl Into<String>) -> DataError {
-    DataError::Invalid { path: path.into(), reason: reason.into() }
+/// Builds an [`Error::Invalid`].
+pub(crate) fn invalid(path: impl Into<PathBuf>, reason: impl Into<String>) -> Error {
+    Error::Invalid { path: path.into(), reason: reason.into() }
 }

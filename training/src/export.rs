@@ -13,10 +13,11 @@ use m31r_model::bundle::{BundleInfo, BundleMetadata, write_bundle_weights};
 use m31r_model::config::ModelConfig;
 use m31r_model::tokenizer::Tokenizer;
 
+use crate::error::Error;
 use crate::eval::EvalReport;
 use crate::fsutil::read_json;
 use crate::train::checkpoint::{self, LoopState};
-use crate::train::{METRICS_FILE, RUN_FILE, RunSpec, TrainError};
+use crate::train::{METRICS_FILE, RUN_FILE, RunSpec};
 
 /// Optional outputs of [`export_with`].
 #[derive(Debug, Clone, Default)]
@@ -32,7 +33,7 @@ pub struct ExportOptions {
 
 /// Writes the bundle of `run_dir`'s newest checkpoint to `out` (which must not exist), using the
 /// tokenizer of the data directory `data`.
-pub fn export(run_dir: &Path, data: &Path, out: &Path) -> Result<BundleMetadata, TrainError> {
+pub fn export(run_dir: &Path, data: &Path, out: &Path) -> Result<BundleMetadata, Error> {
     export_with(run_dir, data, out, &ExportOptions::default())
 }
 
@@ -42,8 +43,8 @@ pub fn export_with(
     data: &Path,
     out: &Path,
     options: &ExportOptions,
-) -> Result<BundleMetadata, TrainError> {
-    let invalid = |path: PathBuf, reason: String| TrainError::Invalid { path, reason };
+) -> Result<BundleMetadata, Error> {
+    let invalid = |path: PathBuf, reason: String| Error::Invalid { path, reason };
     if !run_dir.join(RUN_FILE).is_file() {
         return Err(invalid(
             run_dir.to_path_buf(),
@@ -56,7 +57,7 @@ pub fn export_with(
     };
     let tokenizer_path = data.join("tokenizer.json");
     let json = std::fs::read(&tokenizer_path)
-        .map_err(|source| TrainError::Io { path: tokenizer_path.clone(), source })?;
+        .map_err(|source| Error::Io { path: tokenizer_path.clone(), source })?;
     if m31r_model::bundle::sha256_hex(&json) != spec.tokenizer_id {
         return Err(invalid(
             tokenizer_path,
@@ -113,7 +114,7 @@ fn check_eval_report(
     report: &EvalReport,
     spec: &RunSpec,
     state: &LoopState,
-) -> Result<(), TrainError> {
+) -> Result<(), Error> {
     let evaluated = &report.bundle;
     let reason = if evaluated.steps != state.step {
         format!(
@@ -133,7 +134,7 @@ fn check_eval_report(
     } else {
         return Ok(());
     };
-    Err(TrainError::Invalid { path: path.to_path_buf(), reason })
+    Err(Error::Invalid { path: path.to_path_buf(), reason })
 }
 
 /// The last validation line of the metrics, as metric → value.

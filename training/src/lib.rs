@@ -25,7 +25,7 @@ pub mod train;
 
 pub use config::DataConfig;
 pub use corpus::{Corpus, CorpusOptions, DatasetInfo, ManifestEntry, build_corpus};
-pub use error::DataError;
+pub use error::Error;
 pub use filters::DropReason;
 pub use progress::Progress;
 pub use shards::{Dtype, PrepareOptions, ShardIndex, ShardSet, prepare};

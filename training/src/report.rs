@@ -7,46 +7,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::error::Error;
 use crate::train::{METRICS_FILE, RUN_FILE, RunSpec};
 
 /// Where `report` writes the picture unless told otherwise, inside the run directory.
 pub const DEFAULT_SVG: &str = "loss.svg";
-
-/// Why a run could not be reported on; names the file at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum ReportError {
-    /// The run directory has no metrics yet.
-    #[error(
-        "{}: no training metrics (metrics.jsonl is missing or has no step logged); \
-         is this a run directory written by `m31r-train train`?",
-        run_dir.display()
-    )]
-    NoMetrics {
-        /// The run directory.
-        run_dir: PathBuf,
-    },
-    /// A metrics line is not what `train` writes.
-    #[error("{}: line {line}: {reason}", path.display())]
-    Invalid {
-        /// The metrics file.
-        path: PathBuf,
-        /// 1-based line number.
-        line: usize,
-        /// What is wrong.
-        reason: String,
-    },
-    /// Reading the metrics failed.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file involved.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// Writing the picture failed.
-    #[error(transparent)]
-    Write(#[from] crate::error::DataError),
-}
 
 /// One logged training step.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -88,18 +53,21 @@ pub struct RunMetrics {
 }
 
 /// Reads `metrics.jsonl` of `run_dir`.
-pub fn read_metrics(run_dir: &Path) -> Result<RunMetrics, ReportError> {
+pub fn read_metrics(run_dir: &Path) -> Result<RunMetrics, Error> {
     let path = run_dir.join(METRICS_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ReportError::NoMetrics { run_dir: run_dir.to_path_buf() });
+            return Err(Error::NoMetrics { run_dir: run_dir.to_path_buf() });
         }
-        Err(source) => return Err(ReportError::Io { path, source }),
+        Err(source) => return Err(Error::Io { path, source }),
     };
     let mut metrics = RunMetrics::default();
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let bad = |reason: String| ReportError::Invalid { path: path.clone(), line: i + 1, reason };
+        let bad = |reason: String| Error::Invalid {
+            path: path.clone(),
+            reason: format!("line {}: {reason}", i + 1),
+        };
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
         let step = v["step"].as_u64().ok_or_else(|| bad("no integer \"step\"".into()))?;
         let num = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
@@ -124,7 +92,7 @@ pub fn read_metrics(run_dir: &Path) -> Result<RunMetrics, ReportError> {
         }
     }
     if metrics.train.is_empty() && metrics.val.is_empty() {
-        return Err(ReportError::NoMetrics { run_dir: run_dir.to_path_buf() });
+        return Err(Error::NoMetrics { run_dir: run_dir.to_path_buf() });
     }
     Ok(metrics)
 }
@@ -210,7 +178,7 @@ impl RunSummary {
 
 /// Writes the curves of `run_dir` to `out` (default `run_dir/loss.svg`) and returns the summary
 /// and the picture's path.
-pub fn report(run_dir: &Path, out: Option<&Path>) -> Result<(RunSummary, PathBuf), ReportError> {
+pub fn report(run_dir: &Path, out: Option<&Path>) -> Result<(RunSummary, PathBuf), Error> {
     let metrics = read_metrics(run_dir)?;
     let spec: Option<RunSpec> = std::fs::read_to_string(run_dir.join(RUN_FILE))
         .ok()

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{Corpus, DATASET_FILE, DatasetInfo};
-use crate::error::{DataError, Result, invalid, io_err};
+use crate::error::{Error, Result, invalid, io_err};
 use crate::fsutil::{AtomicFile, read_json, sha256_hex, write_atomic, write_json};
 use crate::progress::Progress;
 use crate::split::Split;
@@ -337,7 +337,7 @@ impl ShardSet {
         let dir = data.join(SHARDS_DIR);
         let index_path = dir.join(INDEX_FILE);
         if !index_path.is_file() {
-            return Err(DataError::StageMissing {
+            return Err(Error::StageMissing {
                 dir: data.to_path_buf(),
                 missing: "shards/index.json",
                 stage: "prepare",

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{Corpus, ManifestEntry};
-use crate::error::{DataError, Result};
+use crate::error::{Error, Result};
 use crate::fsutil::{read_json, sha256_hex, write_atomic, write_json};
 use crate::progress::Progress;
 use crate::split::Split;
@@ -145,7 +145,7 @@ pub fn train_tokenizer(opts: &TokenizerOptions) -> Result<TokenizerReport> {
 pub fn load_tokenizer(data: &Path, dataset_id: &str) -> Result<(Tokenizer, String)> {
     let path = data.join(TOKENIZER_FILE);
     if !path.is_file() {
-        return Err(DataError::StageMissing {
+        return Err(Error::StageMissing {
             dir: data.to_path_buf(),
             missing: TOKENIZER_FILE,
             stage: "tokenizer",

@@ -21,7 +21,7 @@ use m31r_model::transformer::ModelError;
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{Corpus, ManifestEntry};
-use crate::error::DataError;
+use crate::error::Error;
 use crate::progress::Progress;
 use crate::shards::ShardSet;
 use crate::split::Split;
@@ -36,7 +36,7 @@ use ngram::{NgramModel, NgramPredictor};
 pub enum EvalError {
     /// The data directory is unusable (missing stage, no test split, damaged files).
     #[error(transparent)]
-    Data(#[from] DataError),
+    Data(#[from] Error),
     /// The bundle is missing, damaged or inconsistent.
     #[error(transparent)]
     Bundle(#[from] BundleError),
@@ -283,7 +283,7 @@ pub struct EvalReport {
 
 impl EvalReport {
     /// Reads a JSON report written by `eval --out`.
-    pub fn read(path: &std::path::Path) -> Result<Self, DataError> {
+    pub fn read(path: &std::path::Path) -> Result<Self, Error> {
         crate::fsutil::read_json(path)
     }
 

@@ -11,9 +11,10 @@ use m31r_model::rng::Rng;
 use m31r_model::transformer::Model;
 
 use super::batch::{Objective, Sequence};
+use super::micro_loss;
 use super::optim::{AdamW, Grads};
-use super::{TrainError, micro_loss};
 use crate::config::TrainConfig;
+use crate::error::Error;
 
 /// One shape to measure.
 #[derive(Debug, Clone)]
@@ -73,11 +74,9 @@ pub fn flops_per_token(config: &ModelConfig, seq_len: usize) -> f64 {
 }
 
 /// Measures the training step at `shape`.
-pub fn bench_shape(shape: &BenchShape) -> Result<BenchResult, TrainError> {
-    let config = ModelConfig::preset(&shape.preset).map_err(|e| TrainError::Invalid {
-        path: shape.preset.clone().into(),
-        reason: e.to_string(),
-    })?;
+pub fn bench_shape(shape: &BenchShape) -> Result<BenchResult, Error> {
+    let config = ModelConfig::preset(&shape.preset)
+        .map_err(|e| Error::Invalid { path: shape.preset.clone().into(), reason: e.to_string() })?;
     let device = Device::Cpu;
     let (model, vars) = Model::init(&config, 7, &device)?;
     let mut optimizer = AdamW::new(&vars, 0.9, 0.95, 1e-8)?;
@@ -124,7 +123,7 @@ pub fn bench_shape(shape: &BenchShape) -> Result<BenchResult, TrainError> {
 }
 
 /// Runs every shape and renders a table against the matmul throughput measured first.
-pub fn run(shapes: &[BenchShape]) -> Result<String, TrainError> {
+pub fn run(shapes: &[BenchShape]) -> Result<String, Error> {
     let matmul = matmul_gflops(5)?;
     let mut out = format!(
         "f32 matmul (1024³, candle): {matmul:.1} GFLOP/s · {} threads\n\n",

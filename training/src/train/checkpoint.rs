@@ -9,7 +9,7 @@ use candle_core::Device;
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
-use crate::train::TrainError;
+use crate::error::Error;
 use crate::train::optim::AdamW;
 
 /// Folder of the checkpoints inside a run directory.
@@ -30,12 +30,12 @@ pub struct LoopState {
     pub clipped_steps: u64,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io { path: path.to_path_buf(), source }
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
-fn candle(path: &Path) -> impl FnOnce(candle_core::Error) -> TrainError + '_ {
-    move |e| TrainError::Invalid { path: path.to_path_buf(), reason: e.to_string() }
+fn candle(path: &Path) -> impl FnOnce(candle_core::Error) -> Error + '_ {
+    move |e| Error::Invalid { path: path.to_path_buf(), reason: e.to_string() }
 }
 
 fn step_dir_name(step: u64) -> String {
@@ -49,7 +49,7 @@ pub fn save(
     optimizer: &AdamW,
     state: &LoopState,
     keep: usize,
-) -> Result<PathBuf, TrainError> {
+) -> Result<PathBuf, Error> {
     let root = run_dir.join(CHECKPOINTS_DIR);
     fs::create_dir_all(&root).map_err(io(&root))?;
     let name = step_dir_name(state.step);
@@ -64,7 +64,7 @@ pub fn save(
         candle_core::safetensors::save(&optimizer.state(), tmp.join(OPTIMIZER))
             .map_err(candle(&tmp.join(OPTIMIZER)))?;
         let json = serde_json::to_vec_pretty(state)
-            .map_err(|e| TrainError::Invalid { path: tmp.join(STATE), reason: e.to_string() })?;
+            .map_err(|e| Error::Invalid { path: tmp.join(STATE), reason: e.to_string() })?;
         fs::write(tmp.join(STATE), json).map_err(io(&tmp.join(STATE)))?;
         for file in [WEIGHTS, OPTIMIZER, STATE] {
             let p = tmp.join(file);
@@ -85,7 +85,7 @@ pub fn save(
 }
 
 /// Complete checkpoints (those with a state file), oldest first.
-pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>, TrainError> {
+pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>, Error> {
     let root = run_dir.join(CHECKPOINTS_DIR);
     if !root.is_dir() {
         return Ok(Vec::new());
@@ -104,7 +104,7 @@ pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>, TrainError> {
     Ok(found)
 }
 
-fn prune(root: &Path, keep: usize) -> Result<(), TrainError> {
+fn prune(root: &Path, keep: usize) -> Result<(), Error> {
     let all = list(root.parent().unwrap_or(root))?;
     for (_, dir) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
         fs::remove_dir_all(dir).map_err(io(dir))?;
@@ -113,11 +113,11 @@ fn prune(root: &Path, keep: usize) -> Result<(), TrainError> {
 }
 
 /// Restores weights and optimiser state from `dir`; returns its loop state.
-pub fn load(dir: &Path, vars: &mut VarMap, optimizer: &mut AdamW) -> Result<LoopState, TrainError> {
+pub fn load(dir: &Path, vars: &mut VarMap, optimizer: &mut AdamW) -> Result<LoopState, Error> {
     let state_path = dir.join(STATE);
     let text = fs::read(&state_path).map_err(io(&state_path))?;
     let state: LoopState = serde_json::from_slice(&text)
-        .map_err(|e| TrainError::Invalid { path: state_path.clone(), reason: e.to_string() })?;
+        .map_err(|e| Error::Invalid { path: state_path.clone(), reason: e.to_string() })?;
     let weights = dir.join(WEIGHTS);
     vars.load(&weights).map_err(candle(&weights))?;
     let opt_path = dir.join(OPTIMIZER);

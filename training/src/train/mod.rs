@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::config::{Schedule, TrainConfig};
 use crate::corpus::Corpus;
-use crate::error::DataError;
+use crate::error::{Error, invalid};
 use crate::fsutil::read_json;
 use crate::progress::Progress;
 use crate::shards::ShardSet;
@@ -34,36 +34,6 @@ use crate::tok::load_tokenizer;
 use batch::{BatchSampler, Objective, Sequence};
 use checkpoint::LoopState;
 use optim::{AdamW, Grads};
-
-/// Why training stopped with an error; names the file or setting at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    /// The data directory is unusable.
-    #[error(transparent)]
-    Data(#[from] DataError),
-    /// A file or setting is inconsistent.
-    #[error("{}: {reason}", path.display())]
-    Invalid {
-        /// The file at fault.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-    /// I/O failed.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The path involved.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// A tensor operation failed.
-    #[error("training step failed: {0}")]
-    Candle(#[from] candle_core::Error),
-    /// The model could not be built.
-    #[error(transparent)]
-    Model(#[from] m31r_model::ModelError),
-}
 
 /// What identifies a run: a run directory holding a different one is refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,19 +93,15 @@ pub struct TrainSummary {
 /// Set by the Ctrl-C handler; the loop checkpoints and stops at the next step boundary.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-fn invalid(path: &Path, reason: impl Into<String>) -> TrainError {
-    TrainError::Invalid { path: path.to_path_buf(), reason: reason.into() }
-}
-
 /// Runs (or resumes) training.
-pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
+pub fn train(opts: &TrainOptions) -> Result<TrainSummary, Error> {
     let corpus_info = Corpus::open(&opts.data)?.info().clone();
     let (tokenizer, tokenizer_id) = load_tokenizer(&opts.data, &corpus_info.dataset_id)?;
     let shards = ShardSet::open(&opts.data, Split::Train)?;
     let val = ShardSet::open(&opts.data, Split::Validation).ok().filter(|s| !s.is_empty());
     if shards.tokenizer_id() != tokenizer_id {
         return Err(invalid(
-            &opts.data.join("shards"),
+            opts.data.join("shards"),
             format!(
                 "shards were written with tokenizer {} but tokenizer.json is {tokenizer_id}; rerun `prepare`",
                 shards.tokenizer_id()
@@ -145,10 +111,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
     let spec = resolve_run(opts, &tokenizer, &corpus_info.dataset_id, &tokenizer_id)?;
     let cfg = &spec.train;
     let model_config = ModelConfig::new(&spec.model)
-        .map_err(|e| invalid(&opts.run_dir.join(RUN_FILE), e.to_string()))?;
+        .map_err(|e| invalid(opts.run_dir.join(RUN_FILE), e.to_string()))?;
     if cfg.seq_len > model_config.context_length() {
         return Err(invalid(
-            &opts.run_dir.join(RUN_FILE),
+            opts.run_dir.join(RUN_FILE),
             format!(
                 "train.seq_len = {} exceeds the model's context {}",
                 cfg.seq_len,
@@ -173,7 +139,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
         .create(true)
         .append(true)
         .open(opts.run_dir.join(METRICS_FILE))
-        .map_err(|source| TrainError::Io { path: opts.run_dir.join(METRICS_FILE), source })?;
+        .map_err(|source| Error::Io { path: opts.run_dir.join(METRICS_FILE), source })?;
     let bar = opts.progress.bar(cfg.steps, "train");
     bar.set_position(state.step);
     let started = Instant::now();
@@ -272,7 +238,7 @@ fn resolve_run(
     tokenizer: &Tokenizer,
     dataset_id: &str,
     tokenizer_id: &str,
-) -> Result<RunSpec, TrainError> {
+) -> Result<RunSpec, Error> {
     let run_file = opts.run_dir.join(RUN_FILE);
     if opts.resume {
         let stored: RunSpec = read_json(&run_file)?;
@@ -313,18 +279,18 @@ fn resolve_run(
             ));
         }
         fs::remove_dir_all(&opts.run_dir)
-            .map_err(|source| TrainError::Io { path: opts.run_dir.clone(), source })?;
+            .map_err(|source| Error::Io { path: opts.run_dir.clone(), source })?;
     }
     fs::create_dir_all(&opts.run_dir)
-        .map_err(|source| TrainError::Io { path: opts.run_dir.clone(), source })?;
+        .map_err(|source| Error::Io { path: opts.run_dir.clone(), source })?;
     let json = serde_json::to_vec_pretty(&spec).map_err(|e| invalid(&run_file, e.to_string()))?;
     crate::fsutil::write_atomic(&run_file, &json)?;
     Ok(spec)
 }
 
-fn device(name: &str) -> Result<Device, TrainError> {
+fn device(name: &str) -> Result<Device, Error> {
     match name {
-        "cuda" => Device::new_cuda(0).map_err(TrainError::Candle),
+        "cuda" => Device::new_cuda(0).map_err(Error::Candle),
         _ => Ok(Device::Cpu),
     }
 }
@@ -377,7 +343,7 @@ pub(crate) fn micro_loss(
     sequences: &[Sequence],
     cfg: &TrainConfig,
     device: &Device,
-) -> Result<(Tensor, LossTotals), TrainError> {
+) -> Result<(Tensor, LossTotals), Error> {
     let (b, t) = (sequences.len(), cfg.seq_len);
     let mut inputs = Vec::with_capacity(b * t);
     let mut targets = Vec::with_capacity(b * t);
@@ -422,7 +388,7 @@ fn evaluate(
     tokenizer: &Tokenizer,
     cfg: &TrainConfig,
     device: &Device,
-) -> Result<(f64, f64), TrainError> {
+) -> Result<(f64, f64), Error> {
     let (mut nats, mut tokens, mut bytes) = (0f64, 0f64, 0f64);
     for i in 0..cfg.eval_batches.max(1) {
         let sequences = sampler.eval_batch(i);
@@ -436,17 +402,13 @@ fn evaluate(
     Ok((nats / tokens.max(1.0), nats / std::f64::consts::LN_2 / bytes.max(1.0)))
 }
 
-fn log_line(
-    file: &mut fs::File,
-    run_dir: &Path,
-    line: serde_json::Value,
-) -> Result<(), TrainError> {
+fn log_line(file: &mut fs::File, run_dir: &Path, line: serde_json::Value) -> Result<(), Error> {
     writeln!(file, "{line}")
-        .map_err(|source| TrainError::Io { path: run_dir.join(METRICS_FILE), source })
+        .map_err(|source| Error::Io { path: run_dir.join(METRICS_FILE), source })
 }
 
 /// Drops metric lines after `step` (written by a run that died before its next checkpoint).
-fn truncate_metrics(path: &Path, step: u64) -> Result<(), TrainError> {
+fn truncate_metrics(path: &Path, step: u64) -> Result<(), Error> {
     let Ok(text) = fs::read_to_string(path) else { return Ok(()) };
     let kept: String = text
         .lines()

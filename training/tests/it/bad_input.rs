@@ -8,7 +8,7 @@ use m31r_train::corpus::{Corpus, DATASET_FILE, DOCUMENTS_FILE, build_corpus};
 use m31r_train::fsutil::TEMP_PREFIX;
 use m31r_train::shards::{INDEX_FILE, SHARDS_DIR};
 use m31r_train::tok::TOKENIZER_FILE;
-use m31r_train::{DataError, DropReason, ShardSet, Split};
+use m31r_train::{DropReason, Error, ShardSet, Split};
 use tempfile::TempDir;
 
 use crate::common::{
@@ -22,7 +22,7 @@ fn a_missing_input_dir_is_named() {
     let missing = tmp.path().join("no-such-dir");
     let err = build_corpus(&corpus_options(&[&registry(), &missing], &tmp.path().join("out")))
         .unwrap_err();
-    assert!(matches!(err, DataError::MissingInput { .. }), "{err}");
+    assert!(matches!(err, Error::MissingInput { .. }), "{err}");
     assert!(err.to_string().contains("no-such-dir"), "{err}");
     // A file is not a directory either.
     let file = tmp.path().join("file.rs");
@@ -38,7 +38,7 @@ fn empty_inputs_are_errors() {
     let empty = tmp.path().join("empty");
     fs::create_dir(&empty).unwrap();
     let err = build_corpus(&corpus_options(&[&empty], &tmp.path().join("out"))).unwrap_err();
-    assert!(matches!(err, DataError::EmptyCorpus { .. }), "{err}");
+    assert!(matches!(err, Error::EmptyCorpus { .. }), "{err}");
     assert!(err.to_string().contains("empty") && err.to_string().contains("no files"), "{err}");
 
     let docs = tmp.path().join("docs");
@@ -103,7 +103,7 @@ fn another_dataset_is_not_overwritten_without_force() {
     let err = build_corpus(&corpus_options(&[other.path(), &registry()], &data));
     assert!(err.is_ok(), "the same files from another place are the same dataset");
     let err = build_corpus(&corpus_options(&[&workspace()], &data)).unwrap_err();
-    assert!(matches!(err, DataError::WouldOverwrite { .. }), "{err}");
+    assert!(matches!(err, Error::WouldOverwrite { .. }), "{err}");
     let msg = err.to_string();
     assert!(msg.contains("--force") && msg.contains(&p.info.dataset_id), "{msg}");
     // Refused before anything changed.
@@ -133,7 +133,7 @@ fn another_dataset_is_not_overwritten_without_force() {
         "stale later stages are removed"
     );
     let err = run_prepare(&data).unwrap_err();
-    assert!(matches!(err, DataError::StageMissing { stage: "tokenizer", .. }), "{err}");
+    assert!(matches!(err, Error::StageMissing { stage: "tokenizer", .. }), "{err}");
 
     // A directory that is not a data directory is never written into.
     let foreign = out.path().join("foreign");
@@ -160,7 +160,7 @@ fn an_interrupted_prepare_is_never_taken_as_complete() {
     fs::write(shard_path(&data, &format!("{TEMP_PREFIX}999-train-00005.bin")), [1u8, 0, 2])
         .unwrap();
     let err = ShardSet::open(&data, Split::Train).unwrap_err();
-    assert!(matches!(err, DataError::StageMissing { stage: "prepare", .. }), "{err}");
+    assert!(matches!(err, Error::StageMissing { stage: "prepare", .. }), "{err}");
     assert!(err.to_string().contains("index.json"), "{err}");
 
     // A rerun succeeds and leaves no temp file behind.

@@ -55,7 +55,7 @@ pub fn run_tokenizer(data: &Path) -> TokenizerReport {
     .expect("tokenizer on the fixture")
 }
 
-pub fn run_prepare(data: &Path) -> Result<ShardIndex, m31r_train::DataError> {
+pub fn run_prepare(data: &Path) -> Result<ShardIndex, m31r_train::Error> {
     prepare(&PrepareOptions {
         data: data.to_path_buf(),
         shard_tokens: config().shards.shard_tokens,

@@ -14,7 +14,7 @@ use m31r_train::eval::lm::document_nats;
 use m31r_train::eval::{EvalError, EvalOptions, EvalReport, evaluate_bundle};
 use m31r_train::shards::{INDEX_FILE, SHARDS_DIR};
 use m31r_train::tok::TOKENIZER_FILE;
-use m31r_train::{DataError, ShardSet, Split};
+use m31r_train::{Error, ShardSet, Split};
 use tempfile::TempDir;
 
 use crate::common::{Pipeline, copy_tree, pipeline};
@@ -303,7 +303,7 @@ fn a_data_dir_without_a_test_split_is_refused() {
     index["splits"].as_object_mut().unwrap().remove("test");
     fs::write(&index_path, serde_json::to_string(&index).unwrap()).unwrap();
     let err = evaluate_bundle(&EvalOptions::new(&f.bundle, &data)).unwrap_err();
-    assert!(matches!(err, EvalError::Data(DataError::Invalid { .. })), "{err}");
+    assert!(matches!(err, EvalError::Data(Error::Invalid { .. })), "{err}");
     assert!(err.to_string().contains("has no test split"), "{err}");
     assert!(ShardSet::open(&f.pipeline.data(), Split::Test).is_ok(), "the original is untouched");
 

@@ -4,7 +4,8 @@ use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use m31r_train::report::{DEFAULT_SVG, ReportError, read_metrics, report};
+use m31r_train::Error;
+use m31r_train::report::{DEFAULT_SVG, read_metrics, report};
 use tempfile::TempDir;
 
 /// Metrics as `train` writes them: training lines every 10 steps, validation every 20.
@@ -107,10 +108,10 @@ fn a_run_without_validation_gets_one_panel() {
 fn a_run_dir_without_metrics_is_a_clear_error() {
     let tmp = TempDir::new().unwrap();
     let err = read_metrics(tmp.path()).unwrap_err();
-    assert!(matches!(err, ReportError::NoMetrics { .. }), "{err}");
+    assert!(matches!(err, Error::NoMetrics { .. }), "{err}");
     assert!(err.to_string().contains("no training metrics"), "{err}");
     fs::write(tmp.path().join("metrics.jsonl"), "").unwrap();
-    assert!(matches!(read_metrics(tmp.path()).unwrap_err(), ReportError::NoMetrics { .. }));
+    assert!(matches!(read_metrics(tmp.path()).unwrap_err(), Error::NoMetrics { .. }));
     fs::write(tmp.path().join("metrics.jsonl"), "{\"step\":1,\"loss\":2.0}\nnot json\n").unwrap();
     let err = read_metrics(tmp.path()).unwrap_err();
     assert!(err.to_string().contains("metrics.jsonl: line 2"), "{err}");
