@@ -4,13 +4,23 @@
 //! `chat.completion.chunk` shapes. Fields OpenAI defines but M31R cannot honour are accepted only
 //! at their neutral value and refused otherwise, naming the field; unknown fields are refused.
 
-use hyper::{Response, StatusCode};
-use m31r_protocol::{Event, FimInput, GenerationParams, StopReason, Usage};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
+use axum::response::Response;
+use m31r_protocol::{FimInput, GenerationParams, StopReason, Usage};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{Api, ApiError, Chunks, HttpBody, MAX_CHOICES, json_response, sse, unix_now};
+use super::errors::{ApiError, json_response};
+use super::serving::ApiJson;
+use super::sse::sse;
+use super::{Api, MAX_CHOICES, unix_now};
 use crate::engine::JobKind;
+use stream::{ChatChunks, ChunkStream, CompletionChunks};
+
+mod stream;
 
 /// `max_tokens` of a completion that gives none (OpenAI's default).
 const DEFAULT_COMPLETION_TOKENS: u32 = 16;
@@ -215,13 +225,15 @@ impl OpenAiUsage {
     }
 }
 
+/// A `text_completion`, `chat.completion` or `chat.completion.chunk` object: they differ only in
+/// their choices.
 #[derive(Debug, Serialize)]
-struct TextCompletion<'a> {
+struct Completion<'a, C> {
     id: &'a str,
     object: &'static str,
     created: u64,
     model: &'a str,
-    choices: Vec<TextChoice>,
+    choices: Vec<C>,
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<OpenAiUsage>,
 }
@@ -236,9 +248,9 @@ struct TextChoice {
 
 /// `POST /v1/completions`.
 pub(super) async fn completions(
-    api: &Api,
-    request: CompletionRequest,
-) -> Result<Response<HttpBody>, ApiError> {
+    State(api): State<Arc<Api>>,
+    ApiJson(request): ApiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
     let prompts = prompts(request.prompt)?;
     if request.echo == Some(true) {
         return Err(unsupported("echo", "the prompt is not repeated"));
@@ -281,14 +293,9 @@ pub(super) async fn completions(
     let run = api.start(jobs)?;
     let created = unix_now();
     if request.stream.unwrap_or(false) {
-        let chunks = CompletionChunks {
-            id,
-            created,
-            model: api.model_id.clone(),
-            n,
-            include_usage: request.stream_options.unwrap_or_default().include_usage,
-            usage: OpenAiUsage::default(),
-        };
+        let include_usage = request.stream_options.unwrap_or_default().include_usage;
+        let stream = ChunkStream::new(id, "text_completion", created, &api, n, include_usage);
+        let chunks = CompletionChunks(stream);
         return sse(run, chunks).await;
     }
     let mut usage = OpenAiUsage::default();
@@ -307,7 +314,7 @@ pub(super) async fn completions(
             }
         })
         .collect();
-    let body = TextCompletion {
+    let body = Completion {
         id: &id,
         object: "text_completion",
         created,
@@ -338,73 +345,6 @@ fn prompts(prompt: Value) -> Result<Vec<String>, ApiError> {
     }
 }
 
-/// `text_completion` stream chunks.
-struct CompletionChunks {
-    id: String,
-    created: u64,
-    model: String,
-    n: usize,
-    include_usage: bool,
-    usage: OpenAiUsage,
-}
-
-impl CompletionChunks {
-    fn chunk(&self, choices: Vec<TextChoice>, usage: Option<OpenAiUsage>) -> String {
-        let chunk = TextCompletion {
-            id: &self.id,
-            object: "text_completion",
-            created: self.created,
-            model: &self.model,
-            choices,
-            usage,
-        };
-        serde_json::to_string(&chunk).unwrap_or_default()
-    }
-}
-
-impl Chunks for CompletionChunks {
-    fn event(&mut self, index: usize, event: &Event) -> Vec<String> {
-        let choice = |text: String, finish| TextChoice {
-            text,
-            index,
-            logprobs: None,
-            finish_reason: finish,
-        };
-        match event {
-            Event::Token { text, .. } => vec![self.chunk(vec![choice(text.clone(), None)], None)],
-            Event::Done { stop, usage, .. } => {
-                self.usage.add(index, self.n, usage);
-                vec![self.chunk(vec![choice(String::new(), Some(finish_reason(*stop)))], None)]
-            }
-            Event::Error { code, message, .. } => {
-                vec![ApiError::engine(*code, message.clone()).json()]
-            }
-            _ => Vec::new(),
-        }
-    }
-
-    fn finish(&mut self) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.include_usage {
-            let usage = std::mem::take(&mut self.usage);
-            out.push(self.chunk(Vec::new(), Some(usage)));
-        }
-        out.push("[DONE]".into());
-        out
-    }
-}
-
-#[derive(Debug, Serialize)]
-struct ChatCompletion<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    choices: Vec<ChatChoice>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<OpenAiUsage>,
-}
-
 #[derive(Debug, Serialize)]
 struct ChatChoice {
     index: usize,
@@ -431,7 +371,10 @@ struct Delta {
 }
 
 /// `POST /v1/chat/completions`.
-pub(super) async fn chat(api: &Api, request: ChatRequest) -> Result<Response<HttpBody>, ApiError> {
+pub(super) async fn chat(
+    State(api): State<Arc<Api>>,
+    ApiJson(request): ApiJson<ChatRequest>,
+) -> Result<Response, ApiError> {
     let prompt = flatten(&request.messages)?;
     if request.logprobs == Some(true) || request.top_logprobs.is_some_and(|t| t > 0) {
         return Err(unsupported("logprobs", "log-probabilities are not returned"));
@@ -463,15 +406,9 @@ pub(super) async fn chat(api: &Api, request: ChatRequest) -> Result<Response<Htt
     let run = api.start(jobs)?;
     let created = unix_now();
     if request.stream.unwrap_or(false) {
-        let chunks = ChatChunks {
-            id,
-            created,
-            model: api.model_id.clone(),
-            n,
-            include_usage: request.stream_options.unwrap_or_default().include_usage,
-            usage: OpenAiUsage::default(),
-            started: vec![false; n],
-        };
+        let include_usage = request.stream_options.unwrap_or_default().include_usage;
+        let stream = ChunkStream::new(id, "chat.completion.chunk", created, &api, n, include_usage);
+        let chunks = ChatChunks { stream, started: vec![false; n] };
         return sse(run, chunks).await;
     }
     let mut usage = OpenAiUsage::default();
@@ -491,7 +428,7 @@ pub(super) async fn chat(api: &Api, request: ChatRequest) -> Result<Response<Htt
             }
         })
         .collect();
-    let body = ChatCompletion {
+    let body = Completion {
         id: &id,
         object: "chat.completion",
         created,
@@ -570,82 +507,6 @@ fn flatten(messages: &[Message]) -> Result<String, ApiError> {
     Ok(prompt)
 }
 
-/// `chat.completion.chunk` stream chunks: a first chunk with the role, content deltas, a last
-/// chunk with the finish reason for each choice.
-struct ChatChunks {
-    id: String,
-    created: u64,
-    model: String,
-    n: usize,
-    include_usage: bool,
-    usage: OpenAiUsage,
-    started: Vec<bool>,
-}
-
-impl ChatChunks {
-    fn chunk(&self, choices: Vec<ChatChoice>, usage: Option<OpenAiUsage>) -> String {
-        let chunk = ChatCompletion {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices,
-            usage,
-        };
-        serde_json::to_string(&chunk).unwrap_or_default()
-    }
-
-    fn delta(&self, index: usize, delta: Delta, finish: Option<&'static str>) -> String {
-        let choice = ChatChoice {
-            index,
-            message: None,
-            delta: Some(delta),
-            logprobs: None,
-            finish_reason: finish,
-        };
-        self.chunk(vec![choice], None)
-    }
-}
-
-impl Chunks for ChatChunks {
-    fn event(&mut self, index: usize, event: &Event) -> Vec<String> {
-        if let Event::Error { code, message, .. } = event {
-            return vec![ApiError::engine(*code, message.clone()).json()];
-        }
-        let mut out = Vec::new();
-        if !self.started.get(index).copied().unwrap_or(true) {
-            self.started[index] = true;
-            let role = Delta { role: Some("assistant"), content: Some(String::new()) };
-            out.push(self.delta(index, role, None));
-        }
-        match event {
-            Event::Token { text, .. } => {
-                out.push(self.delta(
-                    index,
-                    Delta { role: None, content: Some(text.clone()) },
-                    None,
-                ));
-            }
-            Event::Done { stop, usage, .. } => {
-                self.usage.add(index, self.n, usage);
-                out.push(self.delta(index, Delta::default(), Some(finish_reason(*stop))));
-            }
-            _ => {}
-        }
-        out
-    }
-
-    fn finish(&mut self) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.include_usage {
-            let usage = std::mem::take(&mut self.usage);
-            out.push(self.chunk(Vec::new(), Some(usage)));
-        }
-        out.push("[DONE]".into());
-        out
-    }
-}
-
 /// One entry of `/v1/models`.
 #[derive(Debug, Serialize)]
 struct ModelObject<'a> {
@@ -657,7 +518,7 @@ struct ModelObject<'a> {
 
 /// The `/v1/models` list.
 #[derive(Debug, Serialize)]
-pub(super) struct ModelList<'a> {
+struct ModelList<'a> {
     object: &'static str,
     data: Vec<ModelObject<'a>>,
 }
@@ -667,12 +528,13 @@ fn model_object(api: &Api) -> ModelObject<'_> {
 }
 
 /// `GET /v1/models`: the one loaded model.
-pub(super) fn models(api: &Api) -> ModelList<'_> {
-    ModelList { object: "list", data: vec![model_object(api)] }
+pub(super) async fn models(State(api): State<Arc<Api>>) -> Response {
+    json_response(StatusCode::OK, &ModelList { object: "list", data: vec![model_object(&api)] })
 }
 
-/// `GET /v1/models/{id}`.
-pub(super) fn model(api: &Api, id: &str) -> Result<Response<HttpBody>, ApiError> {
+/// `GET /v1/models/{id}`. The id is taken from the path as sent, not percent-decoded.
+pub(super) async fn model(State(api): State<Arc<Api>>, uri: Uri) -> Result<Response, ApiError> {
+    let id = uri.path().strip_prefix("/v1/models/").unwrap_or_default();
     if id != api.model_id {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -680,7 +542,7 @@ pub(super) fn model(api: &Api, id: &str) -> Result<Response<HttpBody>, ApiError>
             format!("model {id:?} is not served here; the loaded model is {:?}", api.model_id),
         ));
     }
-    Ok(json_response(StatusCode::OK, &model_object(api)))
+    Ok(json_response(StatusCode::OK, &model_object(&api)))
 }
 
 #[cfg(test)]

@@ -520,3 +520,97 @@ fn a_non_loopback_bind_needs_the_explicit_flag() {
     assert!(log.contains("0.0.0.0:0") && log.contains("allow_non_loopback"), "{log}");
     assert!(!socket.exists(), "the socket was left behind");
 }
+
+/// Reads from `stream` until the daemon closes it; returns what came and how long it took.
+fn read_until_closed(stream: &mut std::net::TcpStream) -> (String, Duration) {
+    let started = Instant::now();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    (String::from_utf8_lossy(&answer).into_owned(), started.elapsed())
+}
+
+#[test]
+fn silent_and_idle_connections_are_closed_after_the_header_timeout() {
+    let http = HttpDaemon::start(&[("M31R_HTTP__HEADER_TIMEOUT_MS", "300")]);
+
+    // Nothing sent: closed without an answer.
+    let mut silent = std::net::TcpStream::connect(http.addr).unwrap();
+    let (answer, waited) = read_until_closed(&mut silent);
+    assert_eq!(answer, "");
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+
+    // Half a request head: the same.
+    let mut partial = std::net::TcpStream::connect(http.addr).unwrap();
+    partial.write_all(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n").unwrap();
+    let (answer, _) = read_until_closed(&mut partial);
+    assert_eq!(answer, "");
+
+    // Kept alive after an answer: closed once idle for the timeout, the answer intact.
+    let mut kept = std::net::TcpStream::connect(http.addr).unwrap();
+    kept.write_all(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let (answer, waited) = read_until_closed(&mut kept);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(answer.contains("\"object\":\"list\""), "{answer:?}");
+    assert!(waited >= Duration::from_millis(250), "{waited:?}");
+
+    // A request being answered is not cut by it, even while its body is slow to come.
+    let body = json!({"prompt": "fn", "max_tokens": 2}).to_string();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut slow = std::net::TcpStream::connect(http.addr).unwrap();
+    slow.write_all(head.as_bytes()).unwrap();
+    slow.write_all(&body.as_bytes()[..4]).unwrap();
+    std::thread::sleep(Duration::from_millis(900));
+    slow.write_all(&body.as_bytes()[4..]).unwrap();
+    let (answer, _) = read_until_closed(&mut slow);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unserved_methods_and_paths_get_the_api_errors() {
+    let http = HttpDaemon::start(&[]);
+    // HEAD is not served, even on a GET endpoint.
+    let (status, _, _) = http.send("HEAD", "/v1/models", &[], "").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    // A path under /v1/models/ is a model id; other methods there are unknown endpoints.
+    for path in ["/v1/models/", "/v1/models/other", "/v1/models/m31r-test-tiny/x"] {
+        let (status, _, text) = http.send("GET", path, &[], "").await;
+        let body = serde_json::from_str(&text).unwrap();
+        assert_error(status, &body, StatusCode::NOT_FOUND, "model_not_found", "not served");
+    }
+    let (status, _, text) = http.send("POST", "/v1/models/m31r-test-tiny", &[], "{}").await;
+    let body = serde_json::from_str(&text).unwrap();
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found", "/v1/models/m31r-test-tiny");
+    // A preflight without Origin is answered, without CORS headers.
+    let (status, headers, _) = http.send("OPTIONS", "/nowhere", &[], "").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(headers["allow"], "GET, POST, OPTIONS");
+    assert!(!headers.contains_key("access-control-allow-methods"));
+    // Whole answers carry their length.
+    let (_, headers, text) = http.send("GET", "/v1/models", &[], "").await;
+    assert_eq!(headers["content-length"], text.len().to_string().as_str());
+}
+
+#[test]
+fn connections_past_the_cap_are_answered_503() {
+    let http = HttpDaemon::start(&[("M31R_MAX_CONNECTIONS", "1")]);
+    let mut held = std::net::TcpStream::connect(http.addr).unwrap();
+    held.write_all(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut first = [0u8; 12];
+    held.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let request = format!("GET /v1/models HTTP/1.1\r\nHost: {}\r\n\r\n", http.host());
+    let (code, body) = parse_raw(&raw_exchange(http.addr, request.as_bytes()));
+    assert_error(
+        StatusCode::from_u16(code).unwrap(),
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        "connection limit of 1",
+    );
+    drop(held);
+}
