@@ -217,7 +217,7 @@ impl Engine {
             cache_tokens: cache.tokens as u64,
             cache_bytes: cache.bytes as u64,
             cache_budget_bytes: self.cache_budget_bytes as u64,
-            resident_bytes: crate::server::resident_bytes(),
+            resident_bytes: crate::sys::resident_bytes(),
             requests: load(&c.requests),
             cancelled: load(&c.cancelled),
             errors: load(&c.errors),
@@ -576,7 +576,7 @@ fn log_outcome(id: &str, event: &Event, cache: CacheStats) {
                 stop = ?stop,
                 cache_entries = cache.entries,
                 cache_mb = cache.bytes >> 20,
-                resident_mb = crate::server::resident_bytes() >> 20,
+                resident_mb = crate::sys::resident_bytes() >> 20,
                 "done"
             );
         }

@@ -8,3 +8,4 @@ pub mod engine;
 pub mod http;
 pub mod server;
 pub mod stops;
+pub mod sys;

@@ -14,7 +14,7 @@ use crate::target::Target;
 /// The child side: load the bundle, measure, print one JSON line.
 pub fn worker(conn: &Connection, args: &WorkerArgs) -> anyhow::Result<()> {
     let Some(bundle) = &conn.bundle else { bail!("bench-worker needs --bundle DIR") };
-    let resident_before = m31r_daemon::server::resident_bytes();
+    let resident_before = m31r_daemon::sys::resident_bytes();
     let weight_file = bundle.join("model.safetensors");
     let weight_file_bytes = std::fs::metadata(&weight_file)
         .with_context(|| format!("cannot stat {}", weight_file.display()))?
@@ -23,7 +23,7 @@ pub fn worker(conn: &Connection, args: &WorkerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read prompt text {}", args.text.display()))?;
 
     let mut target = Target::load(bundle)?;
-    let resident_loaded = m31r_daemon::server::resident_bytes();
+    let resident_loaded = m31r_daemon::sys::resident_bytes();
     let Target::Local(local) = &target else { bail!("expected an in-process engine") };
     let startup_ms = local.load_time().as_secs_f64() * 1e3;
     let config = local.config().clone();
@@ -132,7 +132,7 @@ pub fn worker(conn: &Connection, args: &WorkerArgs) -> anyhow::Result<()> {
         decode_context,
         resident_before,
         resident_loaded,
-        resident_after: m31r_daemon::server::resident_bytes(),
+        resident_after: m31r_daemon::sys::resident_bytes(),
         cache_bytes: local.cache_bytes() as u64,
     };
     println!("{}", serde_json::to_string(&report)?);
