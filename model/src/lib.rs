@@ -7,14 +7,12 @@ pub mod config;
 pub mod demo;
 pub mod fim;
 pub mod gguf;
-pub mod infer_ops;
 pub mod machine;
 pub mod params;
 pub mod quant;
 pub mod rng;
 pub mod sampling;
 pub mod tokenizer;
-pub mod train_ops;
 pub mod transformer;
 
 pub use bundle::{Bundle, BundleError, BundleInfo, BundleMetadata, write_bundle};

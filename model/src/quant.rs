@@ -21,8 +21,9 @@ use candle_nn::{Embedding, Linear};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
-use crate::infer_ops;
 use crate::transformer::weight_shapes;
+use m31r_kernels::quant::{WeightRows, dequantize, q8_0_round_trip};
+use m31r_kernels::{gemm, gemv};
 
 /// How the weights of a model are stored in memory (and in a bundle).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -311,7 +312,7 @@ impl QLinear {
 }
 
 impl QLinear {
-    /// The projection on the inference path: [`crate::infer_ops`]' matrix–vector kernels for the
+    /// The projection on the inference path: [`m31r_kernels::gemv`]' matrix–vector kernels for the
     /// few rows of a decode step or keystroke; for longer inputs (prefill) candle's f32 GEMM, with
     /// f16, Q8_0 and Q4_0 weights dequantized for it first (other block types take candle's
     /// quantized matmul).
@@ -327,15 +328,13 @@ impl QLinear {
                 let (view, rows) = views[0];
                 let x = match view {
                     // The integer kernels see the activation quantized to Q8_0: so does the GEMM.
-                    infer_ops::WeightRows::Q8_0(_) | infer_ops::WeightRows::Q4_0(_) => {
-                        infer_ops::q8_0_round_trip(x)?
-                    }
+                    WeightRows::Q8_0(_) | WeightRows::Q4_0(_) => q8_0_round_trip(x)?,
                     _ => x.clone(),
                 };
                 match view {
-                    infer_ops::WeightRows::F32(w) => infer_ops::matmul_t(&x, w, rows).map(Some),
-                    _ => infer_ops::dequantize(view, rows, cols)
-                        .map(|dense| infer_ops::matmul_t(&x, &dense, rows))
+                    WeightRows::F32(w) => gemm::matmul_t(&x, w, rows).map(Some),
+                    _ => dequantize(view, rows, cols)
+                        .map(|dense| gemm::matmul_t(&x, &dense, rows))
                         .transpose(),
                 }
             })?;
@@ -360,13 +359,13 @@ impl QLinear {
     }
 
     /// The projections by the matrix–vector kernels where they apply to all of them (a CPU f32
-    /// input of at most [`infer_ops::MAX_ROWS`] rows, every weight f32, f16, Q8_0 or Q4_0).
+    /// input of at most [`gemv::MAX_ROWS`] rows, every weight f32, f16, Q8_0 or Q4_0).
     fn forward_gemv(linears: &[&QLinear], x: &Tensor) -> candle_core::Result<Option<Vec<Tensor>>> {
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
-        if rows > infer_ops::MAX_ROWS || !x.device().is_cpu() || x.dtype() != DType::F32 {
+        if rows > gemv::MAX_ROWS || !x.device().is_cpu() || x.dtype() != DType::F32 {
             return Ok(None);
         }
-        Self::with_rows(linears, |views| infer_ops::linear_many(x, views))?.unwrap_or(Ok(None))
+        Self::with_rows(linears, |views| gemv::linear_many(x, views))?.unwrap_or(Ok(None))
     }
 
     /// Whether the matrix–vector kernels can read this weight (on the CPU, f32, f16, Q8_0 or Q4_0).
@@ -385,7 +384,7 @@ impl QLinear {
     /// storage meanwhile; `None` when one of them has no view (see [`QLinear::has_rows`]).
     pub(crate) fn with_rows<R>(
         linears: &[&QLinear],
-        f: impl FnOnce(&[(infer_ops::WeightRows<'_>, usize)]) -> R,
+        f: impl FnOnce(&[(WeightRows<'_>, usize)]) -> R,
     ) -> candle_core::Result<Option<R>> {
         if !linears.iter().all(|l| l.has_rows()) {
             return Ok(None);
@@ -414,10 +413,10 @@ impl QLinear {
                     let candle_core::Storage::Cpu(cpu) = &**storage else { return Ok(None) };
                     let Some((start, end)) = layout.contiguous_offsets() else { return Ok(None) };
                     let rows = &cpu.as_slice::<f32>()?[start..end];
-                    (infer_ops::WeightRows::F32(rows), l.weight().dim(0)?)
+                    (WeightRows::F32(rows), l.weight().dim(0)?)
                 }
                 (QLinear::Quantized(QMatMul::QTensor(q)), _, Some(bytes)) => {
-                    match infer_ops::WeightRows::of_qtensor(q, bytes) {
+                    match WeightRows::of_qtensor(q, bytes) {
                         Some(view) => (view, q.shape().dims()[0]),
                         None => return Ok(None),
                     }

@@ -1,6 +1,6 @@
 //! The LLaMA-shaped decoder (DESIGN §2), read top-down: KV cache → RoPE → attention → MLP → block →
 //! model. One set of weights serves two forwards: a differentiable training forward (fused CPU
-//! kernels with hand-written backward passes from [`crate::train_ops`], composed candle ops on other
+//! kernels with hand-written backward passes from [`m31r_kernels::train`], composed candle ops on other
 //! devices), and an inference forward with candle-nn's fused kernels and a truncatable KV cache.
 
 use std::collections::HashMap;
@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::attention::AttnMask;
 use candle_nn::{VarBuilder, VarMap};
+use m31r_kernels::{attention, gemv, train};
 
 use crate::config::ModelConfig;
 use crate::quant::{QLinear, QuantizedWeights, TokenEmbedding, Weight};
@@ -66,7 +67,7 @@ pub fn weight_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 
 /// Preallocated keys and values of one sequence, per layer, laid out head-major `(1, kv_heads,
 /// capacity, head_dim)`: the cached positions of one head are one contiguous run, which the decode
-/// attention kernel ([`crate::infer_ops::attention`]) streams through at memory speed (a
+/// attention kernel ([`m31r_kernels::attention`]) streams through at memory speed (a
 /// position-major layout would make it hop a whole row of heads per position). Unlike candle-nn's
 /// caches it can be truncated, which lets a sequence roll back to its longest common prefix with a
 /// new prompt.
@@ -216,12 +217,12 @@ impl Rope {
     }
 
     /// Fused rotation of `(batch, seq, heads, head_dim)` tensors at positions `start..`: on a CPU
-    /// in f32 the kernel of [`crate::train_ops`] (candle's thread pool; candle-nn's runs on rayon's
+    /// in f32 the kernel of [`m31r_kernels::train`] (candle's thread pool; candle-nn's runs on rayon's
     /// threads, which then compete with the pool's), elsewhere candle-nn's.
     fn apply_fused(&self, x: &Tensor, start: usize) -> Result<Tensor> {
         let (cos, sin) = self.tables(start, x.dim(1)?)?;
         if x.device().is_cpu() && x.dtype() == DType::F32 {
-            return Ok(crate::train_ops::rope(x, &cos, &sin)?);
+            return Ok(train::rope(x, &cos, &sin)?);
         }
         Ok(candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &cos, &sin)?)
     }
@@ -230,7 +231,7 @@ impl Rope {
     /// elsewhere): candle's fused rope has no backward pass.
     fn apply_train(&self, x: &Tensor, start: usize) -> Result<Tensor> {
         let (cos, sin) = self.tables(start, x.dim(1)?)?;
-        Ok(crate::train_ops::rope(x, &cos, &sin)?)
+        Ok(train::rope(x, &cos, &sin)?)
     }
 }
 
@@ -241,7 +242,7 @@ fn project_rows<const N: usize>(linears: [&QLinear; N], input: &[f32]) -> Result
         let mut ys: Vec<Vec<f32>> = views.iter().map(|(_, out)| vec![0f32; *out]).collect();
         let mut parts: Vec<_> =
             views.iter().zip(&mut ys).map(|((w, _), y)| (*w, y.as_mut_slice())).collect();
-        crate::infer_ops::gemv_many(&mut parts, input, input.len());
+        gemv::gemv_many(&mut parts, input, input.len());
         ys
     })?
     .and_then(|ys| ys.try_into().ok())
@@ -281,12 +282,14 @@ impl RmsNorm {
         let candle_core::Storage::Cpu(cpu) = &*storage else {
             return Err(ModelError::Usage("the single-token path runs on the CPU".into()));
         };
-        let weight = crate::train_ops::data(cpu, layout, "rms_norm")?;
-        let inv = 1.0 / (crate::train_ops::dot(x, x) / x.len() as f32 + self.eps as f32).sqrt();
+        let weight = m31r_kernels::data(cpu, layout, "rms_norm")?;
+        let inv = 1.0
+            / (m31r_kernels::vec::portable::dot_f32(x, x) / x.len() as f32 + self.eps as f32)
+                .sqrt();
         Ok(x.iter().zip(weight).map(|(x, w)| x * inv * w).collect())
     }
 
-    /// The inference norm: on a CPU in f32 the pool kernel of [`crate::train_ops`] (see
+    /// The inference norm: on a CPU in f32 the pool kernel of [`m31r_kernels::train`] (see
     /// [`Rope::apply_fused`]), elsewhere candle-nn's.
     fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
         if x.device().is_cpu() && x.dtype() == DType::F32 {
@@ -295,9 +298,9 @@ impl RmsNorm {
         Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?)
     }
 
-    /// Differentiable RMSNorm (see [`crate::train_ops::rms_norm`]).
+    /// Differentiable RMSNorm (see [`train::rms_norm`]).
     fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(crate::train_ops::rms_norm(x, &self.weight, self.eps)?)
+        Ok(train::rms_norm(x, &self.weight, self.eps)?)
     }
 }
 
@@ -403,10 +406,10 @@ impl Attention {
                     // A decode step or a keystroke's few new tokens: one pass over the cache per
                     // query and head; a longer chunk (prefill): two GEMMs per head and block of
                     // queries. Both read the head-major buffers in place.
-                    let attend = if seq <= crate::infer_ops::MAX_QUERIES {
-                        crate::infer_ops::attention
+                    let attend = if seq <= attention::MAX_QUERIES {
+                        attention::attention
                     } else {
-                        crate::infer_ops::attention_prefill
+                        attention::attention_prefill
                     };
                     if let Some(y) = attend(&q, keys, values, kv_len, scale as f32)? {
                         let y = y.reshape((batch, seq, self.n_heads * self.head_dim))?;
@@ -442,7 +445,7 @@ impl Attention {
 /// Reference attention over `(batch, seq, heads, dim)` queries and `(batch, kv_len, kv_heads, dim)`
 /// keys/values; returns `(batch, seq, heads, dim)`. Query `i` sits at absolute position `start + i`
 /// and sees keys `0..=start + i`. The differentiable variant masks and normalises with
-/// [`crate::train_ops::causal_softmax`] (which takes `start` from the shapes).
+/// [`train::causal_softmax`] (which takes `start` from the shapes).
 fn plain_attention(
     q: &Tensor,
     k: &Tensor,
@@ -458,7 +461,7 @@ fn plain_attention(
     let v = repeat_kv(&v.transpose(1, 2)?, n_heads / n_kv_heads)?;
     let scores = q.matmul(&k.t()?)?;
     let probs = if differentiable {
-        crate::train_ops::causal_softmax(&scores, scale)?
+        train::causal_softmax(&scores, scale)?
     } else {
         let scores = (scores * scale)?;
         let mask = causal_mask(seq, kv_len, start, q.dtype(), q.device())?;
@@ -553,7 +556,7 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor, path: Path) -> Result<Tensor> {
         let [gate, up] = path.project_all([&self.gate_proj, &self.up_proj], x)?;
-        let gated = crate::train_ops::swiglu(&gate, &up)?;
+        let gated = train::swiglu(&gate, &up)?;
         path.project(&self.down_proj, &gated)
     }
 }
@@ -796,7 +799,7 @@ impl Model {
     }
 
     /// A decode step on a CPU: one token through the whole model on plain slices with the
-    /// kernels of [`crate::infer_ops`], without a candle tensor per intermediate (a `tiny` decode
+    /// kernels of [`m31r_kernels`], without a candle tensor per intermediate (a `tiny` decode
     /// step is otherwise mostly tensor bookkeeping). Returns `None`, having done nothing, where it
     /// does not apply (more than one token, not a CPU f32 model, the plain attention kernel, or a
     /// weight the kernels cannot read); same results as [`Model::forward_hidden`] up to summation
@@ -844,14 +847,7 @@ impl Model {
             cache.append_row(i, &k, &v)?;
             let mut y = vec![0f32; q.len()];
             let scale = 1.0 / (attn.head_dim as f32).sqrt();
-            crate::infer_ops::attention_one(
-                &q,
-                &cache.keys[i],
-                &cache.values[i],
-                pos + 1,
-                scale,
-                &mut y,
-            )?;
+            attention::attention_one(&q, &cache.keys[i], &cache.values[i], pos + 1, scale, &mut y)?;
             let [o] = project_rows([&attn.o_proj], &y)?;
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let h = block.post_attention_layernorm.apply(&x)?;

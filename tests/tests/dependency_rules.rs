@@ -1,7 +1,7 @@
-//! DESIGN §1's dependency rule, checked against `cargo metadata`: protocol and model depend on no
-//! internal crate, daemon on protocol + model, the CLI on protocol + daemon + model, lsp on
-//! protocol only, training on model only, and candle is never in the dependency tree of `m31r-lsp`
-//! or `m31r-protocol`.
+//! DESIGN §1's dependency rule, checked against `cargo metadata`: protocol and kernels depend on
+//! no internal crate, model on kernels, daemon on protocol + model, the CLI on protocol + daemon +
+//! model, lsp on protocol only, training on model + kernels, and candle is never in the dependency
+//! tree of `m31r-lsp` or `m31r-protocol`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
@@ -11,11 +11,12 @@ use serde_json::Value;
 /// Internal packages each package may depend on (normal and build dependencies).
 const ALLOWED: &[(&str, &[&str])] = &[
     ("m31r-protocol", &[]),
-    ("m31r-model", &[]),
+    ("m31r-kernels", &[]),
+    ("m31r-model", &["m31r-kernels"]),
     ("m31r-daemon", &["m31r-protocol", "m31r-model"]),
     ("m31r-lsp", &["m31r-protocol"]),
     ("m31r-cli", &["m31r-protocol", "m31r-daemon", "m31r-model"]),
-    ("m31r-train", &["m31r-model"]),
+    ("m31r-train", &["m31r-kernels", "m31r-model"]),
     (
         "m31r-tests",
         &["m31r-protocol", "m31r-model", "m31r-daemon", "m31r-lsp", "m31r-cli", "m31r-train"],

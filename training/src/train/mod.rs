@@ -362,7 +362,7 @@ pub(crate) fn micro_loss(
     let input = Tensor::from_vec(inputs, (b, t), device)?;
     let logits = model.forward_train(&input)?;
     let vocab = logits.dim(D::Minus1)?;
-    let nll = m31r_model::train_ops::cross_entropy(&logits.reshape((b * t, vocab))?, &targets)?
+    let nll = m31r_kernels::train::cross_entropy(&logits.reshape((b * t, vocab))?, &targets)?
         .reshape((b, t))?;
     let weights = Tensor::from_vec(weights, (b, t), device)?;
     let loss = (&nll * &weights)?.sum_all()?;

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{Result, Tensor, Var};
 use candle_nn::VarMap;
-use m31r_model::train_ops::{self, AdamWStep};
+use m31r_kernels::train::{self as train_ops, AdamWStep};
 
 /// One trainable tensor and its moments.
 struct Param {

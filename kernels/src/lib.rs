@@ -1,0 +1,30 @@
+//! `m31r-kernels`: every CPU kernel of M31R and the thread-pool helpers they share, laid out as
+//! ggml's CPU backend is: each kernel beside its portable reference, architecture overrides in
+//! their own modules (`vec::avx2`, `quant::avx2`). The one crate with `unsafe` SIMD code; every
+//! `unsafe` block says why it holds.
+//!
+//! - [`vec`]: dot products, `acc += p · x`, the shifted exponential of a softmax.
+//! - [`quant`]: GGML Q8_0/Q4_0 blocks, the weight view the kernels read, dequantization.
+//! - [`gemv`]: matrix–vector products for the few rows of a decode step or a keystroke.
+//! - [`gemm`]: long inputs (prefill) times a dense weight.
+//! - [`attention`]: causal attention over the head-major KV cache (decode, prefill).
+//! - [`train`]: the training forward's fused ops with hand-written backward passes, and AdamW.
+//!
+//! Work runs on candle's own thread pool, so the kernels share its threads instead of competing
+//! with them; each output element is computed by one thread in a fixed order, so results do not
+//! depend on the thread count or on scheduling. With AVX2, FMA and F16C enabled at compile time
+//! (the default build, see `.cargo/config.toml`) the inner products use those instructions;
+//! elsewhere they run as the portable loops the tests hold the vector code to.
+
+pub mod attention;
+pub mod gemm;
+pub mod gemv;
+mod pool;
+pub mod quant;
+mod storage;
+#[cfg(test)]
+mod testing;
+pub mod train;
+pub mod vec;
+
+pub use storage::data;
