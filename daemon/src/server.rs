@@ -4,24 +4,21 @@
 //! bounded: its queue of unread answers (the daemon stops reading a client that does not read),
 //! its requests in flight, and its idle time; a full house evicts the longest-idle connection.
 
+mod connection;
+
 use std::collections::HashMap;
-use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use m31r_protocol::{
-    DaemonStatus, ErrorCode, Event, FrameError, FrameReader, GenerationParams, ModelInfo,
-    PROTOCOL_VERSION, Request, write_frame,
-};
-use tokio::io::BufReader;
-use tokio::net::unix::OwnedWriteHalf;
+use m31r_protocol::{DaemonStatus, ErrorCode, Event, GenerationParams, ModelInfo, write_frame};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
-use crate::engine::{Engine, Job, JobKind};
+use crate::engine::Engine;
+use connection::{ConnState, Handler, Lifeline};
 
 /// Largest `max_tokens` a request may ask for.
 pub const MAX_NEW_TOKENS: u32 = 4096;
@@ -34,9 +31,6 @@ pub const OUTBOX_FRAMES: usize = 64;
 /// client); one more is refused with `overloaded`. Together with [`MAX_NEW_TOKENS`] this bounds
 /// what the engine can queue for a client that does not read.
 pub const MAX_IN_FLIGHT: usize = 16;
-/// How long a closing connection may take to hand its client what is still queued for it; a
-/// client that does not read is cut off after this.
-const FLUSH_GRACE: Duration = Duration::from_secs(2);
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -103,74 +97,6 @@ struct Slot {
     state: Arc<ConnState>,
     /// Dropped with the slot, which is the connection's signal to close.
     _close: oneshot::Sender<()>,
-}
-
-/// In-flight request ids of one connection, each with its cancel flag.
-type InFlight = Mutex<HashMap<String, Arc<AtomicBool>>>;
-
-/// What the accept loop, the reader and the writer of one connection share.
-struct ConnState {
-    in_flight: InFlight,
-    opened: Instant,
-    /// Milliseconds after `opened` when a frame was last read or written.
-    last_active_ms: AtomicU64,
-    /// A write to the client is under way; if that lasts, the client has stopped reading.
-    writing: AtomicBool,
-}
-
-impl ConnState {
-    fn new() -> Self {
-        Self {
-            in_flight: Mutex::default(),
-            opened: Instant::now(),
-            last_active_ms: AtomicU64::new(0),
-            writing: AtomicBool::new(false),
-        }
-    }
-
-    fn touch(&self) {
-        let ms = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_active_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn last_active(&self) -> Instant {
-        self.opened + Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed))
-    }
-
-    /// Nothing in flight: closing it loses no answer. A poisoned map counts as busy.
-    fn at_rest(&self) -> bool {
-        self.in_flight.lock().is_ok_and(|m| m.is_empty())
-    }
-
-    /// `Ok` if the connection has been idle for `timeout` (nothing exchanged, and either nothing
-    /// in flight or a write stuck on a client that does not read); else when to look again.
-    fn idle(&self, timeout: Duration) -> Result<(), Instant> {
-        let now = Instant::now();
-        let quiet_until = self.last_active() + timeout;
-        if quiet_until > now {
-            return Err(quiet_until);
-        }
-        if self.at_rest() || self.writing.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        // Waiting for the engine is not idleness; look again after another full timeout.
-        Err(now + timeout)
-    }
-}
-
-/// Why a connection stopped serving its client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Closed {
-    Shutdown,
-    Evicted,
-    Idle,
-}
-
-/// A connection's reasons to stop, watched while it waits for its client.
-struct Lifeline {
-    stop: watch::Receiver<bool>,
-    close: oneshot::Receiver<()>,
-    state: Arc<ConnState>,
 }
 
 /// The bound socket; dropping it removes the socket file.
@@ -338,7 +264,7 @@ impl Server {
                     continue;
                 }
             }
-            let Some((slot, lifeline)) = self.open_slot() else {
+            let Some((serial, lifeline)) = self.open_slot() else {
                 let (_, mut write) = stream.into_split();
                 let _ = write_frame(
                     &mut write,
@@ -354,13 +280,8 @@ impl Server {
                 .await;
                 continue;
             };
-            let server = self.clone();
-            server.connections.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(async move {
-                server.handle(stream, lifeline).await;
-                server.close_slot(slot);
-                server.connections.fetch_sub(1, Ordering::Relaxed);
-            });
+            self.connections.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(Handler::new(self.clone(), stream, serial, lifeline).run());
         }
         self.engine.cancel_all();
         let drain_until = Instant::now() + Duration::from_secs(2);
@@ -407,236 +328,6 @@ impl Server {
             self.started.elapsed(),
             self.connections.load(Ordering::Relaxed),
         )
-    }
-
-    /// Awaits `work` unless the connection must close first: the daemon shuts down, the accept
-    /// loop evicted it, or it stayed idle past the timeout. `work` is kept across idle checks
-    /// rather than restarted, as reading a frame is not cancellation-safe.
-    async fn unless_closed<F: Future>(
-        &self,
-        life: &mut Lifeline,
-        work: F,
-    ) -> Result<F::Output, Closed> {
-        tokio::pin!(work);
-        loop {
-            let look_again = match self.limits.idle_timeout.map(|t| life.state.idle(t)) {
-                Some(Ok(())) => return Err(Closed::Idle),
-                Some(Err(at)) => Some(at),
-                None => None,
-            };
-            let wake = tokio::time::Instant::from_std(look_again.unwrap_or_else(Instant::now));
-            tokio::select! {
-                out = &mut work => return Ok(out),
-                _ = life.stop.wait_for(|s| *s) => return Err(Closed::Shutdown),
-                _ = &mut life.close => return Err(Closed::Evicted),
-                _ = tokio::time::sleep_until(wake), if look_again.is_some() => {}
-            }
-        }
-    }
-
-    /// One connection: a writer task drains the event channels; this loop reads frames, each
-    /// only once its answer has room in the bounded outbox, so a client that does not read stops
-    /// being read.
-    async fn handle(self: &Arc<Self>, stream: UnixStream, mut life: Lifeline) {
-        let (read, write) = stream.into_split();
-        // Immediate replies and the engine's job events travel on separate channels: only a job's
-        // own terminal event unregisters its id, never a refusal of a later request that reused it.
-        // The engine's channel is unbounded so a slow client never stalls the model; what it can
-        // hold is bounded by MAX_IN_FLIGHT jobs of at most MAX_NEW_TOKENS tokens.
-        let (events, outbox) = mpsc::channel::<Event>(OUTBOX_FRAMES);
-        let (job_events, job_outbox) = mpsc::unbounded_channel::<Event>();
-        let state = life.state.clone();
-        let mut writer = tokio::spawn(write_events(write, outbox, job_outbox, state.clone()));
-        let mut frames = FrameReader::new(BufReader::new(read), self.limits.max_frame_bytes);
-        let mut greeted = false;
-        let closed = loop {
-            let room = match self.unless_closed(&mut life, events.reserve()).await {
-                Ok(Ok(room)) => room,
-                Ok(Err(_)) => break None, // the writer is gone: so is the client
-                Err(why) => break Some(why),
-            };
-            let frame = match self.unless_closed(&mut life, frames.next_frame()).await {
-                Ok(frame) => frame,
-                Err(why) => break Some(why),
-            };
-            state.touch();
-            let reply = |code, message: String| Event::Error { id: None, code, message };
-            let text = match frame {
-                Ok(Some(text)) => text,
-                Ok(None) | Err(FrameError::Io(_)) => break None,
-                Err(e @ FrameError::TooLarge { .. }) => {
-                    room.send(reply(ErrorCode::FrameTooLarge, e.to_string()));
-                    continue;
-                }
-                Err(e @ FrameError::InvalidUtf8 { .. }) => {
-                    room.send(reply(ErrorCode::InvalidUtf8, e.to_string()));
-                    continue;
-                }
-            };
-            let request = match serde_json::from_str::<Request>(&text) {
-                Ok(r) => r,
-                Err(e) => {
-                    let id = serde_json::from_str::<serde_json::Value>(&text)
-                        .ok()
-                        .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned));
-                    room.send(Event::Error {
-                        id,
-                        code: ErrorCode::BadRequest,
-                        message: format!("bad request: {e}"),
-                    });
-                    continue;
-                }
-            };
-            if let Some(event) = self.dispatch(request, &mut greeted, &job_events, &state.in_flight)
-            {
-                room.send(event);
-            }
-        };
-        if let Some(why @ (Closed::Idle | Closed::Evicted)) = closed {
-            tracing::info!(reason = ?why, "closing an idle connection");
-        }
-        // A closed connection cancels its requests.
-        if let Ok(map) = state.in_flight.lock() {
-            for flag in map.values() {
-                flag.store(true, Ordering::SeqCst);
-            }
-        }
-        drop(events);
-        drop(job_events);
-        if tokio::time::timeout(FLUSH_GRACE, &mut writer).await.is_err() {
-            // The client is not reading what is left; drop it rather than hold the connection.
-            writer.abort();
-        }
-    }
-
-    /// Handles one parsed request; returns an immediate reply, if any.
-    fn dispatch(
-        self: &Arc<Self>,
-        request: Request,
-        greeted: &mut bool,
-        job_events: &mpsc::UnboundedSender<Event>,
-        in_flight: &InFlight,
-    ) -> Option<Event> {
-        let error = |id: Option<&str>, code, message: String| {
-            Some(Event::Error { id: id.map(str::to_owned), code, message })
-        };
-        if let Request::Hello { version, .. } = &request {
-            if *version != PROTOCOL_VERSION {
-                return error(
-                    None,
-                    ErrorCode::VersionMismatch,
-                    format!("client speaks protocol {version}, daemon {PROTOCOL_VERSION}"),
-                );
-            }
-            *greeted = true;
-            return Some(Event::Hello {
-                version: PROTOCOL_VERSION,
-                daemon: format!("m31rd/{}", env!("CARGO_PKG_VERSION")),
-                model: self.model.clone(),
-            });
-        }
-        let id = request.id().unwrap_or_default().to_owned();
-        if !*greeted {
-            return error(
-                Some(&id),
-                ErrorCode::VersionMismatch,
-                "the first message must be hello".into(),
-            );
-        }
-        let (kind, params) = match request {
-            Request::Hello { .. } => return None,
-            Request::Status { id } => return Some(Event::Status { id, status: self.status() }),
-            Request::Cancel { id } => {
-                // Unknown ids are ignored: the request may just have finished.
-                if let Some(flag) = in_flight.lock().ok().and_then(|m| m.get(&id).cloned()) {
-                    flag.store(true, Ordering::SeqCst);
-                }
-                return None;
-            }
-            Request::Shutdown { id } => {
-                self.request_shutdown();
-                return Some(Event::ShuttingDown { id });
-            }
-            Request::Generate { prompt, params, .. } => (JobKind::Generate { prompt }, params),
-            Request::Complete { prompt, params, .. } => (JobKind::Complete { prompt }, params),
-            Request::Fim { input, params, .. } => (JobKind::Fim(input), params),
-            Request::Warm { input, .. } => (JobKind::Warm(input), GenerationParams::default()),
-        };
-        if let Err((code, message)) = self.admit(&id, &params) {
-            return error(Some(&id), code, message);
-        }
-        let cancel = Arc::new(AtomicBool::new(false));
-        {
-            let Ok(mut map) = in_flight.lock() else {
-                return error(Some(&id), ErrorCode::Internal, "connection state poisoned".into());
-            };
-            if map.contains_key(&id) {
-                return error(
-                    Some(&id),
-                    ErrorCode::DuplicateId,
-                    format!("request id {id:?} is already in flight on this connection"),
-                );
-            }
-            if map.len() >= MAX_IN_FLIGHT {
-                return error(
-                    Some(&id),
-                    ErrorCode::Overloaded,
-                    format!(
-                        "request {id}: {MAX_IN_FLIGHT} requests are already in flight on this \
-                         connection; retry once one has ended"
-                    ),
-                );
-            }
-            map.insert(id.clone(), cancel.clone());
-        }
-        let job = Job {
-            id: id.clone(),
-            kind,
-            params,
-            cancel,
-            events: job_events.clone(),
-            arrived: Instant::now(),
-        };
-        match self.engine.submit(job) {
-            Ok(()) => None,
-            Err(e) => {
-                if let Ok(mut map) = in_flight.lock() {
-                    map.remove(&id);
-                }
-                error(Some(&id), e.code(), e.to_string())
-            }
-        }
-    }
-}
-
-/// A connection's writer: hands queued events to the client, one frame at a time, until both
-/// channels close or the client is gone.
-async fn write_events(
-    mut write: OwnedWriteHalf,
-    mut replies: mpsc::Receiver<Event>,
-    mut job_events: mpsc::UnboundedReceiver<Event>,
-    state: Arc<ConnState>,
-) {
-    loop {
-        let event = tokio::select! {
-            Some(event) = replies.recv() => event,
-            Some(event) = job_events.recv() => {
-                if let Event::Done { id, .. } | Event::Error { id: Some(id), .. } = &event
-                    && let Ok(mut map) = state.in_flight.lock()
-                {
-                    map.remove(id);
-                }
-                event
-            }
-            else => break,
-        };
-        state.writing.store(true, Ordering::Relaxed);
-        let written = write_frame(&mut write, &event).await;
-        state.writing.store(false, Ordering::Relaxed);
-        if written.is_err() {
-            break; // the client is gone; the reader notices too
-        }
-        state.touch();
     }
 }
 
