@@ -23,7 +23,8 @@ use sha2::{Digest, Sha256};
 use crate::config::{ModelConfig, RawModelConfig};
 use crate::quant::{self, Precision, Weight};
 use crate::tokenizer::{SpecialToken, Tokenizer};
-use crate::transformer::{Model, weight_shapes};
+use crate::transformer::Model;
+use crate::weights::weight_shapes;
 
 /// Version of the bundle layout written by this crate.
 pub const BUNDLE_FORMAT_VERSION: u32 = 1;

@@ -2,10 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::params::{self, SolverSpec};
-
-/// Largest model M31R will build or load; bigger models cannot meet the latency budget on a laptop.
-pub const MAX_PARAMS: u64 = 500_000_000;
+pub use crate::params::MAX_PARAMS;
+use crate::params::{self, ParamRow, ParamTable, SolverSpec};
 
 pub use crate::tokenizer::MIN_VOCAB_SIZE as MIN_VOCAB;
 
@@ -251,12 +249,46 @@ impl ModelConfig {
 
     /// Exact number of trainable parameters.
     pub fn param_count(&self) -> u64 {
-        params::ParamTable::for_config(self).total
+        ParamTable::for_config(self).total
     }
 
     /// Bytes of KV cache one token occupies, for a cache element size of `dtype_bytes`.
     pub fn kv_bytes_per_token(&self, dtype_bytes: usize) -> usize {
         2 * self.n_layers * self.n_kv_heads * self.head_dim() * dtype_bytes
+    }
+}
+
+// Counting a config's parameters belongs with the config: `params` (the solver) then needs
+// nothing from here, and `ModelConfig::new` checks the count against the cap.
+impl ParamTable {
+    /// Counts the parameters of `config` from its shapes (the same shapes the transformer allocates).
+    pub fn for_config(config: &ModelConfig) -> Self {
+        let d = config.d_model() as u64;
+        let kv_dim = (config.n_kv_heads() * config.head_dim()) as u64;
+        let layers = config.n_layers() as u64;
+        let vocab = config.vocab_size() as u64;
+        let attention = 2 * d * d + 2 * d * kv_dim;
+        let ffn = 3 * d * config.d_ff() as u64;
+        let norms_per_layer = 2 * d;
+        let head = if config.tie_embeddings() { 0 } else { vocab * d };
+        let parts: [(&'static str, Option<u64>, u64); 5] = [
+            ("token embedding", None, vocab * d),
+            ("attention", Some(attention), attention * layers),
+            ("feed-forward (SwiGLU)", Some(ffn), ffn * layers),
+            ("RMSNorm weights", Some(norms_per_layer), norms_per_layer * layers + d),
+            ("LM head (untied)", None, head),
+        ];
+        let total: u64 = parts.iter().map(|p| p.2).sum();
+        let rows = parts
+            .into_iter()
+            .map(|(component, per_layer, count)| ParamRow {
+                component,
+                per_layer,
+                count,
+                percent: 100.0 * count as f64 / total as f64,
+            })
+            .collect();
+        Self { rows, total }
     }
 }
 
@@ -350,6 +382,7 @@ impl Preset {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::params::{MIN_ASPECT, SOLVER_TOLERANCE, Shape, solve};
 
     fn raw() -> RawModelConfig {
         ModelConfig::preset("tiny").unwrap().to_raw()
@@ -401,5 +434,69 @@ mod tests {
             assert!(c.param_count() <= MAX_PARAMS);
         }
         assert!(matches!(ModelConfig::preset("huge"), Err(ConfigError::UnknownPreset(_))));
+    }
+
+    fn spec(target: u64, vocab: usize, tied: bool) -> SolverSpec {
+        SolverSpec {
+            target_params: target,
+            vocab_size: vocab,
+            embedding_ratio: 0.12,
+            glu_expansion: 8.0 / 3.0,
+            head_dim: 64,
+            tied,
+        }
+    }
+
+    fn config_of(spec: &SolverSpec, shape: Shape) -> ModelConfig {
+        ModelConfig::new(&RawModelConfig {
+            vocab_size: spec.vocab_size,
+            d_model: shape.d_model,
+            n_layers: shape.n_layers,
+            n_heads: shape.d_model / spec.head_dim,
+            n_kv_heads: None,
+            d_ff: shape.d_ff,
+            context_length: 2048,
+            rope_theta: 10_000.0,
+            norm_eps: 1e-5,
+            tie_embeddings: spec.tied,
+        })
+        .unwrap()
+    }
+
+    fn assert_within(total: u64, target: u64) {
+        let err = (total as f64 - target as f64).abs() / target as f64;
+        assert!(err <= SOLVER_TOLERANCE, "total {total} vs target {target}: {err}");
+    }
+
+    #[test]
+    fn targets_are_met_and_tables_sum() {
+        for target in [10_000_000, 60_000_000, 200_000_000, 450_000_000] {
+            for tied in [true, false] {
+                let s = spec(target, 16384, tied);
+                let shape = solve(&s).unwrap();
+                let table = ParamTable::for_config(&config_of(&s, shape));
+                assert_within(table.total, target);
+                assert_eq!(table.rows.iter().map(|r| r.count).sum::<u64>(), table.total);
+                let pct: f64 = table.rows.iter().map(|r| r.percent).sum();
+                assert!((pct - 100.0).abs() < 1e-9);
+                assert!(shape.n_layers * MIN_ASPECT <= shape.d_model, "{shape:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn presets_are_within_tolerance() {
+        for preset in Preset::ALL {
+            let config = preset.config().unwrap();
+            assert_within(config.param_count(), preset.spec.target_params);
+        }
+    }
+
+    #[test]
+    fn table_prints() {
+        let table = ParamTable::for_config(&ModelConfig::preset("tiny").unwrap());
+        let text = table.to_string();
+        assert!(text.contains("token embedding") && text.contains("total"), "{text}");
+        assert_eq!(text.lines().count(), 7);
     }
 }

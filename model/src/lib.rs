@@ -14,6 +14,7 @@ pub mod rng;
 pub mod sampling;
 pub mod tokenizer;
 pub mod transformer;
+pub mod weights;
 
 pub use bundle::{Bundle, BundleError, BundleInfo, BundleMetadata, write_bundle};
 pub use config::{ConfigError, ModelConfig, Preset, RawModelConfig};

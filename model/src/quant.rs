@@ -21,7 +21,7 @@ use candle_nn::{Embedding, Linear};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
-use crate::transformer::weight_shapes;
+use crate::weights::weight_shapes;
 use m31r_kernels::quant::{WeightRows, dequantize, q8_0_round_trip};
 use m31r_kernels::{gemm, gemv};
 
