@@ -158,7 +158,7 @@ pub fn write_bundle(
     info: &BundleInfo,
 ) -> Result<BundleMetadata, BundleError> {
     let embedding_dtype =
-        tensors.iter().find(|(n, _)| n == "model.embed_tokens.weight").map(|(_, t)| t.dtype());
+        tensors.iter().find(|(n, _)| n == crate::weights::EMBEDDING).map(|(_, t)| t.dtype());
     let precision =
         if embedding_dtype == Some(DType::F16) { Precision::F16 } else { Precision::F32 };
     let weights: Vec<(String, Weight)> =

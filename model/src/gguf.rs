@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::ModelConfig;
 use crate::quant::{Precision, Weight};
 use crate::tokenizer::{SpecialToken, Tokenizer};
+pub use crate::weights::gguf_name;
 
 /// Name of our pre-tokenizer regex in llama.cpp (LLaMA-3's split pattern).
 pub const PRE_TOKENIZER: &str = "llama-bpe";
@@ -54,31 +55,6 @@ pub enum GgufError {
         /// What went wrong.
         reason: String,
     },
-}
-
-/// The llama.cpp name of a Hugging Face LLaMA tensor name.
-pub fn gguf_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, suffix) = rest.split_once('.')?;
-    let short = match suffix {
-        "input_layernorm.weight" => "attn_norm",
-        "self_attn.q_proj.weight" => "attn_q",
-        "self_attn.k_proj.weight" => "attn_k",
-        "self_attn.v_proj.weight" => "attn_v",
-        "self_attn.o_proj.weight" => "attn_output",
-        "post_attention_layernorm.weight" => "ffn_norm",
-        "mlp.gate_proj.weight" => "ffn_gate",
-        "mlp.up_proj.weight" => "ffn_up",
-        "mlp.down_proj.weight" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{short}.weight"))
 }
 
 /// The row order llama.cpp's interleaved RoPE needs for a `(heads·head_dim, in)` projection:

@@ -13,6 +13,7 @@ use m31r_kernels::{attention, gemv, train};
 use crate::config::ModelConfig;
 use crate::quant::{QLinear, QuantizedWeights, TokenEmbedding, Weight};
 use crate::rng::Rng;
+use crate::weights;
 pub use crate::weights::weight_shapes;
 
 /// Standard deviation of the initial weights.
@@ -555,6 +556,22 @@ impl Block {
         })
     }
 
+    /// This block's weights in the order of [`weights::LAYER`] (quantized ones dequantized).
+    fn weights(&self) -> [candle_core::Result<Tensor>; 9] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            Ok(self.input_layernorm.weight.clone()),
+            a.q_proj.weight(),
+            a.k_proj.weight(),
+            a.v_proj.weight(),
+            a.o_proj.weight(),
+            Ok(self.post_attention_layernorm.weight.clone()),
+            m.gate_proj.weight(),
+            m.up_proj.weight(),
+            m.down_proj.weight(),
+        ]
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -714,28 +731,15 @@ impl Model {
         // validated at load cannot fail.
         #[allow(clippy::expect_used)]
         let dense = |w: candle_core::Result<Tensor>| w.expect("dequantizing a loaded weight");
-        let mut out = vec![("model.embed_tokens.weight".into(), dense(self.embed_tokens.weight()))];
-        for (i, b) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &b.self_attn;
-            out.extend([
-                (format!("{p}.input_layernorm.weight"), b.input_layernorm.weight.clone()),
-                (format!("{p}.self_attn.q_proj.weight"), dense(a.q_proj.weight())),
-                (format!("{p}.self_attn.k_proj.weight"), dense(a.k_proj.weight())),
-                (format!("{p}.self_attn.v_proj.weight"), dense(a.v_proj.weight())),
-                (format!("{p}.self_attn.o_proj.weight"), dense(a.o_proj.weight())),
-                (
-                    format!("{p}.post_attention_layernorm.weight"),
-                    b.post_attention_layernorm.weight.clone(),
-                ),
-                (format!("{p}.mlp.gate_proj.weight"), dense(b.mlp.gate_proj.weight())),
-                (format!("{p}.mlp.up_proj.weight"), dense(b.mlp.up_proj.weight())),
-                (format!("{p}.mlp.down_proj.weight"), dense(b.mlp.down_proj.weight())),
-            ]);
+        let mut out = vec![(weights::EMBEDDING.into(), dense(self.embed_tokens.weight()))];
+        for (i, block) in self.layers.iter().enumerate() {
+            out.extend(
+                weights::LAYER.iter().zip(block.weights()).map(|(w, t)| (w.name(i), dense(t))),
+            );
         }
-        out.push(("model.norm.weight".into(), self.norm.weight.clone()));
+        out.push((weights::FINAL_NORM.into(), self.norm.weight.clone()));
         if !self.config.tie_embeddings() {
-            out.push(("lm_head.weight".into(), dense(self.lm_head.weight())));
+            out.push((weights::LM_HEAD.into(), dense(self.lm_head.weight())));
         }
         out
     }
