@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::errors::{ApiError, json_response};
-use super::serving::ApiJson;
-use super::sse::sse;
+use super::serving::{ApiJson, FinishedChoice};
+use super::sse::{Chunks, sse};
 use super::{Api, MAX_CHOICES, unix_now};
 use crate::engine::JobKind;
 use stream::{ChatChunks, ChunkStream, CompletionChunks};
@@ -125,6 +125,10 @@ struct Message {
 
 /// What both endpoints share once parsed.
 struct Sampling {
+    /// Answered as a stream of chunks.
+    stream: bool,
+    /// A stream ends with a usage chunk.
+    include_usage: bool,
     max_tokens: u32,
     temperature: Option<f32>,
     top_p: Option<f32>,
@@ -135,6 +139,28 @@ struct Sampling {
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
     logit_bias: Option<serde_json::Map<String, Value>>,
+}
+
+/// The [`Sampling`] of request `$request`, a completion or chat body: OpenAI names these fields
+/// alike in both. A macro, as the bodies are two types, and `#[serde(flatten)]` cannot give them
+/// one shared part: it does not combine with `deny_unknown_fields`.
+macro_rules! sampling {
+    ($request:ident, $max_tokens:expr) => {
+        Sampling {
+            stream: $request.stream.unwrap_or(false),
+            include_usage: $request.stream_options.unwrap_or_default().include_usage,
+            max_tokens: $max_tokens,
+            temperature: $request.temperature,
+            top_p: $request.top_p,
+            top_k: $request.top_k,
+            stop: $request.stop,
+            n: $request.n,
+            seed: $request.seed,
+            presence_penalty: $request.presence_penalty,
+            frequency_penalty: $request.frequency_penalty,
+            logit_bias: $request.logit_bias,
+        }
+    };
 }
 
 impl Sampling {
@@ -238,6 +264,59 @@ struct Completion<'a, C> {
     usage: Option<OpenAiUsage>,
 }
 
+/// What the two generating endpoints answer differently: their objects' names and choices.
+struct Answer<K, C> {
+    /// `object` of a whole answer.
+    object: &'static str,
+    /// `object` of a stream's chunks.
+    chunk_object: &'static str,
+    /// A stream's chunks for `n` choices, around what both streams share.
+    chunks: fn(ChunkStream, usize) -> K,
+    /// Choice `index` of a whole answer.
+    choice: fn(usize, FinishedChoice) -> C,
+}
+
+impl<K: Chunks, C: Serialize> Answer<K, C> {
+    /// Starts the `jobs` of request `id` and answers them: as a stream when the request asked
+    /// for one, else as one document with every choice and the usage summed over them.
+    async fn send(
+        self,
+        api: &Api,
+        id: String,
+        jobs: Vec<(String, JobKind, GenerationParams)>,
+        sampling: &Sampling,
+        n: usize,
+    ) -> Result<Response, ApiError> {
+        let run = api.start(jobs)?;
+        let created = unix_now();
+        if sampling.stream {
+            let stream =
+                ChunkStream::new(id, self.chunk_object, created, api, n, sampling.include_usage);
+            return sse(run, (self.chunks)(stream, n)).await;
+        }
+        let mut usage = OpenAiUsage::default();
+        let choices = run
+            .finish()
+            .await?
+            .into_iter()
+            .enumerate()
+            .map(|(index, f)| {
+                usage.add(index, n, &f.usage);
+                (self.choice)(index, f)
+            })
+            .collect();
+        let body = Completion {
+            id: &id,
+            object: self.object,
+            created,
+            model: &api.model_id,
+            choices,
+            usage: Some(usage),
+        };
+        Ok(json_response(StatusCode::OK, &body))
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct TextChoice {
     text: String,
@@ -258,18 +337,7 @@ pub(super) async fn completions(
     if request.logprobs.as_ref().is_some_and(|v| !v.is_null()) {
         return Err(unsupported("logprobs", "log-probabilities are not returned"));
     }
-    let sampling = Sampling {
-        max_tokens: request.max_tokens.unwrap_or(DEFAULT_COMPLETION_TOKENS),
-        temperature: request.temperature,
-        top_p: request.top_p,
-        top_k: request.top_k,
-        stop: request.stop,
-        n: request.n,
-        seed: request.seed,
-        presence_penalty: request.presence_penalty,
-        frequency_penalty: request.frequency_penalty,
-        logit_bias: request.logit_bias,
-    };
+    let sampling = sampling!(request, request.max_tokens.unwrap_or(DEFAULT_COMPLETION_TOKENS));
     let n = sampling.check(prompts.len())?;
     if request.best_of.is_some_and(|b| b as usize != n) {
         return Err(unsupported("best_of", "only best_of = n is supported"));
@@ -290,39 +358,18 @@ pub(super) async fn completions(
             jobs.push((job_id(&id, p * n + choice, total), kind, sampling.params(choice)));
         }
     }
-    let run = api.start(jobs)?;
-    let created = unix_now();
-    if request.stream.unwrap_or(false) {
-        let include_usage = request.stream_options.unwrap_or_default().include_usage;
-        let stream = ChunkStream::new(id, "text_completion", created, &api, n, include_usage);
-        let chunks = CompletionChunks(stream);
-        return sse(run, chunks).await;
-    }
-    let mut usage = OpenAiUsage::default();
-    let choices = run
-        .finish()
-        .await?
-        .into_iter()
-        .enumerate()
-        .map(|(index, f)| {
-            usage.add(index, n, &f.usage);
-            TextChoice {
-                text: f.text,
-                index,
-                logprobs: None,
-                finish_reason: Some(finish_reason(f.stop)),
-            }
-        })
-        .collect();
-    let body = Completion {
-        id: &id,
+    let answer = Answer {
         object: "text_completion",
-        created,
-        model: &api.model_id,
-        choices,
-        usage: Some(usage),
+        chunk_object: "text_completion",
+        chunks: |stream, _| CompletionChunks(stream),
+        choice: |index, f| TextChoice {
+            text: f.text,
+            index,
+            logprobs: None,
+            finish_reason: Some(finish_reason(f.stop)),
+        },
     };
-    Ok(json_response(StatusCode::OK, &body))
+    answer.send(&api, id, jobs, &sampling, n).await
 }
 
 /// The prompts of a completion request: a string or a list of strings.
@@ -384,18 +431,7 @@ pub(super) async fn chat(
         .max_completion_tokens
         .or(request.max_tokens)
         .unwrap_or(DEFAULT_CHAT_TOKENS.min(context / 2).max(1));
-    let sampling = Sampling {
-        max_tokens,
-        temperature: request.temperature,
-        top_p: request.top_p,
-        top_k: request.top_k,
-        stop: request.stop,
-        n: request.n,
-        seed: request.seed,
-        presence_penalty: request.presence_penalty,
-        frequency_penalty: request.frequency_penalty,
-        logit_bias: request.logit_bias,
-    };
+    let sampling = sampling!(request, max_tokens);
     let n = sampling.check(1)?;
     let id = api.fresh_id("chatcmpl");
     let jobs = (0..n)
@@ -403,40 +439,19 @@ pub(super) async fn chat(
             (job_id(&id, i, n), JobKind::Generate { prompt: prompt.clone() }, sampling.params(i))
         })
         .collect();
-    let run = api.start(jobs)?;
-    let created = unix_now();
-    if request.stream.unwrap_or(false) {
-        let include_usage = request.stream_options.unwrap_or_default().include_usage;
-        let stream = ChunkStream::new(id, "chat.completion.chunk", created, &api, n, include_usage);
-        let chunks = ChatChunks { stream, started: vec![false; n] };
-        return sse(run, chunks).await;
-    }
-    let mut usage = OpenAiUsage::default();
-    let choices = run
-        .finish()
-        .await?
-        .into_iter()
-        .enumerate()
-        .map(|(index, f)| {
-            usage.add(index, n, &f.usage);
-            ChatChoice {
-                index,
-                message: Some(AssistantMessage { role: "assistant", content: f.text }),
-                delta: None,
-                logprobs: None,
-                finish_reason: Some(finish_reason(f.stop)),
-            }
-        })
-        .collect();
-    let body = Completion {
-        id: &id,
+    let answer = Answer {
         object: "chat.completion",
-        created,
-        model: &api.model_id,
-        choices,
-        usage: Some(usage),
+        chunk_object: "chat.completion.chunk",
+        chunks: |stream, n| ChatChunks { stream, started: vec![false; n] },
+        choice: |index, f| ChatChoice {
+            index,
+            message: Some(AssistantMessage { role: "assistant", content: f.text }),
+            delta: None,
+            logprobs: None,
+            finish_reason: Some(finish_reason(f.stop)),
+        },
     };
-    Ok(json_response(StatusCode::OK, &body))
+    answer.send(&api, id, jobs, &sampling, n).await
 }
 
 /// Flattens chat messages into one code prompt for a model that only continues code (see
