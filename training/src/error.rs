@@ -2,7 +2,7 @@
 //! variant names the file, directory or setting at fault.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use m31r_model::tokenizer::TokenizerError;
 
@@ -96,6 +96,20 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
     let path = path.into();
     move |source| Error::Io { path, source }
+}
+
+/// Fails with [`Error::StageMissing`] unless `path`, the file `missing` of data directory `data`,
+/// is there: it is the output of `stage`, which has not been run yet.
+pub(crate) fn require_stage(
+    path: &Path,
+    data: &Path,
+    missing: &'static str,
+    stage: &'static str,
+) -> Result<()> {
+    if path.is_file() {
+        return Ok(());
+    }
+    Err(Error::StageMissing { dir: data.to_path_buf(), missing, stage })
 }
 
 /// Builds an [`Error::Invalid`].

@@ -9,6 +9,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::config::CorpusConfig;
+use crate::fsutil::by_name;
 
 /// Why a file is not in the dataset. The `as_str` names are the manifest's `drop` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -91,10 +92,7 @@ impl fmt::Display for DropReason {
 impl FromStr for DropReason {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("unknown drop reason {s:?}"))
+        by_name(&Self::ALL, Self::as_str, s, "drop reason")
     }
 }
 

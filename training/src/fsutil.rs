@@ -1,4 +1,5 @@
-//! Atomic file writes, JSON files, path text and hashing helpers shared by the stages.
+//! Atomic file writes, JSON files, path text, hashing and name lookup helpers shared by the
+//! stages.
 //!
 //! Every file a stage produces is written under a temporary name in the same directory and
 //! renamed into place only when complete: a crash leaves either the old file or the new one,
@@ -136,4 +137,18 @@ pub fn path_text(path: &Path) -> String {
         }
     }
     out
+}
+
+/// The one of `all` called `name` (as `name_of` calls it), or an error saying that `name` is no
+/// known `what`: `FromStr` of the closed sets of names (splits, drop reasons).
+pub(crate) fn by_name<T: Copy>(
+    all: &[T],
+    name_of: impl Fn(T) -> &'static str,
+    name: &str,
+    what: &str,
+) -> std::result::Result<T, String> {
+    all.iter()
+        .copied()
+        .find(|x| name_of(*x) == name)
+        .ok_or_else(|| format!("unknown {what} {name:?}"))
 }

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use m31r_model::config::{ConfigError, ModelConfig, Preset, RawModelConfig};
-use m31r_model::params::{ParamTable, SolverSpec, solve};
+use m31r_model::params::{ParamTable, SolverSpec};
 
 /// What to print the table of.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,19 +50,9 @@ pub fn params_report(query: &ParamsQuery) -> Result<String, ConfigError> {
             (format!("preset {name}"), config)
         }
         ParamsQuery::Target { spec, context_length } => {
-            let shape = solve(spec)?;
-            let config = ModelConfig::new(&RawModelConfig {
-                vocab_size: spec.vocab_size,
-                d_model: shape.d_model,
-                n_layers: shape.n_layers,
-                n_heads: shape.d_model / spec.head_dim,
-                n_kv_heads: None,
-                d_ff: shape.d_ff,
-                context_length: *context_length,
-                rope_theta: 10_000.0,
-                norm_eps: 1e-5,
-                tie_embeddings: spec.tied,
-            })?;
+            // Solved and built as a preset's shape is; the name is not used.
+            let target = Preset { name: "target", spec: *spec, context_length: *context_length };
+            let config = target.config()?;
             let off = 100.0 * (config.param_count() as f64 / spec.target_params as f64 - 1.0);
             (
                 format!(
@@ -91,4 +81,25 @@ pub fn params_report(query: &ParamsQuery) -> Result<String, ConfigError> {
     );
     let _ = writeln!(out, "{}", ParamTable::for_config(&config));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_solves_to_the_preset_with_its_spec() {
+        for preset in Preset::ALL {
+            let of_preset = ParamsQuery::Preset { name: preset.name.to_owned(), vocab: None };
+            let of_target =
+                ParamsQuery::Target { spec: preset.spec, context_length: preset.context_length };
+            let (of_preset, of_target) =
+                (params_report(&of_preset).unwrap(), params_report(&of_target).unwrap());
+            // The first line names the query; the shape and the table follow.
+            assert_eq!(
+                of_preset.split_once('\n').unwrap().1,
+                of_target.split_once('\n').unwrap().1
+            );
+        }
+    }
 }

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{Corpus, DATASET_FILE, DatasetInfo};
-use crate::error::{Error, Result, invalid, io_err};
+use crate::error::{Result, invalid, io_err, require_stage};
 use crate::fsutil::{AtomicFile, read_json, sha256_hex, write_atomic, write_json};
 use crate::progress::Progress;
 use crate::split::Split;
@@ -336,13 +336,7 @@ impl ShardSet {
     pub fn open(data: &Path, split: Split) -> Result<Self> {
         let dir = data.join(SHARDS_DIR);
         let index_path = dir.join(INDEX_FILE);
-        if !index_path.is_file() {
-            return Err(Error::StageMissing {
-                dir: data.to_path_buf(),
-                missing: "shards/index.json",
-                stage: "prepare",
-            });
-        }
+        require_stage(&index_path, data, "shards/index.json", "prepare")?;
         let index: ShardIndex = read_json(&index_path)?;
         if index.format != FORMAT_VERSION {
             return Err(invalid(

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::SplitConfig;
+use crate::fsutil::by_name;
 
 /// One of the three dataset splits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -56,10 +57,7 @@ impl fmt::Display for Split {
 impl FromStr for Split {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|x| x.as_str() == s)
-            .ok_or_else(|| format!("unknown split {s:?}"))
+        by_name(&Self::ALL, Self::as_str, s, "split")
     }
 }
 
@@ -120,6 +118,14 @@ pub fn assign<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_names_round_trip() {
+        for split in Split::ALL {
+            assert_eq!(split.as_str().parse::<Split>(), Ok(split));
+        }
+        assert_eq!("held_out".parse::<Split>(), Err("unknown split \"held_out\"".to_owned()));
+    }
 
     #[test]
     fn three_crates_fill_every_split() {

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{Corpus, ManifestEntry};
-use crate::error::{Error, Result};
+use crate::error::{Result, require_stage};
 use crate::fsutil::{read_json, sha256_hex, write_atomic, write_json};
 use crate::progress::Progress;
 use crate::split::Split;
@@ -144,13 +144,7 @@ pub fn train_tokenizer(opts: &TokenizerOptions) -> Result<TokenizerReport> {
 /// directory's current dataset.
 pub fn load_tokenizer(data: &Path, dataset_id: &str) -> Result<(Tokenizer, String)> {
     let path = data.join(TOKENIZER_FILE);
-    if !path.is_file() {
-        return Err(Error::StageMissing {
-            dir: data.to_path_buf(),
-            missing: TOKENIZER_FILE,
-            stage: "tokenizer",
-        });
-    }
+    require_stage(&path, data, TOKENIZER_FILE, "tokenizer")?;
     let bytes = std::fs::read(&path).map_err(crate::error::io_err(&path))?;
     let id = sha256_hex(&bytes);
     let report_path = data.join(REPORT_FILE);
