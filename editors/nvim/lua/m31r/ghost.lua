@@ -284,43 +284,31 @@ function M.attach(buf)
   end
   states[buf] = {}
   local group = vim.api.nvim_create_augroup("m31r_ghost_" .. buf, { clear = true })
-  vim.api.nvim_create_autocmd({ "TextChangedI", "TextChangedP" }, {
-    group = group,
-    buffer = buf,
-    callback = function()
-      on_text_changed(buf)
-    end,
-  })
-  vim.api.nvim_create_autocmd("CursorMovedI", {
-    group = group,
-    buffer = buf,
-    callback = function()
-      local st = states[buf]
-      local shown = st and st.shown
-      -- A move that comes with an edit is TextChangedI's to judge (typing what the ghost text shows).
-      if not shown or st.render_tick ~= vim.api.nvim_buf_get_changedtick(buf) then
-        return
-      end
-      local cursor = vim.api.nvim_win_get_cursor(0)
-      if cursor[1] - 1 ~= shown.row or cursor[2] ~= shown.col then
-        M.dismiss(buf)
-      end
-    end,
-  })
-  vim.api.nvim_create_autocmd({ "InsertLeave", "BufLeave" }, {
-    group = group,
-    buffer = buf,
-    callback = function()
+  -- The callbacks return nothing: a callback that returns true deletes its autocommand.
+  local function on(events, callback)
+    vim.api.nvim_create_autocmd(events, { group = group, buffer = buf, callback = callback })
+  end
+  on({ "TextChangedI", "TextChangedP" }, function()
+    on_text_changed(buf)
+  end)
+  on("CursorMovedI", function()
+    local st = states[buf]
+    local shown = st and st.shown
+    -- A move that comes with an edit is TextChangedI's to judge (typing what the ghost text shows).
+    if not shown or st.render_tick ~= vim.api.nvim_buf_get_changedtick(buf) then
+      return
+    end
+    local cursor = vim.api.nvim_win_get_cursor(0)
+    if cursor[1] - 1 ~= shown.row or cursor[2] ~= shown.col then
       M.dismiss(buf)
-    end,
-  })
-  vim.api.nvim_create_autocmd({ "BufUnload", "BufWipeout" }, {
-    group = group,
-    buffer = buf,
-    callback = function()
-      M.detach(buf)
-    end,
-  })
+    end
+  end)
+  on({ "InsertLeave", "BufLeave" }, function()
+    M.dismiss(buf)
+  end)
+  on({ "BufUnload", "BufWipeout" }, function()
+    M.detach(buf)
+  end)
 end
 
 --- Stops the engine for `buf`.
