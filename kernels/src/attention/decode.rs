@@ -89,7 +89,7 @@ impl Attention {
 }
 
 /// [`attention`] of one token's query `q` `(heads · dim)` into `y`, on slices: the decode step of
-/// [`crate::transformer::Model`]'s single-token path, which keeps activations out of candle
+/// the model's single-token path (`m31r_model::transformer::Model`), which keeps activations out of candle
 /// tensors.
 pub fn attention_one(
     q: &[f32],

@@ -6,9 +6,8 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
-use candle_nn::attention::AttnMask;
 use candle_nn::{VarBuilder, VarMap};
-use m31r_kernels::{attention, gemv, train};
+use m31r_kernels::gemv;
 
 use crate::config::ModelConfig;
 use crate::quant::{QLinear, QuantizedWeights, TokenEmbedding, Weight};
@@ -40,244 +39,17 @@ pub enum ModelError {
 
 type Result<T> = std::result::Result<T, ModelError>;
 
-/// Preallocated keys and values of one sequence, per layer, laid out head-major `(1, kv_heads,
-/// capacity, head_dim)`: the cached positions of one head are one contiguous run, which the decode
-/// attention kernel ([`m31r_kernels::attention`]) streams through at memory speed (a
-/// position-major layout would make it hop a whole row of heads per position). Unlike candle-nn's
-/// caches it can be truncated, which lets a sequence roll back to its longest common prefix with a
-/// new prompt.
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    keys: Vec<Tensor>,
-    values: Vec<Tensor>,
-    len: usize,
-    capacity: usize,
-    max_len: usize,
-}
+mod attention;
+mod block;
+mod cache;
+mod mlp;
+mod rope;
 
-impl KvCache {
-    /// An empty cache with room for `capacity` tokens (it grows on demand up to the context length).
-    pub fn new(
-        config: &ModelConfig,
-        capacity: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let capacity = capacity.clamp(1, config.context_length());
-        let shape = (1, config.n_kv_heads(), capacity, config.head_dim());
-        let zeros = || Tensor::zeros(shape, dtype, device);
-        let keys = (0..config.n_layers()).map(|_| zeros()).collect::<candle_core::Result<_>>()?;
-        let values = (0..config.n_layers()).map(|_| zeros()).collect::<candle_core::Result<_>>()?;
-        Ok(Self { keys, values, len: 0, capacity, max_len: config.context_length() })
-    }
-
-    /// Number of cached positions.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Positions the cache can hold before it must grow.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// Forgets every position from `n` on; later calls recompute them. `n` above `len()` is a no-op.
-    pub fn truncate(&mut self, n: usize) {
-        self.len = self.len.min(n);
-    }
-
-    /// Forgets everything.
-    pub fn clear(&mut self) {
-        self.len = 0;
-    }
-
-    /// Bytes allocated for keys and values.
-    pub fn allocated_bytes(&self) -> usize {
-        self.keys
-            .iter()
-            .chain(&self.values)
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
-    }
-
-    /// Makes room for `extra` more positions, doubling the allocation as needed.
-    fn reserve(&mut self, extra: usize) -> Result<()> {
-        let needed = self.len + extra;
-        if needed > self.max_len {
-            return Err(ModelError::ContextOverflow {
-                requested: needed,
-                context_length: self.max_len,
-            });
-        }
-        if needed <= self.capacity {
-            return Ok(());
-        }
-        let capacity = needed.max(self.capacity * 2).min(self.max_len);
-        for tensor in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            let (_, heads, _, dim) = tensor.dims4()?;
-            let grown = Tensor::zeros((1, heads, capacity, dim), tensor.dtype(), tensor.device())?;
-            if self.len > 0 {
-                grown.slice_set(&tensor.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-            }
-            *tensor = grown;
-        }
-        self.capacity = capacity;
-        Ok(())
-    }
-
-    /// Writes one position's keys and values (`kv_heads · head_dim` each) of `layer` at the
-    /// current end.
-    fn append_row(&self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
-        let (keys, values) = (&self.keys[layer], &self.values[layer]);
-        let (_, heads, _, dim) = keys.dims4()?;
-        for (buffer, row) in [(keys, k), (values, v)] {
-            let row = Tensor::from_slice(row, (1, heads, 1, dim), buffer.device())?;
-            buffer.slice_set(&row.to_dtype(buffer.dtype())?, 2, self.len)?;
-        }
-        Ok(())
-    }
-
-    /// Writes this chunk's keys and values `(1, seq, kv_heads, head_dim)` of `layer` at the current
-    /// end; returns the layer's whole key and value buffers, whose first `len() + seq` positions
-    /// are now valid.
-    fn append(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(&Tensor, &Tensor)> {
-        let (keys, values) = (&self.keys[layer], &self.values[layer]);
-        keys.slice_set(&k.transpose(1, 2)?.contiguous()?.to_dtype(keys.dtype())?, 2, self.len)?;
-        values.slice_set(
-            &v.transpose(1, 2)?.contiguous()?.to_dtype(values.dtype())?,
-            2,
-            self.len,
-        )?;
-        Ok((keys, values))
-    }
-}
-
-/// Precomputed rotary-embedding tables, `(context_length, head_dim / 2)`, non-interleaved
-/// ("rotate half") as in Hugging Face LLaMA.
-#[derive(Debug, Clone)]
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    fn new(config: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
-        let half = config.head_dim() / 2;
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| config.rope_theta().powf(-(2.0 * i as f64) / config.head_dim() as f64))
-            .collect();
-        let n = config.context_length() * half;
-        let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
-        for pos in 0..config.context_length() {
-            for f in &inv_freq {
-                let angle = pos as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
-        let shape = (config.context_length(), half);
-        Ok(Self {
-            cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
-        })
-    }
-
-    fn tables(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        Ok((self.cos.narrow(0, start, len)?, self.sin.narrow(0, start, len)?))
-    }
-
-    /// Fused rotation of `(batch, seq, heads, head_dim)` tensors at positions `start..`: on a CPU
-    /// in f32 the kernel of [`m31r_kernels::train`] (candle's thread pool; candle-nn's runs on rayon's
-    /// threads, which then compete with the pool's), elsewhere candle-nn's.
-    fn apply_fused(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let (cos, sin) = self.tables(start, x.dim(1)?)?;
-        if x.device().is_cpu() && x.dtype() == DType::F32 {
-            return Ok(train::rope(x, &cos, &sin)?);
-        }
-        Ok(candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &cos, &sin)?)
-    }
-
-    /// The same rotation, differentiable (fused with a hand-written backward on CPU, composed
-    /// elsewhere): candle's fused rope has no backward pass.
-    fn apply_train(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let (cos, sin) = self.tables(start, x.dim(1)?)?;
-        Ok(train::rope(x, &cos, &sin)?)
-    }
-}
-
-/// One row through several projections in one dispatch of the matrix–vector kernels (the
-/// single-token decode step); the weights must have kernel views ([`QLinear::has_rows`]).
-fn project_rows<const N: usize>(linears: [&QLinear; N], input: &[f32]) -> Result<[Vec<f32>; N]> {
-    QLinear::with_rows(&linears, |views| {
-        let mut ys: Vec<Vec<f32>> = views.iter().map(|(_, out)| vec![0f32; *out]).collect();
-        let mut parts: Vec<_> =
-            views.iter().zip(&mut ys).map(|((w, _), y)| (*w, y.as_mut_slice())).collect();
-        gemv::gemv_many(&mut parts, input, input.len());
-        ys
-    })?
-    .and_then(|ys| ys.try_into().ok())
-    .ok_or_else(|| ModelError::Usage("a projection has no kernel view".into()))
-}
-
-/// Rotates every head of one position's `(heads · head_dim)` row in place, rotate-half style,
-/// with that position's `cos` and `sin` (`head_dim / 2` each).
-fn rope_rows(x: &mut [f32], cos: &[f32], sin: &[f32]) {
-    let half = cos.len();
-    for head in x.chunks_mut(2 * half) {
-        let (first, second) = head.split_at_mut(half);
-        for (((a, b), c), s) in first.iter_mut().zip(second).zip(cos).zip(sin) {
-            let (x1, x2) = (*a, *b);
-            *a = x1 * c - x2 * s;
-            *b = x1 * s + x2 * c;
-        }
-    }
-}
-
-/// Root-mean-square layer norm with a learned scale and no bias.
-#[derive(Debug, Clone)]
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get(dim, "weight")?, eps })
-    }
-
-    /// The norm of one row on a slice (the single-token decode step).
-    fn apply(&self, x: &[f32]) -> Result<Vec<f32>> {
-        // Read in place: the weight may be a training variable, so it is not copied ahead.
-        let (storage, layout) = self.weight.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            return Err(ModelError::Usage("the single-token path runs on the CPU".into()));
-        };
-        let weight = m31r_kernels::data(cpu, layout, "rms_norm")?;
-        let inv = 1.0
-            / (m31r_kernels::vec::portable::dot_f32(x, x) / x.len() as f32 + self.eps as f32)
-                .sqrt();
-        Ok(x.iter().zip(weight).map(|(x, w)| x * inv * w).collect())
-    }
-
-    /// The inference norm: on a CPU in f32 the pool kernel of [`m31r_kernels::train`] (see
-    /// [`Rope::apply_fused`]), elsewhere candle-nn's.
-    fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
-        if x.device().is_cpu() && x.dtype() == DType::F32 {
-            return self.forward_train(x);
-        }
-        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?)
-    }
-
-    /// Differentiable RMSNorm (see [`train::rms_norm`]).
-    fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(train::rms_norm(x, &self.weight, self.eps)?)
-    }
-}
+#[cfg(test)]
+use attention::{fused_attention, plain_attention};
+use block::{Block, RmsNorm};
+pub use cache::KvCache;
+use rope::{Rope, rope_rows};
 
 /// Which attention implementation the inference forward uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -323,270 +95,18 @@ impl Path {
     }
 }
 
-/// Causal self-attention with RoPE and optional grouped-query key/value heads.
-#[derive(Debug, Clone)]
-struct Attention {
-    q_proj: QLinear,
-    k_proj: QLinear,
-    v_proj: QLinear,
-    o_proj: QLinear,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-}
-
-impl Attention {
-    fn load(vb: VarBuilder, config: &ModelConfig, quantized: &QuantizedWeights) -> Result<Self> {
-        let d = config.d_model();
-        let kv = config.n_kv_heads() * config.head_dim();
-        let linear = |out, inp, name: &str| -> Result<QLinear> {
-            Ok(QLinear::load(vb.pp(name), (out, inp), quantized)?)
-        };
-        Ok(Self {
-            q_proj: linear(d, d, "q_proj")?,
-            k_proj: linear(kv, d, "k_proj")?,
-            v_proj: linear(kv, d, "v_proj")?,
-            o_proj: linear(d, d, "o_proj")?,
-            n_heads: config.n_heads(),
-            n_kv_heads: config.n_kv_heads(),
-            head_dim: config.head_dim(),
-        })
-    }
-
-    /// Attends `x` (`(batch, seq, d_model)`, at positions `start..`) to itself and, on the inference
-    /// path, to the `cache`d positions before it.
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        path: Path,
-        cache: Option<(&KvCache, usize)>,
-    ) -> Result<Tensor> {
-        let (batch, seq, _) = x.dims3()?;
-        let start = cache.map_or(0, |(c, _)| c.len());
-        let [q, k, v] = path.project_all([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
-        let q = q.reshape((batch, seq, self.n_heads, self.head_dim))?;
-        let k = k.reshape((batch, seq, self.n_kv_heads, self.head_dim))?;
-        let v = v.reshape((batch, seq, self.n_kv_heads, self.head_dim))?;
-        let (q, k) = match path {
-            Path::Train => (rope.apply_train(&q, start)?, rope.apply_train(&k, start)?),
-            Path::Infer(_) => (rope.apply_fused(&q, start)?, rope.apply_fused(&k, start)?),
-        };
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let (k, v) = match cache {
-            Some((cache, layer)) => {
-                let (keys, values) = cache.append(layer, &k, &v)?;
-                let kv_len = start + seq;
-                if path == Path::Infer(AttentionKernel::Fused) {
-                    // A decode step or a keystroke's few new tokens: one pass over the cache per
-                    // query and head; a longer chunk (prefill): two GEMMs per head and block of
-                    // queries. Both read the head-major buffers in place.
-                    let attend = if seq <= attention::MAX_QUERIES {
-                        attention::attention
-                    } else {
-                        attention::attention_prefill
-                    };
-                    if let Some(y) = attend(&q, keys, values, kv_len, scale as f32)? {
-                        let y = y.reshape((batch, seq, self.n_heads * self.head_dim))?;
-                        return path.project(&self.o_proj, &y);
-                    }
-                }
-                // Other kernels take position-major `(1, kv_len, kv_heads, head_dim)` in the
-                // activation dtype.
-                let position_major = |t: &Tensor| -> Result<Tensor> {
-                    Ok(t.narrow(2, 0, kv_len)?
-                        .transpose(1, 2)?
-                        .contiguous()?
-                        .to_dtype(q.dtype())?)
-                };
-                (position_major(keys)?, position_major(values)?)
-            }
-            None => (k, v),
-        };
-        let y = match path {
-            Path::Infer(AttentionKernel::Fused) => match fused_attention(&q, &k, &v, scale)? {
-                Some(y) => y,
-                None => plain_attention(&q, &k, &v, scale, start, false)?,
-            },
-            Path::Infer(AttentionKernel::Plain) => {
-                plain_attention(&q, &k, &v, scale, start, false)?
-            }
-            Path::Train => plain_attention(&q, &k, &v, scale, start, true)?,
-        };
-        path.project(&self.o_proj, &y.reshape((batch, seq, self.n_heads * self.head_dim))?)
-    }
-}
-
-/// Reference attention over `(batch, seq, heads, dim)` queries and `(batch, kv_len, kv_heads, dim)`
-/// keys/values; returns `(batch, seq, heads, dim)`. Query `i` sits at absolute position `start + i`
-/// and sees keys `0..=start + i`. The differentiable variant masks and normalises with
-/// [`train::causal_softmax`] (which takes `start` from the shapes).
-fn plain_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    start: usize,
-    differentiable: bool,
-) -> Result<Tensor> {
-    let (_, seq, n_heads, _) = q.dims4()?;
-    let (_, kv_len, n_kv_heads, _) = k.dims4()?;
-    let q = q.transpose(1, 2)?.contiguous()?;
-    let k = repeat_kv(&k.transpose(1, 2)?, n_heads / n_kv_heads)?;
-    let v = repeat_kv(&v.transpose(1, 2)?, n_heads / n_kv_heads)?;
-    let scores = q.matmul(&k.t()?)?;
-    let probs = if differentiable {
-        train::causal_softmax(&scores, scale)?
-    } else {
-        let scores = (scores * scale)?;
-        let mask = causal_mask(seq, kv_len, start, q.dtype(), q.device())?;
-        candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?
-    };
-    Ok(probs.matmul(&v)?.transpose(1, 2)?)
-}
-
-/// The fused kernel for this device and dtype, or `None` where there is none.
-fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Option<Tensor>> {
-    let (_, seq, _, _) = q.dims4()?;
-    let offset = k.dim(1)? - seq;
-    if q.device().is_cpu() {
-        let mask = AttnMask::causal_with_offset(offset);
-        let run = match q.dtype() {
-            DType::F32 => candle_nn::attention::flash_attn::<f32>,
-            DType::F16 => candle_nn::attention::flash_attn::<half::f16>,
-            DType::BF16 => candle_nn::attention::flash_attn::<half::bf16>,
-            _ => return Ok(None),
-        };
-        // The CPU kernel accumulates in f32 and returns f32 (batch, heads, seq, dim).
-        let y = run(
-            &q.contiguous()?,
-            &k.contiguous()?,
-            &v.contiguous()?,
-            scale as f32,
-            mask,
-            None,
-            None,
-        )?;
-        return Ok(Some(y.to_dtype(q.dtype())?.transpose(1, 2)?));
-    }
-    #[cfg(feature = "flash-attn")]
-    if q.device().is_cuda() && matches!(q.dtype(), DType::F16 | DType::BF16) {
-        // flash-attn v2 aligns the causal mask bottom-right, which is exactly the KV-cache case.
-        let y = candle_flash_attn::flash_attn(q, k, v, scale as f32, true)?;
-        return Ok(Some(y));
-    }
-    Ok(None)
-}
-
-/// Shares each key/value head among `n_rep` consecutive query heads (LLaMA's GQA layout).
-fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x.contiguous()?);
-    }
-    let (batch, heads, seq, dim) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.expand((batch, heads, n_rep, seq, dim))?.reshape((
-        batch,
-        heads * n_rep,
-        seq,
-        dim,
-    ))?)
-}
-
-/// Additive mask `(seq, kv_len)`: query `i` (position `start + i`) may see keys `0..=start + i`.
-fn causal_mask(
-    seq: usize,
-    kv_len: usize,
-    start: usize,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| {
-            (0..kv_len).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY })
-        })
-        .collect();
-    Ok(Tensor::from_vec(mask, (seq, kv_len), device)?.to_dtype(dtype)?)
-}
-
-/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
-#[derive(Debug, Clone)]
-struct Mlp {
-    gate_proj: QLinear,
-    up_proj: QLinear,
-    down_proj: QLinear,
-}
-
-impl Mlp {
-    fn load(vb: VarBuilder, config: &ModelConfig, quantized: &QuantizedWeights) -> Result<Self> {
-        let (d, ff) = (config.d_model(), config.d_ff());
-        let linear = |out, inp, name: &str| -> Result<QLinear> {
-            Ok(QLinear::load(vb.pp(name), (out, inp), quantized)?)
-        };
-        Ok(Self {
-            gate_proj: linear(ff, d, "gate_proj")?,
-            up_proj: linear(ff, d, "up_proj")?,
-            down_proj: linear(d, ff, "down_proj")?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, path: Path) -> Result<Tensor> {
-        let [gate, up] = path.project_all([&self.gate_proj, &self.up_proj], x)?;
-        let gated = train::swiglu(&gate, &up)?;
-        path.project(&self.down_proj, &gated)
-    }
-}
-
-/// Pre-norm transformer block: `x + attn(norm(x))`, then `h + mlp(norm(h))`.
-#[derive(Debug, Clone)]
-struct Block {
-    input_layernorm: RmsNorm,
-    self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
-}
-
-impl Block {
-    fn load(vb: VarBuilder, config: &ModelConfig, quantized: &QuantizedWeights) -> Result<Self> {
-        let (d, eps) = (config.d_model(), config.norm_eps());
-        Ok(Self {
-            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), d, eps)?,
-            self_attn: Attention::load(vb.pp("self_attn"), config, quantized)?,
-            post_attention_layernorm: RmsNorm::load(vb.pp("post_attention_layernorm"), d, eps)?,
-            mlp: Mlp::load(vb.pp("mlp"), config, quantized)?,
-        })
-    }
-
-    /// This block's weights in the order of [`weights::LAYER`] (quantized ones dequantized).
-    fn weights(&self) -> [candle_core::Result<Tensor>; 9] {
-        let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            Ok(self.input_layernorm.weight.clone()),
-            a.q_proj.weight(),
-            a.k_proj.weight(),
-            a.v_proj.weight(),
-            a.o_proj.weight(),
-            Ok(self.post_attention_layernorm.weight.clone()),
-            m.gate_proj.weight(),
-            m.up_proj.weight(),
-            m.down_proj.weight(),
-        ]
-    }
-
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        path: Path,
-        cache: Option<(&KvCache, usize)>,
-    ) -> Result<Tensor> {
-        let norm = |n: &RmsNorm, x: &Tensor| match path {
-            Path::Train => n.forward_train(x),
-            Path::Infer(_) => n.forward_fused(x),
-        };
-        let h =
-            (x + self.self_attn.forward(&norm(&self.input_layernorm, x)?, rope, path, cache)?)?;
-        Ok((&h + self.mlp.forward(&norm(&self.post_attention_layernorm, &h)?, path)?)?)
-    }
+/// One row through several projections in one dispatch of the matrix–vector kernels (the
+/// single-token decode step); the weights must have kernel views ([`QLinear::has_rows`]).
+fn project_rows<const N: usize>(linears: [&QLinear; N], input: &[f32]) -> Result<[Vec<f32>; N]> {
+    QLinear::with_rows(&linears, |views| {
+        let mut ys: Vec<Vec<f32>> = views.iter().map(|(_, out)| vec![0f32; *out]).collect();
+        let mut parts: Vec<_> =
+            views.iter().zip(&mut ys).map(|((w, _), y)| (*w, y.as_mut_slice())).collect();
+        gemv::gemv_many(&mut parts, input, input.len());
+        ys
+    })?
+    .and_then(|ys| ys.try_into().ok())
+    .ok_or_else(|| ModelError::Usage("a projection has no kernel view".into()))
 }
 
 /// The decoder: embedding → blocks → final norm → LM head (tied to the embedding by default).
@@ -825,7 +345,14 @@ impl Model {
             cache.append_row(i, &k, &v)?;
             let mut y = vec![0f32; q.len()];
             let scale = 1.0 / (attn.head_dim as f32).sqrt();
-            attention::attention_one(&q, &cache.keys[i], &cache.values[i], pos + 1, scale, &mut y)?;
+            m31r_kernels::attention::attention_one(
+                &q,
+                &cache.keys[i],
+                &cache.values[i],
+                pos + 1,
+                scale,
+                &mut y,
+            )?;
             let [o] = project_rows([&attn.o_proj], &y)?;
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             let h = block.post_attention_layernorm.apply(&x)?;

@@ -1,0 +1,111 @@
+//! The pre-norm block and its RMSNorm.
+
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+use m31r_kernels::train;
+
+use super::attention::Attention;
+use super::cache::KvCache;
+use super::mlp::Mlp;
+use super::rope::Rope;
+use super::{ModelError, Path, Result};
+use crate::config::ModelConfig;
+use crate::quant::QuantizedWeights;
+
+/// Root-mean-square layer norm with a learned scale and no bias.
+#[derive(Debug, Clone)]
+pub(super) struct RmsNorm {
+    pub(super) weight: Tensor,
+    pub(super) eps: f64,
+}
+
+impl RmsNorm {
+    pub(super) fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: vb.get(dim, "weight")?, eps })
+    }
+
+    /// The norm of one row on a slice (the single-token decode step).
+    pub(super) fn apply(&self, x: &[f32]) -> Result<Vec<f32>> {
+        // Read in place: the weight may be a training variable, so it is not copied ahead.
+        let (storage, layout) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Err(ModelError::Usage("the single-token path runs on the CPU".into()));
+        };
+        let weight = m31r_kernels::data(cpu, layout, "rms_norm")?;
+        let inv = 1.0
+            / (m31r_kernels::vec::portable::dot_f32(x, x) / x.len() as f32 + self.eps as f32)
+                .sqrt();
+        Ok(x.iter().zip(weight).map(|(x, w)| x * inv * w).collect())
+    }
+
+    /// The inference norm: on a CPU in f32 the pool kernel of [`m31r_kernels::train`] (see
+    /// [`Rope::apply_fused`]), elsewhere candle-nn's.
+    pub(super) fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            return self.forward_train(x);
+        }
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32)?)
+    }
+
+    /// Differentiable RMSNorm (see [`train::rms_norm`]).
+    pub(super) fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(train::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+/// Pre-norm transformer block: `x + attn(norm(x))`, then `h + mlp(norm(h))`.
+#[derive(Debug, Clone)]
+pub(super) struct Block {
+    pub(super) input_layernorm: RmsNorm,
+    pub(super) self_attn: Attention,
+    pub(super) post_attention_layernorm: RmsNorm,
+    pub(super) mlp: Mlp,
+}
+
+impl Block {
+    pub(super) fn load(
+        vb: VarBuilder,
+        config: &ModelConfig,
+        quantized: &QuantizedWeights,
+    ) -> Result<Self> {
+        let (d, eps) = (config.d_model(), config.norm_eps());
+        Ok(Self {
+            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), d, eps)?,
+            self_attn: Attention::load(vb.pp("self_attn"), config, quantized)?,
+            post_attention_layernorm: RmsNorm::load(vb.pp("post_attention_layernorm"), d, eps)?,
+            mlp: Mlp::load(vb.pp("mlp"), config, quantized)?,
+        })
+    }
+
+    /// This block's weights in the order of [`weights::LAYER`] (quantized ones dequantized).
+    pub(super) fn weights(&self) -> [candle_core::Result<Tensor>; 9] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            Ok(self.input_layernorm.weight.clone()),
+            a.q_proj.weight(),
+            a.k_proj.weight(),
+            a.v_proj.weight(),
+            a.o_proj.weight(),
+            Ok(self.post_attention_layernorm.weight.clone()),
+            m.gate_proj.weight(),
+            m.up_proj.weight(),
+            m.down_proj.weight(),
+        ]
+    }
+
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        path: Path,
+        cache: Option<(&KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let norm = |n: &RmsNorm, x: &Tensor| match path {
+            Path::Train => n.forward_train(x),
+            Path::Infer(_) => n.forward_fused(x),
+        };
+        let h =
+            (x + self.self_attn.forward(&norm(&self.input_layernorm, x)?, rope, path, cache)?)?;
+        Ok((&h + self.mlp.forward(&norm(&self.post_attention_layernorm, &h)?, path)?)?)
+    }
+}

@@ -1,0 +1,41 @@
+//! The SwiGLU feed-forward.
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use m31r_kernels::train;
+
+use super::{Path, Result};
+use crate::config::ModelConfig;
+use crate::quant::{QLinear, QuantizedWeights};
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub(super) struct Mlp {
+    pub(super) gate_proj: QLinear,
+    pub(super) up_proj: QLinear,
+    pub(super) down_proj: QLinear,
+}
+
+impl Mlp {
+    pub(super) fn load(
+        vb: VarBuilder,
+        config: &ModelConfig,
+        quantized: &QuantizedWeights,
+    ) -> Result<Self> {
+        let (d, ff) = (config.d_model(), config.d_ff());
+        let linear = |out, inp, name: &str| -> Result<QLinear> {
+            Ok(QLinear::load(vb.pp(name), (out, inp), quantized)?)
+        };
+        Ok(Self {
+            gate_proj: linear(ff, d, "gate_proj")?,
+            up_proj: linear(ff, d, "up_proj")?,
+            down_proj: linear(d, ff, "down_proj")?,
+        })
+    }
+
+    pub(super) fn forward(&self, x: &Tensor, path: Path) -> Result<Tensor> {
+        let [gate, up] = path.project_all([&self.gate_proj, &self.up_proj], x)?;
+        let gated = train::swiglu(&gate, &up)?;
+        path.project(&self.down_proj, &gated)
+    }
+}
