@@ -89,8 +89,8 @@ impl Attention {
 }
 
 /// [`attention`] of one token's query `q` `(heads · dim)` into `y`, on slices: the decode step of
-/// the model's single-token path (`m31r_model::transformer::Model`), which keeps activations out of candle
-/// tensors.
+/// the model's single-token path (`m31r_model::transformer::Model`), which keeps activations out
+/// of candle tensors.
 pub fn attention_one(
     q: &[f32],
     keys: &Tensor,
