@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{CorpusConfig, SplitConfig};
 use crate::crates::Version;
-use crate::error::{Error, Result, invalid, io_err};
+use crate::error::{Error, Result, check_format, invalid, io_err, require_stage};
 use crate::filters::{self, DropReason};
 pub use crate::fsutil::path_text;
 use crate::fsutil::{AtomicFile, TEMP_PREFIX, read_json, sha256_hex, write_atomic, write_json};
@@ -480,20 +480,9 @@ impl Corpus {
     /// Opens the corpus in `dir`, checking that the manifest matches the dataset id.
     pub fn open(dir: &Path) -> Result<Self> {
         let dataset_path = dir.join(DATASET_FILE);
-        if !dataset_path.is_file() {
-            return Err(Error::StageMissing {
-                dir: dir.to_path_buf(),
-                missing: DATASET_FILE,
-                stage: "corpus",
-            });
-        }
+        require_stage(&dataset_path, dir, DATASET_FILE, "corpus")?;
         let info: DatasetInfo = read_json(&dataset_path)?;
-        if info.format != FORMAT_VERSION {
-            return Err(invalid(
-                &dataset_path,
-                format!("format {} is not {FORMAT_VERSION}", info.format),
-            ));
-        }
+        check_format(&dataset_path, info.format, FORMAT_VERSION)?;
         let manifest_path = dir.join(MANIFEST_FILE);
         let text = fs::read_to_string(&manifest_path).map_err(io_err(&manifest_path))?;
         let entries = text

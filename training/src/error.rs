@@ -112,7 +112,29 @@ pub(crate) fn require_stage(
     Err(Error::StageMissing { dir: data.to_path_buf(), missing, stage })
 }
 
+/// Fails with [`Error::Invalid`] on `path` unless the layout version `found` it declares is the
+/// `expected` one, the only one this build reads.
+pub(crate) fn check_format(path: &Path, found: u32, expected: u32) -> Result<()> {
+    if found == expected {
+        return Ok(());
+    }
+    Err(invalid(path, format!("format {found} is not {expected}")))
+}
+
 /// Builds an [`Error::Invalid`].
 pub(crate) fn invalid(path: impl Into<PathBuf>, reason: impl Into<String>) -> Error {
     Error::Invalid { path: path.into(), reason: reason.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_foreign_format_is_refused_naming_the_file_and_both_versions() {
+        let path = Path::new("data/shards/index.json");
+        assert!(check_format(path, 1, 1).is_ok());
+        let err = check_format(path, 2, 1).unwrap_err();
+        assert_eq!(err.to_string(), "data/shards/index.json: format 2 is not 1");
+    }
 }

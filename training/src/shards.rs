@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::corpus::{Corpus, DATASET_FILE, DatasetInfo};
-use crate::error::{Result, invalid, io_err, require_stage};
+use crate::error::{Result, check_format, invalid, io_err, require_stage};
 use crate::fsutil::{AtomicFile, read_json, sha256_hex, write_atomic, write_json};
 use crate::progress::Progress;
 use crate::split::Split;
@@ -338,12 +338,7 @@ impl ShardSet {
         let index_path = dir.join(INDEX_FILE);
         require_stage(&index_path, data, "shards/index.json", "prepare")?;
         let index: ShardIndex = read_json(&index_path)?;
-        if index.format != FORMAT_VERSION {
-            return Err(invalid(
-                &index_path,
-                format!("format {} is not {FORMAT_VERSION}", index.format),
-            ));
-        }
+        check_format(&index_path, index.format, FORMAT_VERSION)?;
         let dataset: DatasetInfo = read_json(&data.join(DATASET_FILE))?;
         let tokenizer_path = data.join(crate::tok::TOKENIZER_FILE);
         let tokenizer_id = sha256_hex(&fs::read(&tokenizer_path).map_err(io_err(&tokenizer_path))?);
