@@ -17,6 +17,7 @@ mod conn;
 mod errors;
 mod guard;
 mod openai;
+mod run;
 mod serving;
 mod sse;
 

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::errors::{ApiError, json_response};
-use super::serving::{ApiJson, FinishedChoice};
+use super::run::FinishedChoice;
+use super::serving::ApiJson;
 use super::sse::{Chunks, sse};
 use super::{Api, MAX_CHOICES, unix_now};
 use crate::engine::JobKind;

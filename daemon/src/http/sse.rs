@@ -17,7 +17,7 @@ use hyper::body::Frame;
 use m31r_protocol::Event;
 
 use super::errors::ApiError;
-use super::serving::Run;
+use super::run::Run;
 
 /// Turns a run's events into server-sent-event payloads (each becomes one `data:` line).
 pub(super) trait Chunks: Send + Unpin + 'static {
