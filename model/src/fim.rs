@@ -287,7 +287,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::tokenizer::tests::{RUST_FIXTURE, TOK_1024, hermetic_config};
+    use crate::testing::{RUST_FIXTURE, TOK_1024, hermetic_config};
 
     /// One fixture file, long enough to exercise truncation.
     fn fixture() -> String {

@@ -12,6 +12,8 @@ pub mod params;
 pub mod quant;
 pub mod rng;
 pub mod sampling;
+#[doc(hidden)]
+pub mod testing;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;

@@ -15,7 +15,7 @@ use m31r_model::bundle::{
 };
 use m31r_model::{Bundle, BundleInfo, Model, ModelConfig, RawModelConfig, Tokenizer, write_bundle};
 
-use crate::common::{max_abs_diff, row};
+use m31r_model::testing::{max_abs_diff, row};
 
 const CORPUS: &[&str] = &[
     "fn main() {\n    let names = vec![\"größe\", \"日本語\", \"🦀\"];\n    for n in &names {\n        println!(\"{n}\");\n    }\n}\n",

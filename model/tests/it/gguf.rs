@@ -11,7 +11,7 @@ use m31r_model::gguf::{gguf_name, rope_row_order, write_gguf};
 use m31r_model::quant::{self, Weight};
 use m31r_model::{Model, ModelConfig, Precision, RawModelConfig, SpecialToken, Tokenizer};
 
-use crate::common::{max_abs_diff, row};
+use m31r_model::testing::{max_abs_diff, row};
 
 const CORPUS: &[&str] = &[
     "fn main() {\n    let v = vec![1, 2, 3];\n    for x in &v {\n        println!(\"{x}\");\n    }\n}\n",

@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod bundle;
-mod common;
 mod gguf;
 mod parity;
 mod quant;

@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::llama::{Cache, Config, Llama};
 use m31r_model::Model;
 
-use crate::common::{ids, max_abs_diff, row, tiny_config};
+use m31r_model::testing::{ids, max_abs_diff, row, tiny_config};
 
 #[test]
 fn candle_transformers_llama_gives_the_same_logits() {

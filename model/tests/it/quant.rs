@@ -8,7 +8,7 @@ use candle_core::{D, DType, Device, IndexOp, Tensor};
 use m31r_model::quant::{self, Weight};
 use m31r_model::{Model, ModelConfig, Precision, RawModelConfig};
 
-use crate::common::{ids, max_abs_diff, row, tiny_config};
+use m31r_model::testing::{ids, max_abs_diff, row, tiny_config};
 
 /// A fixture whose rows divide into Q4_K's 256-value super-blocks (the tiny test config's 64 and
 /// 160 do not).

@@ -13,7 +13,7 @@ use m31r_model::bundle::{
 use m31r_model::quant;
 use m31r_model::{Bundle, BundleInfo, Model, ModelConfig, Precision, RawModelConfig, Tokenizer};
 
-use crate::common::{max_abs_diff, row};
+use m31r_model::testing::{max_abs_diff, row};
 
 const CORPUS: &[&str] = &[
     "fn main() {\n    let v = vec![1, 2, 3];\n    for x in &v {\n        println!(\"{x}\");\n    }\n}\n",

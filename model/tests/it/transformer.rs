@@ -5,7 +5,7 @@ use candle_core::{D, DType, Device, IndexOp, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use m31r_model::{AttentionKernel, Model};
 
-use crate::common::{ids, max_abs_diff, row, tiny_config, tiny_model};
+use m31r_model::testing::{ids, max_abs_diff, row, tiny_config, tiny_model};
 
 const TOL: f32 = 1e-4;
 

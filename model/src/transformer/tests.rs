@@ -1,0 +1,108 @@
+//! Property tests of the decoder's building blocks (private, so they live in the crate).
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::config::RawModelConfig;
+use crate::testing::hermetic_config;
+
+fn config(head_dim: usize) -> ModelConfig {
+    ModelConfig::new(&RawModelConfig {
+        vocab_size: 300,
+        d_model: head_dim * 2,
+        n_layers: 1,
+        n_heads: 2,
+        n_kv_heads: None,
+        d_ff: 32,
+        context_length: 256,
+        rope_theta: 10_000.0,
+        norm_eps: 1e-6,
+        tie_embeddings: true,
+    })
+    .unwrap()
+}
+
+fn tensor(values: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_slice(values, shape, &Device::Cpu).unwrap()
+}
+
+fn vec_of(len: usize) -> impl Strategy<Value = Vec<f32>> {
+    prop::collection::vec(-3f32..3.0, len)
+}
+
+fn dot(a: &Tensor, b: &Tensor) -> f32 {
+    (a * b).unwrap().sum_all().unwrap().to_scalar().unwrap()
+}
+
+proptest! {
+    #![proptest_config(hermetic_config(64))]
+
+    #[test]
+    fn rope_preserves_norms(x in vec_of(16), pos in 0usize..250, fused in any::<bool>()) {
+        let rope = Rope::new(&config(16), DType::F32, &Device::Cpu).unwrap();
+        let x = tensor(&x, &[1, 1, 1, 16]);
+        let y = if fused { rope.apply_fused(&x, pos) } else { rope.apply_train(&x, pos) }.unwrap();
+        let (nx, ny) = (dot(&x, &x).sqrt(), dot(&y, &y).sqrt());
+        prop_assert!((nx - ny).abs() <= 1e-4 * nx.max(1.0), "{nx} vs {ny}");
+    }
+
+    #[test]
+    fn rope_scores_depend_only_on_the_offset(
+        q in vec_of(16), k in vec_of(16), m in 0usize..120, n in 0usize..120, shift in 0usize..120,
+    ) {
+        let rope = Rope::new(&config(16), DType::F32, &Device::Cpu).unwrap();
+        let (q, k) = (tensor(&q, &[1, 1, 1, 16]), tensor(&k, &[1, 1, 1, 16]));
+        let score = |a: usize, b: usize| {
+            dot(&rope.apply_fused(&q, a).unwrap(), &rope.apply_fused(&k, b).unwrap())
+        };
+        let (s1, s2) = (score(m, n), score(m + shift, n + shift));
+        prop_assert!((s1 - s2).abs() <= 1e-3 * s1.abs().max(1.0), "{s1} vs {s2}");
+    }
+
+    #[test]
+    fn inference_and_training_rope_agree(x in vec_of(3 * 2 * 16), start in 0usize..200) {
+        let rope = Rope::new(&config(16), DType::F32, &Device::Cpu).unwrap();
+        let x = tensor(&x, &[1, 3, 2, 16]);
+        let a = rope.apply_fused(&x, start).unwrap();
+        let b = rope.apply_train(&x, start).unwrap();
+        let diff: f32 = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        prop_assert!(diff <= 1e-5);
+    }
+
+    #[test]
+    fn attention_is_linear_in_values(
+        q in vec_of(5 * 4 * 8), k in vec_of(5 * 2 * 8), v1 in vec_of(5 * 2 * 8), v2 in vec_of(5 * 2 * 8),
+        a in -2f32..2.0, b in -2f32..2.0, fused in any::<bool>(),
+    ) {
+        let (q, k) = (tensor(&q, &[1, 5, 4, 8]), tensor(&k, &[1, 5, 2, 8]));
+        let (v1, v2) = (tensor(&v1, &[1, 5, 2, 8]), tensor(&v2, &[1, 5, 2, 8]));
+        let attend = |v: &Tensor| -> Tensor {
+            if fused {
+                fused_attention(&q, &k, v, 0.35).unwrap().unwrap()
+            } else {
+                plain_attention(&q, &k, v, 0.35, 0, true).unwrap()
+            }
+        };
+        let mixed = ((&v1 * f64::from(a)).unwrap() + (&v2 * f64::from(b)).unwrap()).unwrap();
+        let lhs = attend(&mixed);
+        let rhs = ((attend(&v1) * f64::from(a)).unwrap() + (attend(&v2) * f64::from(b)).unwrap()).unwrap();
+        let diff: f32 = (lhs - rhs).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        prop_assert!(diff <= 1e-4, "{diff}");
+    }
+
+    #[test]
+    fn rms_norm_is_scale_invariant(x in vec_of(32), w in vec_of(32), scale in 0.05f32..20.0) {
+        // ε is a numerical guard, not part of the property: leave it out and keep x away from 0.
+        prop_assume!(x.iter().map(|v| v * v).sum::<f32>() > 0.1);
+        let norm = RmsNorm { weight: tensor(&w, &[32]), eps: 0.0 };
+        let x = tensor(&x, &[1, 32]);
+        let scaled = (&x * f64::from(scale)).unwrap();
+        for (p, q) in [
+            (norm.forward_fused(&x).unwrap(), norm.forward_fused(&scaled).unwrap()),
+            (norm.forward_train(&x).unwrap(), norm.forward_train(&scaled).unwrap()),
+        ] {
+            let diff: f32 = (p - q).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            prop_assert!(diff <= 1e-4, "{diff}");
+        }
+    }
+}
