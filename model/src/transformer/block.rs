@@ -10,7 +10,7 @@ use super::mlp::Mlp;
 use super::rope::Rope;
 use super::{ModelError, Path, Result};
 use crate::config::ModelConfig;
-use crate::quant::QuantizedWeights;
+use crate::quant::{QLinear, QuantizedWeights};
 
 /// Root-mean-square layer norm with a learned scale and no bias.
 #[derive(Debug, Clone)]
@@ -107,5 +107,31 @@ impl Block {
         let h =
             (x + self.self_attn.forward(&norm(&self.input_layernorm, x)?, rope, path, cache)?)?;
         Ok((&h + self.mlp.forward(&norm(&self.post_attention_layernorm, &h)?, path)?)?)
+    }
+
+    /// [`Block::forward`] for one token on plain slices (the CPU decode step, see
+    /// `Model::forward_token`): the hidden row `x` is updated in place, the token's key and value
+    /// appended to layer `layer` of `cache` at position `pos`.
+    pub(super) fn forward_token(
+        &self,
+        x: &mut [f32],
+        rope: (&[f32], &[f32]),
+        cache: &KvCache,
+        layer: usize,
+        pos: usize,
+    ) -> Result<()> {
+        let h = self.input_layernorm.apply(x)?;
+        let o = self.self_attn.forward_token(&h, rope, cache, layer, pos)?;
+        x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+        let h = self.post_attention_layernorm.apply(x)?;
+        let down = self.mlp.forward_token(&h)?;
+        x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
+        Ok(())
+    }
+
+    /// The block's projections, the ones the single-token path needs kernel views of.
+    pub(super) fn linears(&self) -> [&QLinear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
     }
 }

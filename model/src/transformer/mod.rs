@@ -49,7 +49,7 @@ mod rope;
 use attention::{fused_attention, plain_attention};
 use block::{Block, RmsNorm};
 pub use cache::KvCache;
-use rope::{Rope, rope_rows};
+use rope::Rope;
 
 /// Which attention implementation the inference forward uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -303,23 +303,7 @@ impl Model {
     /// weight the kernels cannot read); same results as [`Model::forward_hidden`] up to summation
     /// order.
     fn forward_token(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Option<Tensor>> {
-        let linears = || {
-            self.layers
-                .iter()
-                .flat_map(|b| {
-                    let (a, m) = (&b.self_attn, &b.mlp);
-                    [
-                        &a.q_proj,
-                        &a.k_proj,
-                        &a.v_proj,
-                        &a.o_proj,
-                        &m.gate_proj,
-                        &m.up_proj,
-                        &m.down_proj,
-                    ]
-                })
-                .chain([&self.lm_head])
-        };
+        let linears = || self.layers.iter().flat_map(Block::linears).chain([&self.lm_head]);
         if ids.dims() != [1, 1]
             || !self.device().is_cpu()
             || self.dtype() != DType::F32
@@ -336,32 +320,7 @@ impl Model {
             (cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?);
         let mut x = self.embed_tokens.forward(ids)?.flatten_all()?.to_vec1::<f32>()?;
         for (i, block) in self.layers.iter().enumerate() {
-            let attn = &block.self_attn;
-            let h = block.input_layernorm.apply(&x)?;
-            let [mut q, mut k, v]: [Vec<f32>; 3] =
-                project_rows([&attn.q_proj, &attn.k_proj, &attn.v_proj], &h)?;
-            rope_rows(&mut q, &cos, &sin);
-            rope_rows(&mut k, &cos, &sin);
-            cache.append_row(i, &k, &v)?;
-            let mut y = vec![0f32; q.len()];
-            let scale = 1.0 / (attn.head_dim as f32).sqrt();
-            m31r_kernels::attention::attention_one(
-                &q,
-                &cache.keys[i],
-                &cache.values[i],
-                pos + 1,
-                scale,
-                &mut y,
-            )?;
-            let [o] = project_rows([&attn.o_proj], &y)?;
-            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-            let h = block.post_attention_layernorm.apply(&x)?;
-            let mlp = &block.mlp;
-            let [gate, up]: [Vec<f32>; 2] = project_rows([&mlp.gate_proj, &mlp.up_proj], &h)?;
-            let gated: Vec<f32> =
-                gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-            let [down] = project_rows([&mlp.down_proj], &gated)?;
-            x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
+            block.forward_token(&mut x, (&cos, &sin), cache, i, pos)?;
         }
         cache.len += 1;
         let h = self.norm.apply(&x)?;
