@@ -293,9 +293,8 @@ impl QLinear {
         shape: (usize, usize),
         quantized: &QuantizedWeights,
     ) -> candle_core::Result<Self> {
-        let name = format!("{}.weight", vb.prefix());
-        match quantized.get(&name) {
-            Some(q) => Ok(QLinear::Quantized(QMatMul::QTensor(checked(&name, q, shape)?))),
+        match stored_blocks(&vb, shape, quantized)? {
+            Some(q) => Ok(QLinear::Quantized(QMatMul::QTensor(q))),
             None => Ok(QLinear::Dense(Linear::new(vb.get(shape, "weight")?, None))),
         }
     }
@@ -457,9 +456,8 @@ impl TokenEmbedding {
         shape: (usize, usize),
         quantized: &QuantizedWeights,
     ) -> candle_core::Result<Self> {
-        let name = format!("{}.weight", vb.prefix());
-        match quantized.get(&name) {
-            Some(q) => Ok(TokenEmbedding::Quantized(checked(&name, q, shape)?)),
+        match stored_blocks(&vb, shape, quantized)? {
+            Some(q) => Ok(TokenEmbedding::Quantized(q)),
             None => Ok(TokenEmbedding::Dense(Embedding::new(vb.get(shape, "weight")?, shape.1))),
         }
     }
@@ -506,16 +504,20 @@ impl Module for TokenEmbedding {
     }
 }
 
-fn checked(
-    name: &str,
-    q: &Arc<QTensor>,
+/// The GGML blocks stored in `quantized` for `{vb prefix}.weight`, their shape checked against
+/// `(rows, cols)`; `None` when the weight is dense (it is then read from `vb`).
+fn stored_blocks(
+    vb: &candle_nn::VarBuilder,
     (rows, cols): (usize, usize),
-) -> candle_core::Result<Arc<QTensor>> {
+    quantized: &QuantizedWeights,
+) -> candle_core::Result<Option<Arc<QTensor>>> {
+    let name = format!("{}.weight", vb.prefix());
+    let Some(q) = quantized.get(&name) else { return Ok(None) };
     if q.shape().dims() != [rows, cols] {
         candle_core::bail!(
             "quantized tensor {name} has shape {:?}, expected [{rows}, {cols}]",
             q.shape().dims()
         );
     }
-    Ok(q.clone())
+    Ok(Some(q.clone()))
 }
