@@ -18,30 +18,37 @@ pub const MAX_ROWS: usize = 8;
 const ROWS_PER_ITEM: usize = 16;
 
 /// `y = x Wᵀ` for `x` of shape `(.., in)` with at most [`MAX_ROWS`] rows and `W` of shape
-/// `(out, in)`; `None` when the kernels do not apply (not a CPU f32 input, too many rows, or a
-/// weight whose storage does not match the shape), so the caller takes candle's path.
-pub fn linear(x: &Tensor, weight: WeightRows<'_>, out: usize) -> Result<Option<Tensor>> {
-    Ok(linear_many(x, &[(weight, out)])?.and_then(|mut ys| ys.pop()))
+/// `(out, in)`. The caller picks this path (a CPU f32 input of few rows, a weight the kernels
+/// read); an input or weight outside it is an error naming what does not fit.
+pub fn linear(x: &Tensor, weight: WeightRows<'_>, out: usize) -> Result<Tensor> {
+    let mut ys = linear_many(x, &[(weight, out)])?;
+    ys.pop().ok_or_else(|| candle_core::Error::Msg("m31r-gemv: no output for one weight".into()))
 }
 
 /// [`linear`] for several weights applied to the same input (a block's q/k/v projections, its
 /// gate and up projections): the input is read and quantized once, and all the output rows are
 /// shared out over the thread pool in one dispatch. Outputs come back in the order of `weights`.
-pub fn linear_many(x: &Tensor, weights: &[(WeightRows<'_>, usize)]) -> Result<Option<Vec<Tensor>>> {
+pub fn linear_many(x: &Tensor, weights: &[(WeightRows<'_>, usize)]) -> Result<Vec<Tensor>> {
     let cols = x.dim(candle_core::D::Minus1)?;
-    if !x.device().is_cpu()
-        || x.dtype() != DType::F32
-        || x.elem_count() / cols.max(1) > MAX_ROWS
-        || !weights.iter().all(|(w, out)| w.fits(*out, cols))
-    {
-        return Ok(None);
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || x.elem_count() / cols.max(1) > MAX_ROWS {
+        candle_core::bail!(
+            "m31r-gemv: input of shape {:?} ({:?} on {:?}) is not a CPU f32 input of at most {MAX_ROWS} rows",
+            x.dims(),
+            x.dtype(),
+            x.device().location()
+        );
+    }
+    if let Some((_, out)) = weights.iter().find(|(w, out)| !w.fits(*out, cols)) {
+        candle_core::bail!("m31r-gemv: a weight's storage does not hold a ({out}, {cols}) matrix");
     }
     let x = x.contiguous()?;
     let rows = x.elem_count() / cols.max(1);
     let mut ys: Vec<Vec<f32>> = weights.iter().map(|(_, out)| vec![0f32; rows * out]).collect();
     {
         let (storage, layout) = x.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(None) };
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("m31r-gemv: the input is not in CPU memory")
+        };
         let xs = data(cpu, layout, "m31r-gemv")?;
         let mut parts: Vec<(WeightRows<'_>, &mut [f32])> =
             weights.iter().zip(&mut ys).map(|((w, _), y)| (*w, y.as_mut_slice())).collect();
@@ -57,8 +64,7 @@ pub fn linear_many(x: &Tensor, weights: &[(WeightRows<'_>, usize)]) -> Result<Op
             }
             Tensor::from_vec(y, dims.as_slice(), x.device())
         })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+        .collect()
 }
 
 /// `y[r][o] = x[r] · W[o]` for the `x.len() / cols` rows of `x`; `y` is `(rows, out)`.
@@ -178,7 +184,7 @@ mod tests {
                     GgmlDType::F32 => WeightRows::F32(&dense),
                     _ => WeightRows::of_qtensor(&q, &bytes).unwrap(),
                 };
-                let y = linear(&x, view, out).unwrap().unwrap();
+                let y = linear(&x, view, out).unwrap();
                 assert_eq!(y.dims(), &[1, rows, out]);
                 let err: f32 = (&y - &reference)
                     .unwrap()
@@ -193,9 +199,9 @@ mod tests {
         }
         let too_many = Tensor::zeros((MAX_ROWS + 1, cols), DType::F32, &Device::Cpu).unwrap();
         let dense = vec![0f32; out * cols];
-        assert!(linear(&too_many, WeightRows::F32(&dense), out).unwrap().is_none());
+        assert!(linear(&too_many, WeightRows::F32(&dense), out).is_err());
         let one = too_many.narrow(0, 0, 1).unwrap();
-        assert!(linear(&one, WeightRows::F32(&dense), out + 1).unwrap().is_none());
+        assert!(linear(&one, WeightRows::F32(&dense), out + 1).is_err());
     }
 
     #[test]

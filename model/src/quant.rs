@@ -276,12 +276,19 @@ pub fn f16_rows(tensors: &[(String, Tensor)]) -> Result<Vec<(String, Weight)>, Q
 /// The quantized weights a model is built from, by Hugging Face name (empty for a dense model).
 pub type QuantizedWeights = HashMap<String, Arc<QTensor>>;
 
-/// A bias-free projection `y = x Wᵀ` over a dense weight or GGML blocks.
+/// A bias-free projection `y = x Wᵀ`, its inference kernel chosen once, when the weight is loaded:
+/// the variant says which code runs it, so a call only matches on it (and on its input's shape).
 #[derive(Debug, Clone)]
 pub enum QLinear {
-    /// candle-nn's dense linear layer (differentiable; what training uses).
+    /// A dense f32 weight in CPU memory: [`m31r_kernels`]' matrix–vector kernels and GEMM on the
+    /// inference path, candle-nn's linear layer on the differentiable one. The kernels read the
+    /// tensor's storage on every call, since training updates it in place.
+    CpuF32(Linear),
+    /// GGML F16, Q8_0 or Q4_0 blocks in CPU memory, whose rows the kernels read.
+    CpuBlocks(Arc<QTensor>),
+    /// A dense weight the kernels cannot read (another dtype or device): candle-nn's linear layer.
     Dense(Linear),
-    /// candle's quantized matmul (inference only; input f32 or f16).
+    /// Blocks the kernels cannot read (Q4_K, another device): candle's quantized matmul.
     Quantized(QMatMul),
 }
 
@@ -294,19 +301,44 @@ impl QLinear {
         quantized: &QuantizedWeights,
     ) -> candle_core::Result<Self> {
         match stored_blocks(&vb, shape, quantized)? {
-            Some(q) => Ok(QLinear::Quantized(QMatMul::QTensor(q))),
-            None => Ok(QLinear::Dense(Linear::new(vb.get(shape, "weight")?, None))),
+            Some(q) => Self::blocks(q),
+            None => Ok(Self::dense(vb.get(shape, "weight")?)),
         }
+    }
+
+    /// The projection over a dense `(out, in)` weight.
+    pub(crate) fn dense(weight: Tensor) -> Self {
+        if weight.dtype() == DType::F32 && weight.device().is_cpu() {
+            QLinear::CpuF32(Linear::new(weight, None))
+        } else {
+            QLinear::Dense(Linear::new(weight, None))
+        }
+    }
+
+    /// The projection over GGML blocks: the kernels' when they can view them (on the CPU, F16,
+    /// Q8_0 or Q4_0, f16 values aligned), candle's quantized matmul otherwise.
+    pub(crate) fn blocks(q: Arc<QTensor>) -> candle_core::Result<Self> {
+        let readable = q.device().is_cpu()
+            && matches!(q.dtype(), GgmlDType::F16 | GgmlDType::Q8_0 | GgmlDType::Q4_0)
+            && WeightRows::of_qtensor(&q, &q.data()?).is_some();
+        Ok(if readable { QLinear::CpuBlocks(q) } else { QLinear::Quantized(QMatMul::QTensor(q)) })
     }
 
     /// The weight as a dense tensor: the layer's own for a dense layer, dequantized to f32 for a
     /// quantized one.
     pub fn weight(&self) -> candle_core::Result<Tensor> {
         match self {
-            QLinear::Dense(l) => Ok(l.weight().clone()),
-            QLinear::Quantized(QMatMul::QTensor(q)) => q.dequantize(&q.device()),
+            QLinear::CpuF32(l) | QLinear::Dense(l) => Ok(l.weight().clone()),
+            QLinear::CpuBlocks(q) | QLinear::Quantized(QMatMul::QTensor(q)) => {
+                q.dequantize(&q.device())
+            }
             QLinear::Quantized(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => Ok(w.clone()),
         }
+    }
+
+    /// Whether [`m31r_kernels`] run this projection (the variant fixed at load).
+    pub(crate) fn on_kernels(&self) -> bool {
+        matches!(self, QLinear::CpuF32(_) | QLinear::CpuBlocks(_))
     }
 }
 
@@ -316,32 +348,35 @@ impl QLinear {
     /// f16, Q8_0 and Q4_0 weights dequantized for it first (other block types take candle's
     /// quantized matmul).
     pub fn forward_infer(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if let Some(y) = Self::forward_gemv(&[self], x)?.and_then(|mut ys| ys.pop()) {
-            return Ok(y);
+        if !self.on_kernels() || !x.device().is_cpu() || x.dtype() != DType::F32 {
+            return self.forward(x);
         }
-        if x.device().is_cpu() && x.dtype() == DType::F32 {
-            // A long input (prefill): one GEMM over the weight widened to f32, which beats the
-            // per-row dot products once there are more than a few rows.
-            let cols = x.dim(candle_core::D::Minus1)?;
-            let gemm = Self::with_rows(&[self], |views| -> candle_core::Result<Option<Tensor>> {
-                let (view, rows) = views[0];
-                let x = match view {
-                    // The integer kernels see the activation quantized to Q8_0: so does the GEMM.
-                    WeightRows::Q8_0(_) | WeightRows::Q4_0(_) => q8_0_round_trip(x)?,
-                    _ => x.clone(),
-                };
-                match view {
-                    WeightRows::F32(w) => gemm::matmul_t(&x, w, rows).map(Some),
-                    _ => dequantize(view, rows, cols)
-                        .map(|dense| gemm::matmul_t(&x, &dense, rows))
-                        .transpose(),
-                }
-            })?;
-            if let Some(y) = gemm.transpose()?.flatten() {
-                return Ok(y);
+        let cols = x.dim(candle_core::D::Minus1)?;
+        if x.elem_count() / cols.max(1) <= gemv::MAX_ROWS {
+            let mut ys = Self::with_rows(&[self], |views| gemv::linear_many(x, views))??;
+            return ys
+                .pop()
+                .ok_or_else(|| candle_core::Error::Msg("gemv returned no output".into()));
+        }
+        // A long input (prefill): one GEMM over the weight widened to f32, which beats the
+        // per-row dot products once there are more than a few rows.
+        Self::with_rows(&[self], |views| {
+            let (view, rows) = views[0];
+            let x = match view {
+                // The integer kernels see the activation quantized to Q8_0: so does the GEMM.
+                WeightRows::Q8_0(_) | WeightRows::Q4_0(_) => q8_0_round_trip(x)?,
+                _ => x.clone(),
+            };
+            match view {
+                WeightRows::F32(w) => gemm::matmul_t(&x, w, rows),
+                _ => match dequantize(view, rows, cols) {
+                    Some(dense) => gemm::matmul_t(&x, &dense, rows),
+                    None => candle_core::bail!(
+                        "weight blocks of {rows} rows do not hold rows of the input's {cols} columns"
+                    ),
+                },
             }
-        }
-        self.forward(x)
+        })?
     }
 
     /// Several projections of the same input on the inference path (a block's q/k/v, its gate and
@@ -351,56 +386,39 @@ impl QLinear {
         linears: &[&QLinear],
         x: &Tensor,
     ) -> candle_core::Result<Vec<Tensor>> {
-        match Self::forward_gemv(linears, x)? {
-            Some(ys) => Ok(ys),
-            None => linears.iter().map(|l| l.forward_infer(x)).collect(),
-        }
-    }
-
-    /// The projections by the matrix–vector kernels where they apply to all of them (a CPU f32
-    /// input of at most [`gemv::MAX_ROWS`] rows, every weight f32, f16, Q8_0 or Q4_0).
-    fn forward_gemv(linears: &[&QLinear], x: &Tensor) -> candle_core::Result<Option<Vec<Tensor>>> {
         let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
-        if rows > gemv::MAX_ROWS || !x.device().is_cpu() || x.dtype() != DType::F32 {
-            return Ok(None);
+        if rows <= gemv::MAX_ROWS
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && linears.iter().all(|l| l.on_kernels())
+        {
+            return Self::with_rows(linears, |views| gemv::linear_many(x, views))?;
         }
-        Self::with_rows(linears, |views| gemv::linear_many(x, views))?.unwrap_or(Ok(None))
-    }
-
-    /// Whether the matrix–vector kernels can read this weight (on the CPU, f32, f16, Q8_0 or Q4_0).
-    pub(crate) fn has_rows(&self) -> bool {
-        match self {
-            QLinear::Dense(l) => l.weight().dtype() == DType::F32 && l.weight().device().is_cpu(),
-            QLinear::Quantized(QMatMul::QTensor(q)) => {
-                q.device().is_cpu()
-                    && matches!(q.dtype(), GgmlDType::F16 | GgmlDType::Q8_0 | GgmlDType::Q4_0)
-            }
-            QLinear::Quantized(_) => false,
-        }
+        linears.iter().map(|l| l.forward_infer(x)).collect()
     }
 
     /// Runs `f` on the kernel views of `linears`' weights with their output sizes, holding their
-    /// storage meanwhile; `None` when one of them has no view (see [`QLinear::has_rows`]).
+    /// storage meanwhile; an error when one of them does not run on the kernels (see
+    /// [`QLinear::on_kernels`]), which callers rule out first.
     pub(crate) fn with_rows<R>(
         linears: &[&QLinear],
         f: impl FnOnce(&[(WeightRows<'_>, usize)]) -> R,
-    ) -> candle_core::Result<Option<R>> {
-        if !linears.iter().all(|l| l.has_rows()) {
-            return Ok(None);
-        }
+    ) -> candle_core::Result<R> {
+        let not_on_kernels =
+            || candle_core::Error::Msg("a projection the kernels cannot read".into());
         let mut dense = Vec::with_capacity(linears.len());
         let mut blocks = Vec::with_capacity(linears.len());
         for linear in linears {
             match linear {
-                QLinear::Dense(l) => {
+                QLinear::CpuF32(l) => {
                     dense.push(Some(l.weight().contiguous()?));
                     blocks.push(None);
                 }
-                QLinear::Quantized(QMatMul::QTensor(q)) => {
+                QLinear::CpuBlocks(q) => {
                     dense.push(None);
                     blocks.push(Some(q.data()?));
                 }
-                QLinear::Quantized(_) => return Ok(None),
+                QLinear::Dense(_) | QLinear::Quantized(_) => return Err(not_on_kernels()),
             }
         }
         let storages: Vec<_> =
@@ -408,23 +426,25 @@ impl QLinear {
         let mut views = Vec::with_capacity(linears.len());
         for ((linear, storage), bytes) in linears.iter().zip(&storages).zip(&blocks) {
             let view = match (linear, storage, bytes) {
-                (QLinear::Dense(l), Some((storage, layout)), _) => {
-                    let candle_core::Storage::Cpu(cpu) = &**storage else { return Ok(None) };
-                    let Some((start, end)) = layout.contiguous_offsets() else { return Ok(None) };
+                (QLinear::CpuF32(l), Some((storage, layout)), _) => {
+                    let candle_core::Storage::Cpu(cpu) = &**storage else {
+                        return Err(not_on_kernels());
+                    };
+                    let Some((start, end)) = layout.contiguous_offsets() else {
+                        return Err(not_on_kernels());
+                    };
                     let rows = &cpu.as_slice::<f32>()?[start..end];
                     (WeightRows::F32(rows), l.weight().dim(0)?)
                 }
-                (QLinear::Quantized(QMatMul::QTensor(q)), _, Some(bytes)) => {
-                    match WeightRows::of_qtensor(q, bytes) {
-                        Some(view) => (view, q.shape().dims()[0]),
-                        None => return Ok(None),
-                    }
-                }
-                _ => return Ok(None),
+                (QLinear::CpuBlocks(q), _, Some(bytes)) => match WeightRows::of_qtensor(q, bytes) {
+                    Some(view) => (view, q.shape().dims()[0]),
+                    None => return Err(not_on_kernels()),
+                },
+                _ => return Err(not_on_kernels()),
             };
             views.push(view);
         }
-        Ok(Some(f(&views)))
+        Ok(f(&views))
     }
 }
 
@@ -432,8 +452,9 @@ impl Module for QLinear {
     /// The differentiable projection (training) and the generic one: candle's matmul.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            QLinear::Dense(l) => l.forward(x),
+            QLinear::CpuF32(l) | QLinear::Dense(l) => l.forward(x),
             // The quantized kernel reads its input as one contiguous buffer.
+            QLinear::CpuBlocks(q) => QMatMul::QTensor(q.clone()).forward(&x.contiguous()?),
             QLinear::Quantized(q) => q.forward(&x.contiguous()?),
         }
     }
@@ -463,10 +484,10 @@ impl TokenEmbedding {
     }
 
     /// The LM head tied to this table.
-    pub(crate) fn tied_head(&self) -> QLinear {
+    pub(crate) fn tied_head(&self) -> candle_core::Result<QLinear> {
         match self {
-            TokenEmbedding::Dense(e) => QLinear::Dense(Linear::new(e.embeddings().clone(), None)),
-            TokenEmbedding::Quantized(q) => QLinear::Quantized(QMatMul::QTensor(q.clone())),
+            TokenEmbedding::Dense(e) => Ok(QLinear::dense(e.embeddings().clone())),
+            TokenEmbedding::Quantized(q) => QLinear::blocks(q.clone()),
         }
     }
 

@@ -96,7 +96,7 @@ impl Path {
 }
 
 /// One row through several projections in one dispatch of the matrix–vector kernels (the
-/// single-token decode step); the weights must have kernel views ([`QLinear::has_rows`]).
+/// single-token decode step); the weights must run on the kernels ([`QLinear::on_kernels`]).
 fn project_rows<const N: usize>(linears: [&QLinear; N], input: &[f32]) -> Result<[Vec<f32>; N]> {
     QLinear::with_rows(&linears, |views| {
         let mut ys: Vec<Vec<f32>> = views.iter().map(|(_, out)| vec![0f32; *out]).collect();
@@ -105,8 +105,8 @@ fn project_rows<const N: usize>(linears: [&QLinear; N], input: &[f32]) -> Result
         gemv::gemv_many(&mut parts, input, input.len());
         ys
     })?
-    .and_then(|ys| ys.try_into().ok())
-    .ok_or_else(|| ModelError::Usage("a projection has no kernel view".into()))
+    .try_into()
+    .map_err(|_| ModelError::Usage("projection count mismatch".into()))
 }
 
 /// The decoder: embedding → blocks → final norm → LM head (tied to the embedding by default).
@@ -119,6 +119,9 @@ pub struct Model {
     lm_head: QLinear,
     rope: Rope,
     kernel: AttentionKernel,
+    /// Whether a decode step can run on plain slices ([`Model::forward_token`]): a CPU f32 model
+    /// whose every projection runs on the kernels. Decided at load, as the projections' kernels are.
+    token_step: bool,
 }
 
 impl Model {
@@ -142,18 +145,23 @@ impl Model {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(vb.pp("model.norm"), config.d_model(), config.norm_eps())?;
         let lm_head = if config.tie_embeddings() {
-            embed_tokens.tied_head()
+            embed_tokens.tied_head()?
         } else {
             QLinear::load(vb.pp("lm_head"), table, quantized)?
         };
+        let rope = Rope::new(config, vb.dtype(), vb.device())?;
+        let token_step = rope.cos.device().is_cpu()
+            && embed_tokens.dtype() == DType::F32
+            && layers.iter().flat_map(Block::linears).chain([&lm_head]).all(QLinear::on_kernels);
         Ok(Self {
             config: config.clone(),
             embed_tokens,
             layers,
             norm,
             lm_head,
-            rope: Rope::new(config, vb.dtype(), vb.device())?,
+            rope,
             kernel: AttentionKernel::default(),
+            token_step,
         })
     }
 
@@ -303,13 +311,10 @@ impl Model {
     /// weight the kernels cannot read); same results as [`Model::forward_hidden`] up to summation
     /// order.
     fn forward_token(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Option<Tensor>> {
-        let linears = || self.layers.iter().flat_map(Block::linears).chain([&self.lm_head]);
-        if ids.dims() != [1, 1]
-            || !self.device().is_cpu()
-            || self.dtype() != DType::F32
+        if !self.token_step
+            || ids.dims() != [1, 1]
             || self.kernel != AttentionKernel::Fused
             || cache.keys.len() != self.layers.len()
-            || !linears().all(QLinear::has_rows)
         {
             return Ok(None);
         }
