@@ -16,6 +16,31 @@
 //! (the default build, see `.cargo/config.toml`) the inner products use those instructions;
 //! elsewhere they run as the portable loops the tests hold the vector code to.
 
+/// Splits items between builds with the AVX2/FMA/F16C kernels (`target-cpu=x86-64-v3`) and
+/// builds without them, so the feature set that picks an architecture override is named once.
+macro_rules! simd_or_portable {
+    (simd: { $($simd:item)* } portable: { $($portable:item)* }) => {
+        $(
+            #[cfg(all(
+                target_arch = "x86_64",
+                target_feature = "avx2",
+                target_feature = "fma",
+                target_feature = "f16c"
+            ))]
+            $simd
+        )*
+        $(
+            #[cfg(not(all(
+                target_arch = "x86_64",
+                target_feature = "avx2",
+                target_feature = "fma",
+                target_feature = "f16c"
+            )))]
+            $portable
+        )*
+    };
+}
+
 pub mod attention;
 pub mod gemm;
 pub mod gemv;

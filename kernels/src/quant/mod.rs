@@ -226,28 +226,15 @@ pub mod portable {
     }
 }
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-mod avx2;
-
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-pub use avx2::{dot_q4_0, dot_q8_0};
-#[cfg(not(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-)))]
-pub use portable::{dot_q4_0, dot_q8_0};
+simd_or_portable! {
+    simd: {
+        mod avx2;
+        pub use avx2::{dot_q4_0, dot_q8_0};
+    }
+    portable: {
+        pub use portable::{dot_q4_0, dot_q8_0};
+    }
+}
 
 #[cfg(test)]
 mod tests {

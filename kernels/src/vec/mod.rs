@@ -56,28 +56,15 @@ pub mod portable {
     }
 }
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-pub(crate) mod avx2;
-
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-pub use avx2::{axpy_f16, axpy_f32, dot_f16, dot_f32, exp_shifted};
-#[cfg(not(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-)))]
-pub use portable::{axpy_f16, axpy_f32, dot_f16, dot_f32, exp_shifted};
+simd_or_portable! {
+    simd: {
+        pub(crate) mod avx2;
+        pub use avx2::{axpy_f16, axpy_f32, dot_f16, dot_f32, exp_shifted};
+    }
+    portable: {
+        pub use portable::{axpy_f16, axpy_f32, dot_f16, dot_f32, exp_shifted};
+    }
+}
 
 #[cfg(test)]
 mod tests {
