@@ -10,6 +10,41 @@ pub const EMBEDDING: &str = "model.embed_tokens.weight";
 pub const FINAL_NORM: &str = "model.norm.weight";
 /// The untied LM head.
 pub const LM_HEAD: &str = "lm_head.weight";
+/// Where the blocks' weights live: block `i`'s are under `model.layers.{i}.`.
+const LAYERS: &str = "model.layers";
+
+/// The module path of a weight: its name without the trailing `.weight`, the prefix a loader
+/// reads the weight under.
+pub fn module(name: &str) -> &str {
+    name.strip_suffix(".weight").unwrap_or(name)
+}
+
+/// The module path of block `layer` (the prefix of its [`LAYER`] weights).
+pub fn layer_module(layer: usize) -> String {
+    format!("{LAYERS}.{layer}")
+}
+
+/// Indices into [`LAYER`], so that code naming one weight of a block reads it from the table.
+pub mod layer {
+    /// The attention's input RMSNorm.
+    pub const ATTN_NORM: usize = 0;
+    /// Query projection.
+    pub const Q: usize = 1;
+    /// Key projection.
+    pub const K: usize = 2;
+    /// Value projection.
+    pub const V: usize = 3;
+    /// Attention output projection.
+    pub const O: usize = 4;
+    /// The feed-forward's input RMSNorm.
+    pub const FFN_NORM: usize = 5;
+    /// SwiGLU gate projection.
+    pub const GATE: usize = 6;
+    /// SwiGLU up projection.
+    pub const UP: usize = 7;
+    /// Feed-forward down projection.
+    pub const DOWN: usize = 8;
+}
 
 /// One weight of a block: its name under `model.layers.{i}.`, its GGUF name under `blk.{i}.`, and
 /// its `(rows, cols)` for a config (one dimension for a norm).
@@ -46,9 +81,20 @@ impl LayerWeight {
         self.dims.iter().map(|d| d.of(config)).collect()
     }
 
+    /// The `(rows, cols)` of a matrix weight for `config` (a norm's one dimension is `(n, 1)`).
+    pub fn matrix(&self, config: &ModelConfig) -> (usize, usize) {
+        let dim = |i: usize| self.dims.get(i).map_or(1, |d| d.of(config));
+        (dim(0), dim(1))
+    }
+
+    /// The weight's module path under its block: [`module`] of its suffix.
+    pub fn module(&self) -> &'static str {
+        module(self.suffix)
+    }
+
     /// The full Hugging Face name of this weight in block `layer`.
     pub fn name(&self, layer: usize) -> String {
-        format!("model.layers.{layer}.{}", self.suffix)
+        format!("{}.{}", layer_module(layer), self.suffix)
     }
 }
 
@@ -121,7 +167,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         LM_HEAD => return Some("output.weight".into()),
         _ => {}
     }
-    let (layer, suffix) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let (layer, suffix) = hf.strip_prefix(LAYERS)?.strip_prefix('.')?.split_once('.')?;
     let weight = LAYER.iter().find(|w| w.suffix == suffix)?;
     Some(format!("blk.{layer}.{}.weight", weight.gguf))
 }

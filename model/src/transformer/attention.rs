@@ -11,6 +11,7 @@ use super::rope::{Rope, rope_rows};
 use super::{AttentionKernel, Path, Result, project_rows};
 use crate::config::ModelConfig;
 use crate::quant::{QLinear, QuantizedWeights};
+use crate::weights::{LAYER, layer};
 
 /// Causal self-attention with RoPE and optional grouped-query key/value heads.
 #[derive(Debug, Clone)]
@@ -25,21 +26,21 @@ pub(super) struct Attention {
 }
 
 impl Attention {
+    /// Loads the four projections from `vb`, a block's prefix.
     pub(super) fn load(
         vb: VarBuilder,
         config: &ModelConfig,
         quantized: &QuantizedWeights,
     ) -> Result<Self> {
-        let d = config.d_model();
-        let kv = config.n_kv_heads() * config.head_dim();
-        let linear = |out, inp, name: &str| -> Result<QLinear> {
-            Ok(QLinear::load(vb.pp(name), (out, inp), quantized)?)
+        let linear = |i: usize| -> Result<QLinear> {
+            let w = &LAYER[i];
+            Ok(QLinear::load(vb.pp(w.module()), w.matrix(config), quantized)?)
         };
         Ok(Self {
-            q_proj: linear(d, d, "q_proj")?,
-            k_proj: linear(kv, d, "k_proj")?,
-            v_proj: linear(kv, d, "v_proj")?,
-            o_proj: linear(d, d, "o_proj")?,
+            q_proj: linear(layer::Q)?,
+            k_proj: linear(layer::K)?,
+            v_proj: linear(layer::V)?,
+            o_proj: linear(layer::O)?,
             n_heads: config.n_heads(),
             n_kv_heads: config.n_kv_heads(),
             head_dim: config.head_dim(),

@@ -11,6 +11,7 @@ use super::rope::Rope;
 use super::{ModelError, Path, Result};
 use crate::config::ModelConfig;
 use crate::quant::{QLinear, QuantizedWeights};
+use crate::weights::{LAYER, layer};
 
 /// Root-mean-square layer norm with a learned scale and no bias.
 #[derive(Debug, Clone)]
@@ -69,15 +70,16 @@ impl Block {
         quantized: &QuantizedWeights,
     ) -> Result<Self> {
         let (d, eps) = (config.d_model(), config.norm_eps());
+        let norm = |i: usize| RmsNorm::load(vb.pp(LAYER[i].module()), d, eps);
         Ok(Self {
-            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), d, eps)?,
-            self_attn: Attention::load(vb.pp("self_attn"), config, quantized)?,
-            post_attention_layernorm: RmsNorm::load(vb.pp("post_attention_layernorm"), d, eps)?,
-            mlp: Mlp::load(vb.pp("mlp"), config, quantized)?,
+            input_layernorm: norm(layer::ATTN_NORM)?,
+            self_attn: Attention::load(vb.clone(), config, quantized)?,
+            post_attention_layernorm: norm(layer::FFN_NORM)?,
+            mlp: Mlp::load(vb, config, quantized)?,
         })
     }
 
-    /// This block's weights in the order of [`weights::LAYER`] (quantized ones dequantized).
+    /// This block's weights in the order of [`LAYER`] (quantized ones dequantized).
     pub(super) fn weights(&self) -> [candle_core::Result<Tensor>; 9] {
         let (a, m) = (&self.self_attn, &self.mlp);
         [

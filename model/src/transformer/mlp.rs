@@ -7,6 +7,7 @@ use m31r_kernels::train;
 use super::{Path, Result, project_rows};
 use crate::config::ModelConfig;
 use crate::quant::{QLinear, QuantizedWeights};
+use crate::weights::{LAYER, layer};
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
@@ -17,19 +18,20 @@ pub(super) struct Mlp {
 }
 
 impl Mlp {
+    /// Loads the three projections from `vb`, a block's prefix.
     pub(super) fn load(
         vb: VarBuilder,
         config: &ModelConfig,
         quantized: &QuantizedWeights,
     ) -> Result<Self> {
-        let (d, ff) = (config.d_model(), config.d_ff());
-        let linear = |out, inp, name: &str| -> Result<QLinear> {
-            Ok(QLinear::load(vb.pp(name), (out, inp), quantized)?)
+        let linear = |i: usize| -> Result<QLinear> {
+            let w = &LAYER[i];
+            Ok(QLinear::load(vb.pp(w.module()), w.matrix(config), quantized)?)
         };
         Ok(Self {
-            gate_proj: linear(ff, d, "gate_proj")?,
-            up_proj: linear(ff, d, "up_proj")?,
-            down_proj: linear(d, ff, "down_proj")?,
+            gate_proj: linear(layer::GATE)?,
+            up_proj: linear(layer::UP)?,
+            down_proj: linear(layer::DOWN)?,
         })
     }
 

@@ -139,15 +139,20 @@ impl Model {
         quantized: &QuantizedWeights,
     ) -> Result<Self> {
         let table = (config.vocab_size(), config.d_model());
-        let embed_tokens = TokenEmbedding::load(vb.pp("model.embed_tokens"), table, quantized)?;
+        let embed_tokens =
+            TokenEmbedding::load(vb.pp(weights::module(weights::EMBEDDING)), table, quantized)?;
         let layers = (0..config.n_layers())
-            .map(|i| Block::load(vb.pp(format!("model.layers.{i}")), config, quantized))
+            .map(|i| Block::load(vb.pp(weights::layer_module(i)), config, quantized))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(vb.pp("model.norm"), config.d_model(), config.norm_eps())?;
+        let norm = RmsNorm::load(
+            vb.pp(weights::module(weights::FINAL_NORM)),
+            config.d_model(),
+            config.norm_eps(),
+        )?;
         let lm_head = if config.tie_embeddings() {
             embed_tokens.tied_head()?
         } else {
-            QLinear::load(vb.pp("lm_head"), table, quantized)?
+            QLinear::load(vb.pp(weights::module(weights::LM_HEAD)), table, quantized)?
         };
         let rope = Rope::new(config, vb.dtype(), vb.device())?;
         let token_step = rope.cos.device().is_cpu()
