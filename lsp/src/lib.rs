@@ -8,3 +8,4 @@ pub mod document;
 pub mod postprocess;
 pub mod request;
 pub mod server;
+pub mod typeahead;

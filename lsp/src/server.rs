@@ -1,6 +1,6 @@
 //! The language server: LSP lifecycle and text sync, `textDocument/inlineCompletion` (a custom
 //! method: tower-lsp-server's trait has none), the `textDocument/completion` fallback, warm-ups,
-//! per-document cancellation, settings, and `m31r/status`.
+//! per-document cancellation, typing along a shown suggestion, settings, and `m31r/status`.
 //!
 //! Handlers read the documents before their first `.await`: tower-lsp-server polls message
 //! handlers in arrival order, so a request sees every `didChange` sent before it.
@@ -34,6 +34,7 @@ use crate::daemon::{Daemon, DaemonError, DaemonSettings};
 use crate::document::{Document, Encoding};
 use crate::postprocess::{Reason, postprocess};
 use crate::request::{ContextDoc, Windows, build};
+use crate::typeahead::Suggestion;
 
 /// Options fixed for the server's lifetime (from the command line).
 #[derive(Debug, Clone, Default)]
@@ -94,6 +95,11 @@ pub struct Status {
     pub suppressed: u64,
     /// The suppressed ones by reason code.
     pub suppressed_by: BTreeMap<String, u64>,
+    /// Of the answered ones (not suppressed), those answered from a shown suggestion the user
+    /// typed along, without the daemon.
+    pub served_locally: u64,
+    /// Of the answered ones (not suppressed), those answered with the daemon's completion.
+    pub served_by_daemon: u64,
 }
 
 /// An open document and what the server remembers about it.
@@ -104,6 +110,11 @@ struct Open {
     seq: u64,
     /// Byte offset of the last completion request, where `didSave` warms the cache.
     last_cursor: Option<usize>,
+    /// The rest of the last completion shown, while the user types along it.
+    suggestion: Option<Suggestion>,
+    /// Edits applied so far: a daemon answer is remembered only if none came in while it was
+    /// computed (it would describe a text the document no longer has).
+    edits: u64,
 }
 
 /// The server state behind the LSP handlers.
@@ -122,6 +133,8 @@ pub struct Backend {
     requests: AtomicU64,
     suppressed: AtomicU64,
     suppressed_by: Mutex<BTreeMap<&'static str, u64>>,
+    served_locally: AtomicU64,
+    served_by_daemon: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -144,6 +157,15 @@ struct Shown {
     range: Range,
 }
 
+/// Where a shown completion came from, for `m31r/status`.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    /// The remainder of a suggestion the user typed along.
+    Local,
+    /// The daemon.
+    Daemon,
+}
+
 impl Backend {
     fn new(client: Client, options: Options) -> Self {
         let config = Config::default();
@@ -161,6 +183,8 @@ impl Backend {
             requests: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
             suppressed_by: Mutex::default(),
+            served_locally: AtomicU64::new(0),
+            served_by_daemon: AtomicU64::new(0),
         }
     }
 
@@ -199,6 +223,8 @@ impl Backend {
                 .iter()
                 .map(|(code, n)| ((*code).to_string(), *n))
                 .collect(),
+            served_locally: self.served_locally.load(Ordering::Relaxed),
+            served_by_daemon: self.served_by_daemon.load(Ordering::Relaxed),
         })
     }
 
@@ -213,7 +239,14 @@ impl Backend {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let result = self.try_complete(&uri, position, selected, kind).await;
         match result {
-            Ok(shown) => Some(shown),
+            Ok((shown, source)) => {
+                let served = match source {
+                    Source::Local => &self.served_locally,
+                    Source::Daemon => &self.served_by_daemon,
+                };
+                served.fetch_add(1, Ordering::Relaxed);
+                Some(shown)
+            }
             Err((reason, detail)) => {
                 self.suppressed.fetch_add(1, Ordering::Relaxed);
                 *lock(&self.suppressed_by).entry(reason.code()).or_default() += 1;
@@ -237,14 +270,14 @@ impl Backend {
         position: Position,
         selected: Option<SelectedCompletionInfo>,
         kind: Kind,
-    ) -> Result<Shown, Suppressed> {
+    ) -> Result<(Shown, Source), Suppressed> {
         // Everything up to the daemon call runs before the first await (see the module doc).
         let encoding = *lock(&self.encoding);
         let config = lock(&self.config).clone();
         if !config.enabled {
             return Err((Reason::Disabled, String::new()));
         }
-        let (doc, cursor, prepared) = {
+        let (doc, cursor, edits, prepared) = {
             let mut docs = lock(&self.docs);
             let Some(open) = docs.get_mut(uri) else {
                 return Err((Reason::UnknownDocument, String::new()));
@@ -254,6 +287,23 @@ impl Backend {
             }
             let mut cursor = open.doc.offset(position, encoding);
             open.last_cursor = Some(cursor);
+            // A selected popup item changes what is completed; the remainder does not know it.
+            let remainder = match &open.suggestion {
+                Some(suggestion) if selected.is_none() => suggestion.answer(cursor),
+                _ => None,
+            };
+            if let Some(remainder) = remainder {
+                let shown = Shown {
+                    text: remainder.text.to_string(),
+                    range: open.doc.range(cursor..cursor + remainder.replace, encoding),
+                };
+                drop(docs);
+                self.answered_locally(uri);
+                return Ok((shown, Source::Local));
+            }
+            // The daemon's answer replaces it (or, suppressed, leaves nothing to type along).
+            open.suggestion = None;
+            let edits = open.edits;
             // With a completion item selected in the editor's popup, complete as if it were
             // accepted; the item then replaces the selection's range (LSP 3.18).
             let mut doc = open.doc.clone();
@@ -271,7 +321,7 @@ impl Backend {
                     context.iter().map(|(p, t)| ContextDoc { path: p, text: t }).collect();
                 build(&doc, cursor, &context, &config, &Windows::default())
             };
-            (doc, cursor, prepared)
+            (doc, cursor, edits, prepared)
         };
         let timeout_ms = match kind {
             Kind::Inline => config.inline_timeout_ms,
@@ -309,6 +359,9 @@ impl Backend {
         };
         let edit = postprocess(text, &prepared.site)
             .map_err(|reason| (reason, format!("{:?}", completion.text)))?;
+        if selected.is_none() {
+            self.remember(uri, edits, Suggestion::new(cursor, edit.text.clone(), edit.replace));
+        }
 
         // Map back to the editor's document: the selection (if any) is replaced too.
         let (text, start, end) = match &selected {
@@ -328,7 +381,27 @@ impl Backend {
                 doc.position(cursor + edit.replace, encoding),
             ),
         };
-        Ok(Shown { text, range: Range::new(start, end) })
+        Ok((Shown { text, range: Range::new(start, end) }, Source::Daemon))
+    }
+
+    /// Remembers the suggestion just shown in `uri`, unless the document was edited (`edits`
+    /// changed) while it was computed.
+    fn remember(&self, uri: &Uri, edits: u64, suggestion: Option<Suggestion>) {
+        if let Some(open) = lock(&self.docs).get_mut(uri)
+            && open.edits == edits
+        {
+            open.suggestion = suggestion;
+        }
+    }
+
+    /// After a local answer: the document's older daemon request is as stale as a superseded one,
+    /// and the daemon's cache is warmed up to the cursor in the background, so the completion
+    /// after the remainder runs out finds it there.
+    fn answered_locally(&self, uri: &Uri) {
+        if let Some((_, older)) = lock(&self.inflight).remove(uri) {
+            older.cancel();
+        }
+        self.warm(uri);
     }
 
     fn reason_for(&self, e: &DaemonError) -> Reason {
@@ -410,6 +483,10 @@ impl Backend {
             self.daemon.configure(daemon_settings(&config, &self.options));
             problems
         };
+        // A remembered suggestion was shaped by the old settings (`maxLines`, …).
+        for open in lock(&self.docs).values_mut() {
+            open.suggestion = None;
+        }
         for problem in problems {
             self.client.log_message(MessageType::WARNING, problem).await;
         }
@@ -527,7 +604,8 @@ impl LanguageServer for Backend {
         let item = params.text_document;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let doc = Document::new(item.text, item.version, item.language_id);
-        lock(&self.docs).insert(item.uri.clone(), Open { doc, seq, last_cursor: None });
+        let open = Open { doc, seq, last_cursor: None, suggestion: None, edits: 0 };
+        lock(&self.docs).insert(item.uri.clone(), open);
         self.warm(&item.uri);
     }
 
@@ -539,7 +617,15 @@ impl LanguageServer for Backend {
             return;
         };
         for change in &params.content_changes {
+            open.suggestion = open.suggestion.take().and_then(|suggestion| {
+                // A full-text change may well retype the document; it is no typing along.
+                let range = change.range?;
+                let start = open.doc.offset(range.start, encoding);
+                let end = open.doc.offset(range.end, encoding).max(start);
+                suggestion.edited(start, end, &change.text)
+            });
             open.doc.apply(change, encoding);
+            open.edits += 1;
         }
         open.doc.version = params.text_document.version;
     }

@@ -85,6 +85,11 @@ impl FakeDaemon {
     pub fn requests(&self) -> Vec<Request> {
         self.log.lock().unwrap().clone()
     }
+
+    /// How many `fim` requests were received so far.
+    pub fn fims(&self) -> usize {
+        self.log.lock().unwrap().iter().filter(|r| matches!(r, Request::Fim { .. })).count()
+    }
 }
 
 async fn serve(

@@ -1,5 +1,6 @@
 //! `m31r-lsp`'s integration tests: positions, request building and post-processing snapshots, and
-//! the server against a fake daemon speaking the real protocol over a temporary socket.
+//! the server against a fake daemon speaking the real protocol over a temporary socket, typing
+//! along a shown suggestion included.
 
 // Test helpers fail loudly by design.
 #![allow(clippy::unwrap_used)]
@@ -10,3 +11,4 @@ mod lsp_client;
 mod positions;
 mod server;
 mod snapshots;
+mod typeahead;
