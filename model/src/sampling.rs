@@ -38,6 +38,9 @@ pub enum SamplingError {
     /// Logits were empty.
     #[error("cannot sample from empty logits")]
     Empty,
+    /// A constrained pick allowed no token.
+    #[error("the constraint allows none of the tokens")]
+    NoneAllowed,
 }
 
 /// A token picker holding its RNG, so a sequence of picks is deterministic for a seed.
@@ -124,6 +127,36 @@ impl Sampler {
         }
         // Rounding can leave a sliver of mass past the last candidate.
         Ok(candidates[candidates.len() - 1].0)
+    }
+
+    /// Picks a token id as [`Sampler::sample`] does, but only among the ids `allowed` accepts
+    /// (a constrained pick: greedy takes the best allowed token). Errors when no id is allowed.
+    pub fn sample_allowed(
+        &mut self,
+        logits: &[f32],
+        allowed: impl Fn(u32) -> bool,
+    ) -> Result<u32, SamplingError> {
+        if logits.is_empty() {
+            return Err(SamplingError::Empty);
+        }
+        let mut first_allowed = None;
+        let masked: Vec<f32> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                if allowed(i as u32) {
+                    first_allowed.get_or_insert(i as u32);
+                    l
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let first_allowed = first_allowed.ok_or(SamplingError::NoneAllowed)?;
+        let pick = self.sample(&masked)?;
+        // Allowed logits that are all -inf or NaN tie with the masked ones; the pick must still
+        // obey the constraint.
+        Ok(if allowed(pick) { pick } else { first_allowed })
     }
 }
 
@@ -220,6 +253,27 @@ mod tests {
         assert_eq!(s.sample(&[0.0, f32::INFINITY, 1.0]).unwrap(), 1);
         assert_eq!(s.sample(&[f32::NAN, 0.0, 1e3]).unwrap(), 2);
         assert_eq!(s.sample(&[0.0, 1e3, -f32::NAN]).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_constrained_pick_takes_only_allowed_tokens() {
+        let l = logits();
+        let best = argmax(&l);
+        let mut greedy = Sampler::new(SamplingParams::default()).unwrap();
+        assert_eq!(greedy.sample_allowed(&l, |_| true).unwrap(), best);
+        // Greedy: the best of the allowed ones.
+        let odd = |id: u32| id % 2 == 1 && id != best;
+        let best_odd = (0..l.len() as u32)
+            .filter(|&i| odd(i))
+            .fold(1, |b, i| if l[i as usize] > l[b as usize] { i } else { b });
+        assert_eq!(greedy.sample_allowed(&l, odd).unwrap(), best_odd);
+        assert_eq!(greedy.sample_allowed(&[f32::NEG_INFINITY, 1.0], |i| i == 0).unwrap(), 0);
+        assert_eq!(greedy.sample_allowed(&l, |_| false), Err(SamplingError::NoneAllowed));
+        let params = SamplingParams { temperature: 2.0, top_k: 2, seed: 5, ..Default::default() };
+        let mut s = Sampler::new(params).unwrap();
+        for _ in 0..200 {
+            assert!(odd(s.sample_allowed(&l, odd).unwrap()));
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! source file that happens to contain `<|fim_prefix|>` as ordinary bytes, so user code can never
 //! forge a FIM layout.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -582,6 +582,33 @@ impl Tokenizer {
             && text[at..].chars().next().is_some_and(|c| !c.is_whitespace())
     }
 
+    /// The bytes each id decodes to, indexed by id: what [`Tokenizer::decode`] turns that id
+    /// into before its lossy UTF-8 conversion, so that decoding a sequence of ids is
+    /// `String::from_utf8_lossy` of their concatenated entries. Special ids have no bytes (decode
+    /// skips them). Built once per tokenizer by whoever needs cheap per-token byte checks
+    /// (token healing), because going through `decode` per token and step would cost a string
+    /// each time and lose the bytes of a token that ends inside a character.
+    pub fn token_bytes(&self) -> Vec<Vec<u8>> {
+        let to_byte = byte_level_decoding();
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                if self.special.contains(id) {
+                    return Vec::new();
+                }
+                let Some(spelling) = self.inner.id_to_token(id) else {
+                    return Vec::new();
+                };
+                // The byte-level decoder's own rule: a spelling with a character outside the
+                // mapping (an added token's plain text) stands for its UTF-8 bytes.
+                spelling
+                    .chars()
+                    .map(|c| to_byte.get(&c).copied())
+                    .collect::<Option<Vec<u8>>>()
+                    .unwrap_or_else(|| spelling.into_bytes())
+            })
+            .collect()
+    }
+
     /// Number of source bytes an ordinary token stands for. The decoder is validated to be
     /// byte-level at load, where every character of a token's spelling is one byte.
     pub(crate) fn token_byte_len(&self, id: u32) -> Result<usize, TokenizerError> {
@@ -590,6 +617,25 @@ impl Tokenizer {
             .map(|t| t.chars().count())
             .ok_or(TokenizerError::UnknownId { id, vocab_size: self.vocab_size() })
     }
+}
+
+/// The byte-level (GPT-2) mapping from the character that spells a byte back to the byte:
+/// printable Latin-1 bytes spell themselves, the other 68 bytes take the characters from U+0100 on
+/// in byte order.
+fn byte_level_decoding() -> HashMap<char, u8> {
+    let mut map = HashMap::with_capacity(256);
+    let mut next = 0u32;
+    for byte in 0..=255u8 {
+        let spelled = if matches!(byte, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF) {
+            char::from(byte)
+        } else {
+            next += 1;
+            // 256 + next - 1 stays below U+0200, always a valid character.
+            char::from_u32(255 + next).unwrap_or(char::REPLACEMENT_CHARACTER)
+        };
+        map.insert(spelled, byte);
+    }
+    map
 }
 
 /// The largest character boundary of `text` at or before `at` (`at <= text.len()`).

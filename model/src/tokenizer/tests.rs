@@ -270,3 +270,20 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn token_bytes_decode_like_decode() {
+    for tok in [&*TOK_512, &*TOK_1024] {
+        let table = tok.token_bytes();
+        assert_eq!(table.len(), tok.vocab_size());
+        for (id, bytes) in table.iter().enumerate() {
+            let id = id as u32;
+            assert_eq!(bytes.is_empty(), tok.special_ids().contains(id), "id {id}");
+            assert_eq!(String::from_utf8_lossy(bytes), tok.decode(&[id]).unwrap(), "id {id}");
+        }
+        let text = format!("{}é→🦀 \t\r\n\u{0}", RUST_FIXTURE.concat());
+        let ids = tok.encode(&text).unwrap();
+        let joined: Vec<u8> = ids.iter().flat_map(|&id| table[id as usize].clone()).collect();
+        assert_eq!(joined, text.as_bytes());
+    }
+}
