@@ -49,6 +49,8 @@ pub struct DaemonConfig {
     pub cache_budget_mb: usize,
     /// Most cached sequences.
     pub max_cache_entries: usize,
+    /// Token healing of `complete` and `fim` prompts that end inside a token (docs/protocol.md).
+    pub token_healing: bool,
     /// Log file; default stderr.
     pub log_file: Option<PathBuf>,
     /// Log filter (`tracing` syntax), e.g. `info` or `m31r_daemon=debug`.
@@ -120,6 +122,7 @@ impl Default for DaemonConfig {
             prefill_chunk: engine.prefill_chunk,
             cache_budget_mb: engine.cache_budget_bytes >> 20,
             max_cache_entries: engine.max_cache_entries,
+            token_healing: engine.token_healing,
             log_file: None,
             log: "info".into(),
             http: HttpConfig::default(),
@@ -142,6 +145,7 @@ const ENV_KEYS: &[&str] = &[
     "prefill_chunk",
     "cache_budget_mb",
     "max_cache_entries",
+    "token_healing",
     "log_file",
     "log",
     "http.enabled",
@@ -196,6 +200,7 @@ impl DaemonConfig {
             prefill_chunk: self.prefill_chunk,
             cache_budget_bytes: self.cache_budget_mb << 20,
             max_cache_entries: self.max_cache_entries,
+            token_healing: self.token_healing,
             ..EngineConfig::default()
         }
     }

@@ -20,6 +20,9 @@ use m31r_protocol::{ErrorCode, Event, FimInput, GenerationParams, StopReason, Ti
 use crate::cache::{CacheStats, PrefixCache};
 use crate::stops::{CodeContext, StopScanner};
 
+mod heal;
+use heal::{Healing, Step};
+
 /// Tunables of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -33,6 +36,9 @@ pub struct EngineConfig {
     pub max_cache_entries: usize,
     /// The prompt is cut from its start in steps of this many tokens (keeps the cut stable).
     pub prompt_cut_step: usize,
+    /// Token healing of `complete`, `fim` and `warm` prompts (docs/protocol.md, "Token
+    /// healing"): a last token that is a fragment is removed and regenerated under a constraint.
+    pub token_healing: bool,
 }
 
 impl Default for EngineConfig {
@@ -43,6 +49,7 @@ impl Default for EngineConfig {
             cache_budget_bytes: 512 << 20,
             max_cache_entries: 8,
             prompt_cut_step: 256,
+            token_healing: true,
         }
     }
 }
@@ -137,6 +144,9 @@ pub struct Engine {
     cache_budget_bytes: usize,
     context_length: usize,
     stopping: Arc<AtomicBool>,
+    /// The bytes of every token the last job generated, healed ones included (tests only).
+    #[cfg(test)]
+    generated: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Engine {
@@ -147,7 +157,13 @@ impl Engine {
         let cache_stats = Arc::new(Mutex::new(CacheStats::default()));
         let stopping = Arc::new(AtomicBool::new(false));
         let context_length = model.config().context_length();
+        #[cfg(test)]
+        let generated = Arc::new(Mutex::new(Vec::new()));
         let worker = Worker {
+            // Once per tokenizer, so that the healing constraint is a slice comparison per token.
+            token_bytes: tokenizer.token_bytes(),
+            #[cfg(test)]
+            generated: generated.clone(),
             cache: PrefixCache::new(config.cache_budget_bytes, config.max_cache_entries),
             model,
             tokenizer,
@@ -169,6 +185,8 @@ impl Engine {
             cache_budget_bytes: config.cache_budget_bytes,
             context_length,
             stopping,
+            #[cfg(test)]
+            generated,
         }
     }
 
@@ -266,11 +284,25 @@ impl Drop for Engine {
 struct Worker {
     model: Model,
     tokenizer: Tokenizer,
+    /// [`Tokenizer::token_bytes`] of `tokenizer`.
+    token_bytes: Vec<Vec<u8>>,
+    #[cfg(test)]
+    generated: Arc<Mutex<Vec<u8>>>,
     cache: PrefixCache,
     config: EngineConfig,
     counters: Arc<EngineCounters>,
     cache_stats: Arc<Mutex<CacheStats>>,
     stopping: Arc<AtomicBool>,
+}
+
+/// A job's prompt, ready to run.
+struct Prompt {
+    /// Its token ids.
+    ids: Vec<u32>,
+    /// The code context for the Rust stop rules (none for raw generation).
+    code: Option<CodeContext>,
+    /// The constraint on the first tokens when the last token was healed away.
+    healing: Option<Healing>,
 }
 
 /// How a job failed.
@@ -370,7 +402,10 @@ impl Worker {
                 "max_tokens = {max_new} leaves no room for a prompt in the {context}-token context"
             ),
         })?;
-        let (prompt, code) = self.build_prompt(&job.kind, budget)?;
+        let Prompt { ids: prompt, code, mut healing } = self.build_prompt(&job.kind, budget)?;
+        if let Some(h) = &healing {
+            tracing::debug!(removed = %String::from_utf8_lossy(h.removed()), "token healing");
+        }
         let deadline = (params.deadline_ms > 0)
             .then(|| job.arrived + Duration::from_millis(params.deadline_ms));
 
@@ -415,7 +450,11 @@ impl Worker {
         let decode_start = Instant::now();
         let special = *self.tokenizer.special_ids();
         let mut scanner = StopScanner::new(code, params.stop.clone());
-        let mut pending: Vec<u32> = Vec::new();
+        // Bytes of generated tokens not yet sent, and how many tokens they came from.
+        let mut pending: Vec<u8> = Vec::new();
+        let mut pending_tokens = 0;
+        #[cfg(test)]
+        let mut generated = Vec::new();
         let mut stop = StopReason::MaxTokens;
         let mut logits = logits.ok_or_else(|| JobError {
             code: ErrorCode::Internal,
@@ -431,20 +470,44 @@ impl Worker {
                 break;
             }
             let row: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
-            let next = sampler.sample(&row).map_err(|e| bad_params(e.to_string()))?;
+            let next = match &healing {
+                Some(h) => sampler.sample_allowed(&row, |id| {
+                    self.token_bytes.get(id as usize).is_some_and(|b| h.allows(b))
+                }),
+                None => sampler.sample(&row),
+            }
+            .map_err(|e| bad_params(e.to_string()))?;
             if special.contains(next) {
                 stop = StopReason::EndOfText;
                 break;
             }
             usage.completion_tokens += 1;
-            pending.push(next);
-            let text = self
-                .tokenizer
-                .decode(&pending)
-                .map_err(|e| JobError { code: ErrorCode::Internal, message: e.to_string() })?;
+            let token = self.token_bytes.get(next as usize).ok_or_else(|| JobError {
+                code: ErrorCode::Internal,
+                message: format!("the model produced id {next} outside the vocabulary"),
+            })?;
+            #[cfg(test)]
+            generated.extend_from_slice(token);
+            // While healing, the token's bytes up to the end of the removed ones are the
+            // client's own text: only what follows them is new.
+            let fresh = match healing.as_mut().map(|h| h.accept(token)) {
+                None => Some(&token[..]),
+                Some(Step::Inside) => None,
+                Some(Step::Done(rest)) => {
+                    healing = None;
+                    Some(rest)
+                }
+            };
+            if let Some(fresh) = fresh {
+                pending.extend_from_slice(fresh);
+                pending_tokens += 1;
+            }
+            // This is exactly `Tokenizer::decode` of the pending tokens (see `token_bytes`).
+            let text = String::from_utf8_lossy(&pending).into_owned();
             // A token can end inside a multi-byte character; wait for the rest of it.
-            if !text.ends_with('\u{FFFD}') || pending.len() >= 4 {
+            if fresh.is_some() && (!text.ends_with('\u{FFFD}') || pending_tokens >= 4) {
                 pending.clear();
+                pending_tokens = 0;
                 let (emit, hit) = scanner.push(&text);
                 if !emit.is_empty() {
                     let _ = job.events.send(Event::Token { id: job.id.clone(), text: emit });
@@ -476,26 +539,34 @@ impl Worker {
         self.counters
             .generated_tokens
             .fetch_add(u64::from(usage.completion_tokens), Ordering::Relaxed);
+        #[cfg(test)]
+        if let Ok(mut last) = self.generated.lock() {
+            *last = generated;
+        }
         Ok(done(stop, usage, prefill_ms, ms(decode_start.elapsed())))
     }
 
-    /// Token ids of the prompt, cut to `budget` by the documented rules, and the code context
-    /// for the Rust stop rules (none for raw generation).
-    fn build_prompt(
-        &self,
-        kind: &JobKind,
-        budget: usize,
-    ) -> Result<(Vec<u32>, Option<CodeContext>), JobError> {
+    /// Token ids of the prompt, cut to `budget` by the documented rules, the code context for
+    /// the Rust stop rules (none for raw generation), and the healing constraint when the
+    /// prompt's last token was removed (only code prompts are healed, when healing is on).
+    fn build_prompt(&self, kind: &JobKind, budget: usize) -> Result<Prompt, JobError> {
+        let heal = |ids: &mut Vec<u32>, before_cursor: &str| {
+            self.config
+                .token_healing
+                .then(|| Healing::start(ids, before_cursor, &self.token_bytes))
+                .flatten()
+        };
         match kind {
             #[cfg(test)]
             JobKind::Panic => panic!("panic requested by a test"),
             JobKind::Generate { prompt } | JobKind::Complete { prompt } => {
-                let ids =
+                let mut ids =
                     plain_prompt(&self.tokenizer, prompt, budget, self.config.prompt_cut_step)
                         .map_err(|e| bad_params(e.to_string()))?;
-                let code =
-                    matches!(kind, JobKind::Complete { .. }).then(|| CodeContext::new(prompt, ""));
-                Ok((ids, code))
+                let complete = matches!(kind, JobKind::Complete { .. });
+                let code = complete.then(|| CodeContext::new(prompt, ""));
+                let healing = if complete { heal(&mut ids, prompt) } else { None };
+                Ok(Prompt { ids, code, healing })
             }
             JobKind::Fim(input) | JobKind::Warm(input) => {
                 let files: Vec<(&str, &str)> = input
@@ -521,7 +592,11 @@ impl Worker {
                     }
                     other => bad_params(other.to_string()),
                 })?;
-                Ok((prompt.ids, Some(CodeContext::new(&input.prefix, &input.suffix))))
+                // `warm` heals too, so that it caches exactly what the `fim` after it reuses.
+                let mut ids = prompt.ids;
+                let healing = heal(&mut ids, &input.prefix);
+                let code = Some(CodeContext::new(&input.prefix, &input.suffix));
+                Ok(Prompt { ids, code, healing })
             }
         }
     }

@@ -3,13 +3,21 @@
 
 use candle_core::Device;
 use m31r_model::{ModelConfig, RawModelConfig};
+use m31r_protocol::FimInput;
 use tokio::sync::mpsc::unbounded_channel;
 
 use super::*;
+use crate::cache::PrefixCache;
 
 fn engine(config: EngineConfig) -> Engine {
     let text = "fn main() { let x = 1; println!(\"{x}\"); }\n".repeat(20);
-    let tokenizer = Tokenizer::train([text].iter(), 300).unwrap();
+    let (model, tokenizer) = tiny(&text, 300);
+    Engine::start(model, tokenizer, config)
+}
+
+/// The tiny seeded model with a `vocab_size` tokenizer trained on `text`; the same every call.
+fn tiny(text: &str, vocab_size: usize) -> (Model, Tokenizer) {
+    let tokenizer = Tokenizer::train([text].iter(), vocab_size).unwrap();
     let config_m = ModelConfig::new(&RawModelConfig {
         vocab_size: tokenizer.vocab_size(),
         d_model: 32,
@@ -24,16 +32,20 @@ fn engine(config: EngineConfig) -> Engine {
     })
     .unwrap();
     let (model, _) = Model::init(&config_m, 1, &Device::Cpu).unwrap();
-    Engine::start(model, tokenizer, config)
+    (model, tokenizer)
 }
 
 fn submit(engine: &Engine, kind: JobKind, cancel: bool) -> Vec<Event> {
+    submit_with(engine, kind, cancel, 8)
+}
+
+fn submit_with(engine: &Engine, kind: JobKind, cancel: bool, max_tokens: u32) -> Vec<Event> {
     let (tx, mut rx) = unbounded_channel();
     engine
         .submit(Job {
             id: "j".into(),
             kind,
-            params: GenerationParams { max_tokens: 8, ..Default::default() },
+            params: GenerationParams { max_tokens, ..Default::default() },
             cancel: Arc::new(AtomicBool::new(cancel)),
             events: tx,
             arrived: Instant::now(),
@@ -172,4 +184,135 @@ fn a_full_queue_is_reported_not_blocked_on() {
     };
     let results: Vec<_> = (0..20).map(|i| engine.submit(job(&i.to_string()))).collect();
     assert!(results.contains(&Err(SubmitError::Overloaded(1))), "{results:?}");
+}
+
+/// Enough merges for `coll` to become a token.
+const HEALING_VOCAB: usize = 400;
+
+/// Training text in which `coll` is a common word, so that it is a token of its own.
+fn healing_corpus() -> String {
+    "use std::collections::HashMap;\nfn main() { let n = crate::coll::len(); }\n".repeat(20)
+}
+
+fn healing_engine(token_healing: bool) -> (Engine, Tokenizer) {
+    let (model, tokenizer) = tiny(&healing_corpus(), HEALING_VOCAB);
+    let config = EngineConfig { token_healing, ..EngineConfig::default() };
+    (Engine::start(model, tokenizer.clone(), config), tokenizer)
+}
+
+/// The text the client received, and the `done` event's usage.
+fn client_text(events: &[Event]) -> (String, Usage) {
+    let text = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Token { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    match events.last() {
+        Some(Event::Done { usage, .. }) => (text, *usage),
+        other => panic!("no done event: {other:?}"),
+    }
+}
+
+fn generated(engine: &Engine) -> Vec<u8> {
+    engine.generated.lock().unwrap().clone()
+}
+
+fn without_timings(events: Vec<Event>) -> Vec<Event> {
+    events
+        .into_iter()
+        .map(|e| match e {
+            Event::Done { id, stop, usage, .. } => {
+                Event::Done { id, stop, usage, timings: Timings::default() }
+            }
+            other => other,
+        })
+        .collect()
+}
+
+fn fim(prefix: &str, suffix: &str) -> FimInput {
+    FimInput { prefix: prefix.into(), suffix: suffix.into(), ..Default::default() }
+}
+
+#[test]
+fn a_healed_completion_reproduces_the_removed_bytes_and_sends_only_what_follows() {
+    let (engine, tok) = healing_engine(true);
+    let prefix = "fn main() { let x = 1; }\nuse std::coll";
+    let ids = tok.encode(prefix).unwrap();
+    let removed = tok.decode(&ids[ids.len() - 1..]).unwrap();
+    assert_eq!(removed, "coll", "the fixture tokenizer should spell `coll` as one token");
+    let kinds = [JobKind::Complete { prompt: prefix.into() }, JobKind::Fim(fim(prefix, "\n}\n"))];
+    for kind in kinds {
+        let events = submit_with(&engine, kind.clone(), false, 24);
+        let (text, usage) = client_text(&events);
+        let internal = generated(&engine);
+        // The constraint: the generated tokens start by retyping what was removed.
+        assert!(internal.starts_with(removed.as_bytes()), "{kind:?}: {internal:?}");
+        // The client gets what follows it (up to where a stop rule cut it).
+        let rest = String::from_utf8_lossy(&internal[removed.len()..]).into_owned();
+        assert!(rest.starts_with(&text), "{kind:?}: sent {text:?}, generated {rest:?}");
+        assert!(usage.completion_tokens >= 1);
+        if let JobKind::Complete { .. } = kind {
+            assert_eq!(usage.prompt_tokens as usize, ids.len() - 1, "the last token is removed");
+        }
+    }
+}
+
+#[test]
+fn healing_off_is_the_plain_greedy_decode() {
+    let (engine, tok) = healing_engine(false);
+    let prompt = "fn main() { let x = 1; }\nuse std::coll";
+    let max_tokens = 12;
+    // The reference: the whole prompt, greedy, decoded with the tokenizer.
+    let (model, _) = tiny(&healing_corpus(), HEALING_VOCAB);
+    let ids = plain_prompt(&tok, prompt, 256 - max_tokens, 256).unwrap();
+    let mut cache = PrefixCache::new(1 << 24, 1);
+    let (index, _) = cache.acquire(&model, &ids, 256).unwrap();
+    let mut logits = cache.get_mut(index).extend(&model, &ids).unwrap().i((0, 0)).unwrap();
+    let mut reference = Vec::new();
+    for _ in 0..max_tokens {
+        let row: Vec<f32> = logits.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+        let next = m31r_model::sampling::argmax(&row);
+        if tok.special_ids().contains(next) {
+            break;
+        }
+        reference.push(next);
+        logits = cache.get_mut(index).extend(&model, &[next]).unwrap().i((0, 0)).unwrap();
+    }
+    let reference = tok.decode(&reference).unwrap();
+
+    let events = submit_with(&engine, JobKind::Generate { prompt: prompt.into() }, false, 12);
+    assert_eq!(client_text(&events).0, reference);
+    let events = submit_with(&engine, JobKind::Complete { prompt: prompt.into() }, false, 12);
+    let (text, usage) = client_text(&events);
+    assert_eq!(usage.prompt_tokens as usize, ids.len(), "nothing is removed");
+    assert_eq!(String::from_utf8_lossy(&generated(&engine)), reference);
+    assert!(reference.starts_with(&text), "sent {text:?}, reference {reference:?}");
+}
+
+#[test]
+fn a_prefix_ending_in_whitespace_or_a_bracket_is_not_healed() {
+    let (on, _) = healing_engine(true);
+    let (off, _) = healing_engine(false);
+    for prefix in ["use std::collections::HashMap;\nfn main(", "fn main() { let x = 1;\n    ", ""] {
+        for kind in [JobKind::Complete { prompt: prefix.into() }, JobKind::Fim(fim(prefix, "}"))] {
+            let a = without_timings(submit_with(&on, kind.clone(), false, 12));
+            let b = without_timings(submit_with(&off, kind.clone(), false, 12));
+            assert_eq!(a, b, "{kind:?}");
+            assert_eq!(generated(&on), generated(&off), "{kind:?}");
+        }
+    }
+}
+
+#[test]
+fn a_warmed_healed_prompt_is_reused_whole() {
+    let (engine, _) = healing_engine(true);
+    let input = fim("fn main() { let x = 1; }\nuse std::coll", "\n");
+    let warmed = submit(&engine, JobKind::Warm(input.clone()), false);
+    let (_, warm_usage) = client_text(&warmed);
+    let (_, usage) = client_text(&submit(&engine, JobKind::Fim(input), false));
+    assert_eq!(usage.prompt_tokens, warm_usage.prompt_tokens);
+    // All but the last prompt token, whose logits the request needs, come from the cache.
+    assert_eq!(usage.cached_tokens + 1, usage.prompt_tokens);
 }

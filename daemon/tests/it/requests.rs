@@ -68,7 +68,10 @@ async fn typing_reuses_the_cached_prefix_and_matches_a_cold_daemon() {
         "cached {} < shared prefix {shared}",
         second.usage.cached_tokens
     );
-    assert_eq!(second.usage.prompt_tokens as usize, b.len());
+    // `typed` ends inside the identifier `map`: token healing (on by default) drops its last
+    // token from the prompt; everything before it is the same prompt, so the cache still holds.
+    let healed = b.len() - 1;
+    assert_eq!(second.usage.prompt_tokens as usize, healed);
 
     let reference = run(&mut cold.client().await, fim("c", &typed, SUFFIX, 16)).await;
     assert_eq!(second.text, reference.text, "warm and cold outputs differ");
@@ -76,7 +79,7 @@ async fn typing_reuses_the_cached_prefix_and_matches_a_cold_daemon() {
 
     // The exact same prompt again is served almost entirely from cache, with the same output.
     let again = run(&mut client, fim("3", &typed, SUFFIX, 16)).await;
-    assert_eq!(again.usage.cached_tokens as usize, b.len() - 1);
+    assert_eq!(again.usage.cached_tokens as usize, healed - 1);
     assert_eq!(again.text, reference.text);
 }
 
