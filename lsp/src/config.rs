@@ -27,6 +27,11 @@ pub struct Config {
     pub daemon_args: Vec<String>,
     /// Send other open documents as context (`contextFiles`).
     pub context_files: bool,
+    /// Send the windows of those documents most similar to the lines above the cursor instead of
+    /// the documents whole (`contextSnippets`).
+    pub context_snippets: bool,
+    /// Most bytes of context snippets, labels included (`contextSnippetBytes`, 256..=1048576).
+    pub context_snippet_bytes: u32,
     /// Longest wait for the daemon's answer to an inline completion, in ms (`inlineTimeoutMs`).
     pub inline_timeout_ms: u32,
     /// Longest wait for the daemon's answer to a `textDocument/completion`, in ms
@@ -48,6 +53,9 @@ impl Default for Config {
             daemon_path: "m31rd".into(),
             daemon_args: Vec::new(),
             context_files: true,
+            context_snippets: true,
+            // Leaves most of a 512–2048-token context to the prefix and suffix.
+            context_snippet_bytes: 4 * 1024,
             // An inline suggestion later than this is rarely still wanted; the daemon is told a
             // shorter deadline, so a slow one answers with what it has instead of nothing.
             inline_timeout_ms: 500,
@@ -81,6 +89,10 @@ impl Config {
                 "daemonPath" => set(&mut self.daemon_path, value),
                 "daemonArgs" => set(&mut self.daemon_args, value),
                 "contextFiles" => set(&mut self.context_files, value),
+                "contextSnippets" => set(&mut self.context_snippets, value),
+                "contextSnippetBytes" => {
+                    set_ranged(&mut self.context_snippet_bytes, value, 256, 1 << 20)
+                }
                 "inlineTimeoutMs" => set_ranged(&mut self.inline_timeout_ms, value, 50, 60_000),
                 "completionTimeoutMs" => {
                     set_ranged(&mut self.completion_timeout_ms, value, 50, 60_000)
@@ -130,9 +142,11 @@ mod tests {
             "enabled": false, "languages": ["rust", "toml"], "maxLines": 3, "maxTokens": 0,
             "socketPath": "/tmp/x.sock", "autoStart": false, "daemonPath": "/bin/m31rd",
             "daemonArgs": ["--bundle", "b"], "contextFiles": "yes", "colour": 1,
-            "inlineTimeoutMs": 300, "completionTimeoutMs": 10, "connectTimeoutMs": 700
+            "inlineTimeoutMs": 300, "completionTimeoutMs": 10, "connectTimeoutMs": 700,
+            "contextSnippets": false, "contextSnippetBytes": 100
         }));
-        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert_eq!(problems.len(), 5, "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("contextSnippetBytes = 100: outside")));
         assert!(
             problems.iter().any(|p| p.contains("completionTimeoutMs = 10: outside 50..=60000"))
         );
@@ -149,6 +163,7 @@ mod tests {
             daemon_args: vec!["--bundle".into(), "b".into()],
             inline_timeout_ms: 300,
             connect_timeout_ms: 700,
+            context_snippets: false,
             ..Config::default()
         };
         assert_eq!(config, expected);

@@ -8,4 +8,5 @@ pub mod document;
 pub mod postprocess;
 pub mod request;
 pub mod server;
+pub mod snippets;
 pub mod typeahead;

@@ -1,6 +1,6 @@
 //! Request building: the daemon `fim` input for a cursor in a document — prefix and suffix windows
-//! cut at stable line boundaries, other open documents as context — and the facts about the cursor
-//! that post-processing needs.
+//! cut at stable line boundaries, snippets of other open documents (or those documents whole) as
+//! context — and the facts about the cursor that post-processing needs.
 //!
 //! The daemon lays the prompt out as `context… <fim_prefix><fim_suffix> SUFFIX <fim_middle> PREFIX`
 //! and reuses the longest cached token prefix. So everything before PREFIX's end must stay
@@ -13,6 +13,7 @@ use m31r_protocol::{ContextFile, FimInput, GenerationParams};
 use crate::config::Config;
 use crate::document::Document;
 use crate::postprocess::{Indent, Shape, Site};
+use crate::snippets::{self, Chunking};
 
 /// Window sizes, in lines and bytes.
 #[derive(Debug, Clone, Copy)]
@@ -27,10 +28,12 @@ pub struct Windows {
     pub prefix_bytes: usize,
     /// Most bytes of suffix (whole lines dropped from the end).
     pub suffix_bytes: usize,
-    /// Most context documents; the least relevant (first) are dropped beyond it.
+    /// Most context documents sent whole; the least relevant (first) are dropped beyond it.
     pub context_files: usize,
-    /// Most bytes of one context document (its head, whole lines).
+    /// Most bytes of one context document sent whole (its head, whole lines).
     pub context_bytes: usize,
+    /// How context documents are cut into snippets (`contextSnippets`).
+    pub snippets: Chunking,
     /// Lines after the cursor line kept for post-processing's repetition check.
     pub next_lines: usize,
 }
@@ -45,6 +48,7 @@ impl Default for Windows {
             suffix_bytes: 16 * 1024,
             context_files: 8,
             context_bytes: 16 * 1024,
+            snippets: Chunking::default(),
             next_lines: 8,
         }
     }
@@ -75,7 +79,9 @@ pub struct Prepared {
 }
 
 /// Builds the request for a cursor at byte `cursor` of `doc`. `context` is the other open
-/// documents of the same language in a stable order, least relevant first.
+/// documents of the same language in a stable order, least relevant first. With
+/// `contextSnippets` the context is their windows most similar to the lines above the cursor's
+/// line (see [`snippets`]), else their heads whole.
 pub fn build(
     doc: &Document,
     cursor: usize,
@@ -104,7 +110,15 @@ pub fn build(
     }
     let suffix = &text[cursor..lines.start(end_line).max(cursor)];
 
-    let context_files = if config.context_files {
+    let context_files = if config.context_files && config.context_snippets {
+        let query = snippets::query(text, cursor_line, windows.snippets.query_lines);
+        let budget = config.context_snippet_bytes as usize;
+        let docs = context.iter().map(|d| (d.path, d.text));
+        snippets::choose(query, docs, &windows.snippets, budget)
+            .into_iter()
+            .map(|s| ContextFile { path: s.label(), text: s.text.to_string() })
+            .collect()
+    } else if config.context_files {
         let skip = context.len().saturating_sub(windows.context_files);
         context[skip..]
             .iter()

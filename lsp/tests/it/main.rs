@@ -5,6 +5,7 @@
 // Test helpers fail loudly by design.
 #![allow(clippy::unwrap_used)]
 
+mod context_snippets;
 mod fake_daemon;
 mod fixture;
 mod lsp_client;

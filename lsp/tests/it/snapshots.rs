@@ -87,7 +87,8 @@ fn context_documents_keep_their_order_and_the_last_ones_win() {
         ContextDoc { path: "src/b.rs", text: "pub fn b() {}\n" },
         ContextDoc { path: "src/c.rs", text: "pub const C: u8 = 1;\npub const D: u8 = 2;\n" },
     ];
-    let p = prepare("fn main() {$0}", &context, &Config::default(), &windows);
+    let whole = Config { context_snippets: false, ..Config::default() };
+    let p = prepare("fn main() {$0}", &context, &whole, &windows);
     expect![[r#"
         window: lines 0..1, shape MultiLine, max_tokens 128, stop []
         context src/b.rs (12 bytes): "pub fn b() {"
