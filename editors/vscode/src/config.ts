@@ -16,6 +16,8 @@ export interface ServerSettings {
   daemonPath: string;
   daemonArgs: string[];
   contextFiles: boolean;
+  contextSnippets: boolean;
+  contextSnippetBytes: number;
   inlineTimeoutMs: number;
   completionTimeoutMs: number;
   connectTimeoutMs: number;
@@ -40,6 +42,8 @@ export const SERVER_DEFAULTS: Readonly<ServerSettings> = Object.freeze({
   daemonPath: "m31rd",
   daemonArgs: [],
   contextFiles: true,
+  contextSnippets: true,
+  contextSnippetBytes: 4096,
   inlineTimeoutMs: 500,
   completionTimeoutMs: 1000,
   connectTimeoutMs: 2000,
@@ -88,6 +92,12 @@ export function readSettings(get: SettingGetter): { settings: ExtensionSettings;
     daemonPath: pick("daemonPath", d.daemonPath, (v) => typeof v === "string" && v.length > 0),
     daemonArgs: pick("daemonArgs", [...d.daemonArgs], isStringArray),
     contextFiles: pick("contextFiles", d.contextFiles, (v) => typeof v === "boolean"),
+    contextSnippets: pick("contextSnippets", d.contextSnippets, (v) => typeof v === "boolean"),
+    contextSnippetBytes: pick(
+      "contextSnippetBytes",
+      d.contextSnippetBytes,
+      (v) => typeof v === "number" && Number.isInteger(v) && v >= 256 && v <= 1048576,
+    ),
     inlineTimeoutMs: pick("inlineTimeoutMs", d.inlineTimeoutMs, isTimeoutMs),
     completionTimeoutMs: pick("completionTimeoutMs", d.completionTimeoutMs, isTimeoutMs),
     connectTimeoutMs: pick("connectTimeoutMs", d.connectTimeoutMs, isTimeoutMs),
@@ -116,6 +126,8 @@ export function serverConfiguration(s: ServerSettings): Record<keyof ServerSetti
     daemonPath: s.daemonPath,
     daemonArgs: [...s.daemonArgs],
     contextFiles: s.contextFiles,
+    contextSnippets: s.contextSnippets,
+    contextSnippetBytes: s.contextSnippetBytes,
     inlineTimeoutMs: s.inlineTimeoutMs,
     completionTimeoutMs: s.completionTimeoutMs,
     connectTimeoutMs: s.connectTimeoutMs,

@@ -18,7 +18,7 @@ import {
 const ROOT = path.resolve(__dirname, "..", "..");
 
 const CONTRACT_KEYS = [
-  "enabled", "languages", "maxLines", "maxTokens", "socketPath", "autoStart", "daemonPath", "daemonArgs", "contextFiles",
+  "enabled", "languages", "maxLines", "maxTokens", "socketPath", "autoStart", "daemonPath", "daemonArgs", "contextFiles", "contextSnippets", "contextSnippetBytes",
   "inlineTimeoutMs", "completionTimeoutMs", "connectTimeoutMs",
 ];
 
@@ -39,6 +39,7 @@ test("valid values are taken as given", () => {
   const values: Record<string, unknown> = {
     enabled: false, languages: ["rust", "toml"], maxLines: 3, maxTokens: 40, socketPath: "/tmp/x.sock",
     autoStart: false, daemonPath: "/opt/m31rd", daemonArgs: ["--bundle", "/b"], contextFiles: false,
+    contextSnippets: false, contextSnippetBytes: 256,
     inlineTimeoutMs: 250, completionTimeoutMs: 60000, connectTimeoutMs: 50,
     serverPath: "/opt/m31r-lsp", serverArgs: ["--log-file", "/tmp/l"], statusPollSeconds: 0,
   };
