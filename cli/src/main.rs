@@ -85,7 +85,10 @@ fn run() -> anyhow::Result<()> {
         Command::Complete(args) => complete::run(&cli.conn, &args),
         Command::Status { json } => status::run(&cli.conn, json),
         Command::Shutdown => shutdown::run(&cli.conn),
-        Command::Bench(args) => bench::run(&cli.conn, &args),
+        Command::Bench(args) => match &args.command {
+            Some(bench::BenchCommand::Replay(replay)) => bench::replay::run(&cli.conn, replay),
+            None => bench::run(&cli.conn, &args),
+        },
         Command::BenchWorker(args) => bench::worker(&cli.conn, &args),
     }
 }

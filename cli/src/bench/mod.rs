@@ -9,6 +9,7 @@
 
 mod bundles;
 mod corpus;
+pub mod replay;
 mod report;
 mod worker;
 
@@ -18,7 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Args;
+use clap::{Args, Subcommand};
 use m31r_model::Precision;
 use m31r_protocol::{Event, GenerationParams, Request};
 use serde::{Deserialize, Serialize};
@@ -55,6 +56,18 @@ pub struct BenchArgs {
     /// Write the reports (and the machine's measurements) as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// A benchmark other than the engine's.
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
+}
+
+/// `m31r bench`'s subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Retype sampled lines of the held-out Rust files under DIR through the real m31r-lsp and
+    /// m31rd (serving --bundle), accepting a suggestion once it completes the line: characters
+    /// saved, requests, daemon requests per keystroke and keystroke latency.
+    Replay(replay::ReplayArgs),
 }
 
 /// `m31r bench-worker`'s options: what the parent passes to each child.

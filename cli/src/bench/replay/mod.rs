@@ -1,0 +1,439 @@
+//! `m31r bench replay DIR`: retypes sampled lines of held-out Rust files through the real
+//! `m31r-lsp` and `m31rd` (child processes, a private socket) and measures what an editor would
+//! see: characters saved by accepting a suggestion that completes the line, requests, how many
+//! reached the daemon, and the latency of each keystroke's request.
+
+mod lsp_client;
+mod sample;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde_json::{Value, json};
+
+use self::lsp_client::LspClient;
+use self::sample::{LinePick, SourceFile};
+use super::TempDir;
+use crate::connection::Connection;
+
+/// How long the daemon may take to open its socket (loading a bundle), before the replay gives up.
+const DAEMON_START: Duration = Duration::from_secs(120);
+
+/// `m31r bench replay`'s options.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Directory of held-out Rust files (`.rs`, searched recursively).
+    dir: PathBuf,
+    /// Lines to retype, sampled from all non-blank lines of at most 200 characters.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    lines: usize,
+    /// Seed of the line sample.
+    #[arg(long, default_value_t = 31)]
+    seed: u64,
+    /// The `m31r-lsp` executable [default: next to this `m31r`].
+    #[arg(long, value_name = "PATH")]
+    lsp: Option<PathBuf>,
+    /// The `m31rd` executable [default: next to this `m31r`].
+    #[arg(long, value_name = "PATH")]
+    daemon: Option<PathBuf>,
+    /// Send other documents whole instead of as similar snippets (`contextSnippets: false`).
+    #[arg(long)]
+    no_snippets: bool,
+    /// Run the daemon without token healing (`M31R_TOKEN_HEALING=false`).
+    #[arg(long)]
+    no_token_healing: bool,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What the replay counted.
+#[derive(Debug, Default)]
+struct Tally {
+    lines: usize,
+    chars: usize,
+    typed: usize,
+    saved: usize,
+    first_request: usize,
+    requests: usize,
+    latencies_ms: Vec<f64>,
+}
+
+/// Runs the replay with the bundle of `--bundle` and prints the results.
+pub fn run(conn: &Connection, args: &ReplayArgs) -> anyhow::Result<()> {
+    let Some(bundle) = &conn.bundle else {
+        bail!("m31r bench replay needs --bundle DIR: the model the daemon serves");
+    };
+    let files = sample::rust_files(&args.dir)?;
+    let picks = sample::sample_lines(&files, args.lines, args.seed);
+    if picks.is_empty() {
+        bail!(
+            "no line to retype under {} (all blank or longer than 200 characters)",
+            args.dir.display()
+        );
+    }
+    let lsp_exe = sibling_or(args.lsp.as_deref(), "m31r-lsp")?;
+    let daemon_exe = sibling_or(args.daemon.as_deref(), "m31rd")?;
+
+    let temp = std::env::temp_dir().join(format!("m31r-replay-{}", std::process::id()));
+    std::fs::create_dir_all(&temp)
+        .with_context(|| format!("cannot create replay directory {}", temp.display()))?;
+    let temp = TempDir(temp);
+    let socket = temp.0.join("m31rd.sock");
+    let daemon = Daemon::start(&daemon_exe, bundle, &socket, &temp.0, conn.threads, args)?;
+    let mut lsp = LspClient::spawn(&lsp_exe, &socket, &temp.0.join("lsp.log"))?;
+    let settings = json!({"autoStart": false, "contextSnippets": !args.no_snippets});
+    lsp.request(
+        "initialize",
+        json!({"processId": std::process::id(), "rootUri": file_uri(&args.dir), "capabilities": {},
+            "initializationOptions": settings}),
+    )?;
+    lsp.notify("initialized", json!({}))?;
+
+    let mut tally = Tally::default();
+    for pick in &picks {
+        replay_line(&mut lsp, &files, *pick, &mut tally)?;
+    }
+    let status = lsp.request("m31r/status", Value::Null)?;
+    let shown = std::mem::take(&mut lsp.shown_messages);
+    lsp.shut_down()?;
+    daemon.stop();
+
+    let files_used = {
+        let mut f: Vec<usize> = picks.iter().map(|p| p.file).collect();
+        f.dedup();
+        f.len()
+    };
+    let report = report(&tally, &status, args, files_used);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report, args, bundle);
+    }
+    for message in shown {
+        eprintln!("m31r-lsp showed: {message}");
+    }
+    Ok(())
+}
+
+/// Retypes one line: asks at the cursor, accepts a suggestion that completes the line, else
+/// types the next character and asks again.
+fn replay_line(
+    lsp: &mut LspClient,
+    files: &[SourceFile],
+    pick: LinePick,
+    tally: &mut Tally,
+) -> anyhow::Result<()> {
+    let file = &files[pick.file];
+    let Some(cut) = sample::cut_line(&file.text, pick.line) else {
+        bail!("{} has no line {}", file.path.display(), pick.line + 1);
+    };
+    let uri = file_uri(&file.path);
+    let line = u32::try_from(pick.line).with_context(|| {
+        format!("line {} of {} is too far down", pick.line, file.path.display())
+    })?;
+    lsp.notify(
+        "textDocument/didOpen",
+        json!({"textDocument": {"uri": uri, "languageId": "rust", "version": 1, "text": cut.doc}}),
+    )?;
+    let original = format!("{}{}", cut.indent, cut.body);
+    let body: Vec<char> = cut.body.chars().collect();
+    let mut current = cut.indent.clone();
+    let mut version = 1;
+    tally.lines += 1;
+    tally.chars += body.len();
+    for (typed, &next) in body.iter().enumerate() {
+        let col = sample::utf16_len(&current);
+        let t = Instant::now();
+        let result = lsp.request(
+            "textDocument/inlineCompletion",
+            json!({"textDocument": {"uri": uri}, "position": {"line": line, "character": col},
+                "context": {"triggerKind": 2}}),
+        )?;
+        tally.latencies_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        tally.requests += 1;
+        if completes(&result, line, &current, &original) {
+            tally.saved += body.len() - typed;
+            if typed == 0 {
+                tally.first_request += 1;
+            }
+            break;
+        }
+        version += 1;
+        let at = json!({"line": line, "character": col});
+        lsp.notify(
+            "textDocument/didChange",
+            json!({"textDocument": {"uri": uri, "version": version},
+                "contentChanges": [{"range": {"start": at, "end": at}, "text": next.to_string()}]}),
+        )?;
+        current.push(next);
+        tally.typed += 1;
+    }
+    lsp.notify("textDocument/didClose", json!({"textDocument": {"uri": uri}}))
+}
+
+/// Whether the first item of an `inlineCompletion` result makes the cursor's line `original`.
+fn completes(result: &Value, line: u32, current: &str, original: &str) -> bool {
+    let Some(item) = result["items"].as_array().and_then(|items| items.first()) else {
+        return false;
+    };
+    let (start, end) = (&item["range"]["start"], &item["range"]["end"]);
+    let on_line = start["line"] == json!(line) && end["line"] == json!(line);
+    let col = |p: &Value| p["character"].as_u64().and_then(|c| u32::try_from(c).ok());
+    match (on_line, col(start), col(end), item["insertText"].as_str()) {
+        (true, Some(s), Some(e), Some(text)) => {
+            sample::completes_line(current, s, e, text, original)
+        }
+        _ => false,
+    }
+}
+
+/// The results, as `--json` prints them.
+fn report(tally: &Tally, status: &Value, args: &ReplayArgs, files: usize) -> Value {
+    let count = |key: &str| status[key].as_u64().unwrap_or(0);
+    let by_daemon = count("servedByDaemon");
+    let mut latencies = tally.latencies_ms.clone();
+    latencies.sort_by(f64::total_cmp);
+    json!({
+        "lines": tally.lines,
+        "files": files,
+        "seed": args.seed,
+        "chars": tally.chars,
+        "chars_typed": tally.typed,
+        "chars_saved": tally.saved,
+        "saved_percent": ratio(tally.saved as f64 * 100.0, tally.chars as f64),
+        "lines_completed_at_first_request": tally.first_request,
+        "requests": tally.requests,
+        "served_by_daemon": by_daemon,
+        "served_locally": count("servedLocally"),
+        "suppressed": count("suppressed"),
+        "daemon_requests_per_keystroke": ratio(by_daemon as f64, tally.requests as f64),
+        "latency_ms": {
+            "p50": percentile(&latencies, 50.0),
+            "p90": percentile(&latencies, 90.0),
+            "p99": percentile(&latencies, 99.0),
+        },
+        "settings": {
+            "context_snippets": !args.no_snippets,
+            "token_healing": !args.no_token_healing,
+        },
+    })
+}
+
+fn print_report(report: &Value, args: &ReplayArgs, bundle: &Path) {
+    let on_off = |on: bool| if on { "on" } else { "off" };
+    println!(
+        "m31r bench replay: {} lines of {} files under {} (seed {}), bundle {}",
+        report["lines"],
+        report["files"],
+        args.dir.display(),
+        args.seed,
+        bundle.display()
+    );
+    println!(
+        "settings: context snippets {}, token healing {} (typing along a suggestion is always on)",
+        on_off(!args.no_snippets),
+        on_off(!args.no_token_healing)
+    );
+    println!(
+        "chars: {} typed, {} saved of {} ({:.1}%)",
+        report["chars_typed"],
+        report["chars_saved"],
+        report["chars"],
+        report["saved_percent"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "lines completed at the first request: {}",
+        report["lines_completed_at_first_request"]
+    );
+    println!(
+        "requests: {} · answered by the daemon {}, from the typed-along suggestion {}, \
+         suppressed {} · {:.2} daemon requests per keystroke",
+        report["requests"],
+        report["served_by_daemon"],
+        report["served_locally"],
+        report["suppressed"],
+        report["daemon_requests_per_keystroke"].as_f64().unwrap_or(0.0)
+    );
+    let ms = |p: &str| report["latency_ms"][p].as_f64().unwrap_or(0.0);
+    println!(
+        "keystroke latency (request sent → answer, as the editor sees it): p50 {:.1} ms · p90 \
+         {:.1} ms · p99 {:.1} ms",
+        ms("p50"),
+        ms("p90"),
+        ms("p99")
+    );
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { 0.0 }
+}
+
+/// The nearest-rank percentile `p` of `sorted` (0 when empty).
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// `flag`, else the executable `name` next to this `m31r` (where cargo and the release archive
+/// put all three).
+fn sibling_or(flag: Option<&Path>, name: &str) -> anyhow::Result<PathBuf> {
+    if let Some(path) = flag {
+        return Ok(path.to_path_buf());
+    }
+    let exe = std::env::current_exe().context("cannot find the m31r executable")?;
+    let path = exe.with_file_name(name);
+    if !path.exists() {
+        bail!("no {name} at {} (pass its path with --{})", path.display(), flag_name(name));
+    }
+    Ok(path)
+}
+
+fn flag_name(exe: &str) -> &'static str {
+    if exe == "m31rd" { "daemon" } else { "lsp" }
+}
+
+/// A `file://` URI of `path` made absolute, bytes outside the unreserved set percent-encoded.
+fn file_uri(path: &Path) -> String {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut uri = String::from("file://");
+    for &b in absolute.to_string_lossy().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            uri.push(b as char);
+        } else {
+            uri.push_str(&format!("%{b:02X}"));
+        }
+    }
+    uri
+}
+
+/// The `m31rd` child serving the bundle on a private socket.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(
+        exe: &Path,
+        bundle: &Path,
+        socket: &Path,
+        dir: &Path,
+        threads: usize,
+        args: &ReplayArgs,
+    ) -> anyhow::Result<Self> {
+        let log_path = dir.join("m31rd.log");
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("cannot create {}", log_path.display()))?;
+        let mut command = Command::new(exe);
+        command
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--socket")
+            .arg(socket)
+            // A config file that does not exist: the user's own config must not change the run.
+            .arg("--config")
+            .arg(dir.join("no-config.toml"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if threads > 0 {
+            command.env("M31R_THREADS", threads.to_string());
+        }
+        if args.no_token_healing {
+            command.env("M31R_TOKEN_HEALING", "false");
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start the daemon {}", exe.display()))?;
+        let mut daemon = Self { child, socket: socket.to_path_buf() };
+        let until = Instant::now() + DAEMON_START;
+        while UnixStream::connect(socket).is_err() {
+            if let Some(status) = daemon.child.try_wait()? {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!(
+                    "{} exited with {status} before opening {}:\n{log}",
+                    exe.display(),
+                    socket.display()
+                );
+            }
+            if Instant::now() > until {
+                bail!(
+                    "{} did not open {} within {} s",
+                    exe.display(),
+                    socket.display(),
+                    DAEMON_START.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(daemon)
+    }
+
+    /// Asks the daemon to shut down over the protocol (it removes its socket), then waits.
+    fn stop(mut self) {
+        if let Ok(mut stream) = UnixStream::connect(&self.socket) {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = stream.write_all(
+                b"{\"type\":\"hello\",\"version\":1}\n{\"type\":\"shutdown\",\"id\":\"s\"}\n",
+            );
+            let mut answer = String::new();
+            let _ = stream.read_to_string(&mut answer);
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Drop kills it.
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=10).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 5.0);
+        assert_eq!(percentile(&v, 90.0), 9.0);
+        assert_eq!(percentile(&v, 99.0), 10.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+
+    #[test]
+    fn the_first_item_must_complete_the_cursor_line() {
+        let item = |text: &str, line: u32| {
+            json!({"items": [{"insertText": text,
+                "range": {"start": {"line": line, "character": 2}, "end": {"line": line, "character": 2}}}]})
+        };
+        assert!(completes(&item("t x;\nnext", 3), 3, "le", "let x;"));
+        assert!(!completes(&item("t x;", 4), 3, "le", "let x;"));
+        assert!(!completes(&item("t y;", 3), 3, "le", "let x;"));
+        assert!(!completes(&json!({"items": []}), 3, "le", "let x;"));
+    }
+
+    #[test]
+    fn file_uris_are_absolute_and_encoded() {
+        assert_eq!(file_uri(Path::new("/a b/c#.rs")), "file:///a%20b/c%23.rs");
+        assert!(file_uri(Path::new("rel.rs")).starts_with("file:///"));
+    }
+}
