@@ -34,6 +34,9 @@ pub struct Config {
     pub context_snippet_bytes: u32,
     /// Longest wait for the daemon's answer to an inline completion, in ms (`inlineTimeoutMs`).
     pub inline_timeout_ms: u32,
+    /// How long an inline completion waits for the daemon's whole answer before it shows what is
+    /// complete of it (its whole lines, else its whole words), in ms (`firstLineBudgetMs`).
+    pub first_line_budget_ms: u32,
     /// Longest wait for the daemon's answer to a `textDocument/completion`, in ms
     /// (`completionTimeoutMs`).
     pub completion_timeout_ms: u32,
@@ -59,6 +62,9 @@ impl Default for Config {
             // An inline suggestion later than this is rarely still wanted; the daemon is told a
             // shorter deadline, so a slow one answers with what it has instead of nothing.
             inline_timeout_ms: 500,
+            // About one keystroke interval: a short answer arrives whole, a long one's first line
+            // is shown while the rest is generated in the background.
+            first_line_budget_ms: 100,
             completion_timeout_ms: 1000,
             connect_timeout_ms: 2000,
         }
@@ -94,6 +100,7 @@ impl Config {
                     set_ranged(&mut self.context_snippet_bytes, value, 256, 1 << 20)
                 }
                 "inlineTimeoutMs" => set_ranged(&mut self.inline_timeout_ms, value, 50, 60_000),
+                "firstLineBudgetMs" => set_ranged(&mut self.first_line_budget_ms, value, 0, 60_000),
                 "completionTimeoutMs" => {
                     set_ranged(&mut self.completion_timeout_ms, value, 50, 60_000)
                 }
@@ -143,7 +150,7 @@ mod tests {
             "socketPath": "/tmp/x.sock", "autoStart": false, "daemonPath": "/bin/m31rd",
             "daemonArgs": ["--bundle", "b"], "contextFiles": "yes", "colour": 1,
             "inlineTimeoutMs": 300, "completionTimeoutMs": 10, "connectTimeoutMs": 700,
-            "contextSnippets": false, "contextSnippetBytes": 100
+            "contextSnippets": false, "contextSnippetBytes": 100, "firstLineBudgetMs": 0
         }));
         assert_eq!(problems.len(), 5, "{problems:?}");
         assert!(problems.iter().any(|p| p.contains("contextSnippetBytes = 100: outside")));
@@ -163,6 +170,7 @@ mod tests {
             daemon_args: vec!["--bundle".into(), "b".into()],
             inline_timeout_ms: 300,
             connect_timeout_ms: 700,
+            first_line_budget_ms: 0,
             context_snippets: false,
             ..Config::default()
         };

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use m31r_protocol::{
     Client, ErrorCode, Event, FimInput, GenerationParams, ModelInfo, Request, StopReason, Usage,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// First wait after a failed connection; doubled after each failure up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_millis(250);
@@ -236,9 +236,22 @@ impl Daemon {
         params: GenerationParams,
         timeout: Duration,
     ) -> Result<Completion, DaemonError> {
+        self.fim_streaming(input, params, timeout, None).await
+    }
+
+    /// [`Daemon::fim`], publishing the text generated so far to `progress` after every token, so
+    /// that a caller can show a first line before the generation ends.
+    pub async fn fim_streaming(
+        &self,
+        input: FimInput,
+        params: GenerationParams,
+        timeout: Duration,
+        progress: Option<&watch::Sender<String>>,
+    ) -> Result<Completion, DaemonError> {
         let conn = self.connection().await?;
         let id = format!("c{}", self.inner.next_id.fetch_add(1, Ordering::Relaxed));
-        match tokio::time::timeout(timeout, self.run_fim(&conn, id.clone(), input, params)).await {
+        let run = self.run_fim(&conn, id.clone(), input, params, progress);
+        match tokio::time::timeout(timeout, run).await {
             Ok(result) => result,
             // The dropped `run_fim` has sent the `cancel` (see `Call`).
             Err(_) => Err(DaemonError::Timeout { id, after: timeout }),
@@ -251,6 +264,7 @@ impl Daemon {
         id: String,
         input: FimInput,
         params: GenerationParams,
+        progress: Option<&watch::Sender<String>>,
     ) -> Result<Completion, DaemonError> {
         let mut call = Call::start(conn, id.clone());
         let sent = Instant::now();
@@ -262,7 +276,12 @@ impl Daemon {
         loop {
             let event = call.events.recv().await;
             match event {
-                Some(Event::Token { text: piece, .. }) => text.push_str(&piece),
+                Some(Event::Token { text: piece, .. }) => {
+                    text.push_str(&piece);
+                    if let Some(progress) = progress {
+                        progress.send_replace(text.clone());
+                    }
+                }
                 Some(Event::Done { stop, usage, .. }) => {
                     call.armed = false;
                     let latency = sent.elapsed();

@@ -2,19 +2,25 @@
 //! method: tower-lsp-server's trait has none), the `textDocument/completion` fallback, warm-ups,
 //! per-document cancellation, typing along a shown suggestion, settings, and `m31r/status`.
 //!
+//! An inline completion runs its daemon generation in a background task: when the whole answer
+//! is not there within `firstLineBudgetMs`, the editor is shown what is complete of it (its whole
+//! lines, else its whole words) and the generation carries on; its full text then extends the
+//! remembered suggestion, which serves the rest without another daemon request.
+//!
 //! Handlers read the documents before their first `.await`: tower-lsp-server polls message
 //! handlers in arrival order, so a request sees every `didChange` sent before it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use m31r_protocol::StopReason;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tower_lsp_server::jsonrpc::Result as RpcResult;
 use tower_lsp_server::ls_types::{
@@ -30,9 +36,9 @@ use tower_lsp_server::ls_types::{
 use tower_lsp_server::{Client, LanguageServer, LspService, Server};
 
 use crate::config::Config;
-use crate::daemon::{Daemon, DaemonError, DaemonSettings};
+use crate::daemon::{Completion, Daemon, DaemonError, DaemonSettings};
 use crate::document::{Document, Encoding};
-use crate::postprocess::{Reason, postprocess};
+use crate::postprocess::{Edit, Reason, Site, postprocess};
 use crate::request::{ContextDoc, Windows, build};
 use crate::typeahead::Suggestion;
 
@@ -100,6 +106,9 @@ pub struct Status {
     pub served_locally: u64,
     /// Of the answered ones (not suppressed), those answered with the daemon's completion.
     pub served_by_daemon: u64,
+    /// Generations that ended in the background after their first part was shown: finished
+    /// (extending the suggestion they fed, if it is still there) or cancelled.
+    pub finished_in_background: u64,
 }
 
 /// An open document and what the server remembers about it.
@@ -115,6 +124,9 @@ struct Open {
     /// Edits applied so far: a daemon answer is remembered only if none came in while it was
     /// computed (it would describe a text the document no longer has).
     edits: u64,
+    /// The in-flight generation (its `inflight` sequence number) whose first part is
+    /// `suggestion`: typing along keeps it running, its end extends the suggestion.
+    background: Option<u64>,
 }
 
 /// The server state behind the LSP handlers.
@@ -122,19 +134,20 @@ struct Open {
 pub struct Backend {
     client: Client,
     options: Options,
-    docs: Mutex<HashMap<Uri, Open>>,
+    docs: Arc<Mutex<HashMap<Uri, Open>>>,
     config: Mutex<Config>,
     encoding: Mutex<Encoding>,
     root: Mutex<Option<PathBuf>>,
     daemon: Daemon,
     /// The in-flight completion of each document: a newer one cancels it.
-    inflight: Mutex<HashMap<Uri, (u64, CancellationToken)>>,
+    inflight: Arc<Mutex<HashMap<Uri, (u64, CancellationToken)>>>,
     seq: AtomicU64,
     requests: AtomicU64,
     suppressed: AtomicU64,
     suppressed_by: Mutex<BTreeMap<&'static str, u64>>,
     served_locally: AtomicU64,
     served_by_daemon: AtomicU64,
+    finished_in_background: Arc<AtomicU64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -173,18 +186,19 @@ impl Backend {
         Self {
             client,
             options,
-            docs: Mutex::default(),
+            docs: Arc::default(),
             config: Mutex::new(config),
             encoding: Mutex::default(),
             root: Mutex::default(),
             daemon,
-            inflight: Mutex::default(),
+            inflight: Arc::default(),
             seq: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
             suppressed_by: Mutex::default(),
             served_locally: AtomicU64::new(0),
             served_by_daemon: AtomicU64::new(0),
+            finished_in_background: Arc::default(),
         }
     }
 
@@ -225,6 +239,7 @@ impl Backend {
                 .collect(),
             served_locally: self.served_locally.load(Ordering::Relaxed),
             served_by_daemon: self.served_by_daemon.load(Ordering::Relaxed),
+            finished_in_background: self.finished_in_background.load(Ordering::Relaxed),
         })
     }
 
@@ -297,12 +312,14 @@ impl Backend {
                     text: remainder.text.to_string(),
                     range: open.doc.range(cursor..cursor + remainder.replace, encoding),
                 };
+                let background = open.background;
                 drop(docs);
-                self.answered_locally(uri);
+                self.answered_locally(uri, background);
                 return Ok((shown, Source::Local));
             }
             // The daemon's answer replaces it (or, suppressed, leaves nothing to type along).
             open.suggestion = None;
+            open.background = None;
             let edits = open.edits;
             // With a completion item selected in the editor's popup, complete as if it were
             // accepted; the item then replaces the selection's range (LSP 3.18).
@@ -336,19 +353,67 @@ impl Backend {
             older.cancel();
         }
 
-        let result = tokio::select! {
-            biased;
-            () = token.cancelled() => Err((Reason::Superseded, String::new())),
-            r = self.daemon.fim(prepared.input, params, timeout) => {
-                r.map_err(|e| (self.reason_for(&e), e.to_string()))
-            }
+        let background = Background {
+            docs: self.docs.clone(),
+            inflight: self.inflight.clone(),
+            finished: self.finished_in_background.clone(),
+            uri: uri.clone(),
+            seq,
+            cursor,
+            site: prepared.site.clone(),
         };
-        {
-            let mut inflight = lock(&self.inflight);
-            if inflight.get(uri).is_some_and(|(s, _)| *s == seq) {
-                inflight.remove(uri);
+        let (progress_tx, mut progress) = watch::channel(String::new());
+        let daemon = self.daemon.clone();
+        // Owns what it needs, so that it can move to a background task once its first part is
+        // shown; until then it runs here, and `$/cancelRequest` drops it (a `cancel` at the daemon).
+        let mut fim = Box::pin(async move {
+            daemon.fim_streaming(prepared.input, params, timeout, Some(&progress_tx)).await
+        });
+        // Partial answers are for inline completions of the document's own text: the popup's
+        // fallback list and a selected item's completion wait for the whole answer.
+        let partial = matches!(kind, Kind::Inline) && selected.is_none();
+        let budget =
+            tokio::time::sleep(Duration::from_millis(u64::from(config.first_line_budget_ms)));
+        tokio::pin!(budget);
+        let (mut budget_passed, mut streaming) = (false, partial);
+        let result = loop {
+            tokio::select! {
+                biased;
+                () = token.cancelled() => break Err((Reason::Superseded, String::new())),
+                r = &mut fim => break r.map_err(|e| (reason_for(&e), e.to_string())),
+                () = &mut budget, if partial && !budget_passed => budget_passed = true,
+                changed = progress.changed(), if streaming => streaming = changed.is_ok(),
             }
-        }
+            if !budget_passed {
+                continue;
+            }
+            let so_far = progress.borrow().clone();
+            let Some(edit) = partial_edit(&so_far, &background.site) else { continue };
+            let shown = Shown {
+                text: edit.text.clone(),
+                range: Range::new(
+                    doc.position(cursor, encoding),
+                    doc.position(cursor + edit.replace, encoding),
+                ),
+            };
+            if let Some(open) = lock(&self.docs).get_mut(uri)
+                && open.edits == edits
+            {
+                open.suggestion = Suggestion::new(cursor, edit.text, edit.replace);
+                open.background = Some(seq);
+            }
+            tokio::spawn(async move {
+                let completion = tokio::select! {
+                    biased;
+                    () = token.cancelled() => None,
+                    r = fim => r.ok(),
+                };
+                background.clear_inflight();
+                background.finish(completion.as_ref());
+            });
+            return Ok((shown, Source::Daemon));
+        };
+        background.clear_inflight();
         if let Err((Reason::DaemonUnavailable, detail)) = &result {
             self.notify_unreachable(detail).await;
         }
@@ -397,19 +462,17 @@ impl Backend {
     /// After a local answer: the document's older daemon request is as stale as a superseded one,
     /// and the daemon's cache is warmed up to the cursor in the background, so the completion
     /// after the remainder runs out finds it there.
-    fn answered_locally(&self, uri: &Uri) {
-        if let Some((_, older)) = lock(&self.inflight).remove(uri) {
-            older.cancel();
+    /// The generation `background` feeds the suggestion and carries on.
+    fn answered_locally(&self, uri: &Uri, background: Option<u64>) {
+        {
+            let mut inflight = lock(&self.inflight);
+            if inflight.get(uri).is_some_and(|(s, _)| Some(*s) != background)
+                && let Some((_, older)) = inflight.remove(uri)
+            {
+                older.cancel();
+            }
         }
         self.warm(uri);
-    }
-
-    fn reason_for(&self, e: &DaemonError) -> Reason {
-        match e {
-            DaemonError::Unavailable { .. } => Reason::DaemonUnavailable,
-            DaemonError::Disconnected(_) | DaemonError::Failed { .. } => Reason::DaemonError,
-            DaemonError::Timeout { .. } => Reason::DaemonTimeout,
-        }
     }
 
     async fn notify_unreachable(&self, detail: &str) {
@@ -491,6 +554,78 @@ impl Backend {
             self.client.log_message(MessageType::WARNING, problem).await;
         }
     }
+}
+
+fn reason_for(e: &DaemonError) -> Reason {
+    match e {
+        DaemonError::Unavailable { .. } => Reason::DaemonUnavailable,
+        DaemonError::Disconnected(_) | DaemonError::Failed { .. } => Reason::DaemonError,
+        DaemonError::Timeout { .. } => Reason::DaemonTimeout,
+    }
+}
+
+/// What a completion's background generation needs once its handler has answered.
+#[derive(Debug, Clone)]
+struct Background {
+    docs: Arc<Mutex<HashMap<Uri, Open>>>,
+    inflight: Arc<Mutex<HashMap<Uri, (u64, CancellationToken)>>>,
+    finished: Arc<AtomicU64>,
+    uri: Uri,
+    seq: u64,
+    cursor: usize,
+    site: Site,
+}
+
+impl Background {
+    /// Ends the generation's registration as the document's in-flight one.
+    fn clear_inflight(&self) {
+        let mut inflight = lock(&self.inflight);
+        if inflight.get(&self.uri).is_some_and(|(s, _)| *s == self.seq) {
+            inflight.remove(&self.uri);
+        }
+    }
+
+    /// The generation whose first part was shown ended (`None`: failed or cancelled): its full
+    /// text extends the document's suggestion, if that is still the one it fed.
+    fn finish(&self, completion: Option<&Completion>) {
+        self.finished.fetch_add(1, Ordering::Relaxed);
+        let mut docs = lock(&self.docs);
+        let Some(open) = docs.get_mut(&self.uri) else { return };
+        if open.background != Some(self.seq) {
+            return;
+        }
+        open.background = None;
+        let Some(completion) = completion else { return };
+        let text = match completion.stop {
+            StopReason::Deadline => complete_lines(&completion.text),
+            _ => &completion.text,
+        };
+        let Ok(edit) = postprocess(text, &self.site) else { return };
+        let extended = open
+            .suggestion
+            .as_ref()
+            .and_then(|s| s.extended(self.cursor, &edit.text, edit.replace));
+        if extended.is_some() {
+            open.suggestion = extended;
+        }
+    }
+}
+
+/// What is worth showing of a generation still running: its whole lines when it has any, else
+/// its whole words (a last identifier may still grow), post-processed; `None` when nothing is.
+fn partial_edit(so_far: &str, site: &Site) -> Option<Edit> {
+    let complete = match so_far.rfind('\n') {
+        Some(end) => &so_far[..end],
+        None => {
+            let word_end = so_far
+                .char_indices()
+                .rev()
+                .find(|(_, c)| !(c.is_alphanumeric() || *c == '_'))
+                .map_or(0, |(i, c)| i + c.len_utf8());
+            &so_far[..word_end]
+        }
+    };
+    postprocess(complete, site).ok()
 }
 
 /// The one `window/showMessage` of an outage.
@@ -604,7 +739,8 @@ impl LanguageServer for Backend {
         let item = params.text_document;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let doc = Document::new(item.text, item.version, item.language_id);
-        let open = Open { doc, seq, last_cursor: None, suggestion: None, edits: 0 };
+        let open =
+            Open { doc, seq, last_cursor: None, suggestion: None, edits: 0, background: None };
         lock(&self.docs).insert(item.uri.clone(), open);
         self.warm(&item.uri);
     }
@@ -626,6 +762,17 @@ impl LanguageServer for Backend {
             });
             open.doc.apply(change, encoding);
             open.edits += 1;
+        }
+        // An edit that dropped the suggestion makes the rest of its generation useless.
+        if open.suggestion.is_none()
+            && let Some(seq) = open.background.take()
+        {
+            let mut inflight = lock(&self.inflight);
+            if inflight.get(&params.text_document.uri).is_some_and(|(s, _)| *s == seq)
+                && let Some((_, token)) = inflight.remove(&params.text_document.uri)
+            {
+                token.cancel();
+            }
         }
         open.doc.version = params.text_document.version;
     }

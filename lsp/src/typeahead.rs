@@ -5,10 +5,17 @@
 //! the daemon's raw text: the editor then sees the same suggestion, only shorter. All offsets are
 //! bytes in the document as the server holds it; any edit that is not typing along drops the
 //! suggestion, so they never go stale.
+//!
+//! A suggestion shown before its generation ended (its first line) is extended with the rest
+//! when the generation finishes; the rest is then served at the same position as well.
 
 /// The rest of the last completion shown in one document.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Suggestion {
+    /// Byte offset where the suggestion was shown.
+    start: usize,
+    /// The whole text shown (or, once extended, the whole finished text) from `start`.
+    shown: String,
     /// Byte offset where the remainder starts: the cursor, after the characters typed along.
     cursor: usize,
     /// What is left of the shown text; never empty.
@@ -16,8 +23,9 @@ pub struct Suggestion {
     /// Bytes right of the cursor that the item replaces (auto-closed punctuation it retypes).
     /// Typing at the cursor inserts before them, so they stay right of it.
     replace: usize,
-    /// Whether the user typed part of it yet. Only then is it served: a repeated request with
-    /// nothing typed goes to the daemon, which may know better by now (a restart, new context).
+    /// Whether the user typed part of it yet, or it was extended past what the editor was
+    /// shown. Only then is it served: a repeated request with nothing typed and nothing new goes
+    /// to the daemon, which may know better by now (a restart, new context).
     typed: bool,
 }
 
@@ -35,7 +43,38 @@ impl Suggestion {
     /// The suggestion `text` shown at byte `cursor`, replacing `replace` bytes right of it;
     /// `None` when `text` is empty (nothing to type along).
     pub fn new(cursor: usize, text: String, replace: usize) -> Option<Self> {
-        (!text.is_empty()).then_some(Self { cursor, remainder: text, replace, typed: false })
+        (!text.is_empty()).then(|| Self {
+            start: cursor,
+            shown: text.clone(),
+            cursor,
+            remainder: text,
+            replace,
+            typed: false,
+        })
+    }
+
+    /// The suggestion once its generation finished with `full` (post-processed like the shown
+    /// text) at byte `start`, replacing `replace` bytes: what is left of `full` after what was
+    /// typed along, servable at once. `None` when `full` does not continue what was shown
+    /// there (post-processing decided otherwise with the whole text), or adds nothing.
+    pub fn extended(&self, start: usize, full: &str, replace: usize) -> Option<Self> {
+        if start != self.start
+            || replace != self.replace
+            || full.len() <= self.shown.len()
+            || !full.starts_with(&self.shown)
+        {
+            return None;
+        }
+        // What was typed is a prefix of `shown`, so of `full`: the slice is on a boundary.
+        let typed = self.cursor - self.start;
+        Some(Self {
+            start,
+            shown: full.to_string(),
+            cursor: self.cursor,
+            remainder: full[typed..].to_string(),
+            replace,
+            typed: true,
+        })
     }
 
     /// The remainder, when a request at byte `cursor` may be answered with it: the user typed
@@ -61,7 +100,7 @@ impl Suggestion {
         if remainder.is_empty() {
             return None;
         }
-        Some(Self { cursor: start + text.len(), remainder, replace: self.replace, typed: true })
+        Some(Self { cursor: start + text.len(), remainder, typed: true, ..self })
     }
 }
 
@@ -95,6 +134,20 @@ mod tests {
         assert_eq!(s.clone().edited(9, 10, ""), None, "a deletion");
         assert_eq!(s.edited(10, 10, "foo(bar)x"), None, "more than the suggestion");
         assert_eq!(Suggestion::new(3, String::new(), 0), None);
+    }
+
+    #[test]
+    fn a_finished_generation_extends_what_was_shown_and_typed() {
+        let s = shown(10, "let a = 1;");
+        let full = "let a = 1;\n    let b = 2;";
+        let e = s.extended(10, full, 1).expect("the full text starts with the shown one");
+        assert_eq!(e.answer(10).map(|r| r.text), Some(full), "served at the same position");
+        let typed = s.clone().edited(10, 10, "let").unwrap().extended(10, full, 1).unwrap();
+        assert_eq!(typed.answer(13).map(|r| r.text), Some(" a = 1;\n    let b = 2;"));
+        assert_eq!(s.extended(11, full, 1), None, "another start");
+        assert_eq!(s.extended(10, full, 0), None, "another replacement");
+        assert_eq!(s.extended(10, "let a = 2;\n", 1), None, "not an extension");
+        assert_eq!(s.extended(10, "let a = 1;", 1), None, "nothing more");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A fake `m31rd` on a temporary socket: speaks the real protocol (NDJSON frames of
 //! `m31r-protocol` types), records every request, answers `fim` as the test says, and holds
-//! requests until they are cancelled when told to.
+//! requests until they are cancelled when told to, or streams a first part and holds the rest
+//! until the test releases it.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,9 @@ pub enum Reply {
     Frozen,
     /// Stream this text and finish as if the request's deadline had passed.
     Deadline(String),
+    /// Stream `first` at once, then `rest` and the `done` once `release` is notified (unless
+    /// the request was cancelled before).
+    Staged { first: String, rest: String, release: Arc<Notify> },
 }
 
 type Behaviour = Arc<dyn Fn(&FimInput) -> Reply + Send + Sync>;
@@ -100,7 +104,16 @@ async fn serve(
 ) {
     let (read, mut write) = stream.into_split();
     let mut frames = FrameReader::new(BufReader::new(read), MAX_FRAME_BYTES);
-    let mut held = HashSet::new();
+    let held = Arc::new(Mutex::new(HashSet::new()));
+    // One writer, so staged replies can send their rest from their own task.
+    let (events, mut to_write) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    let writer = tokio::spawn(async move {
+        while let Some(event) = to_write.recv().await {
+            if write_frame(&mut write, &event).await.is_err() {
+                return;
+            }
+        }
+    });
     while let Ok(Some(frame)) = frames.next_frame().await {
         let request: Request = serde_json::from_str(&frame).expect("the server sends valid frames");
         let mut out = Vec::new();
@@ -114,13 +127,25 @@ async fn serve(
                 Reply::Text(text) => stream_text(&mut out, id, &text, StopReason::EndOfText),
                 Reply::Deadline(text) => stream_text(&mut out, id, &text, StopReason::Deadline),
                 Reply::Hold => {
-                    held.insert(id.clone());
+                    held.lock().unwrap().insert(id.clone());
+                }
+                Reply::Staged { first, rest, release } => {
+                    out.push(Event::Token { id: id.clone(), text: first });
+                    held.lock().unwrap().insert(id.clone());
+                    let (id, held, events) = (id.clone(), held.clone(), events.clone());
+                    tokio::spawn(async move {
+                        release.notified().await;
+                        if held.lock().unwrap().remove(&id) {
+                            let _ = events.send(Event::Token { id: id.clone(), text: rest });
+                            let _ = events.send(done(&id, StopReason::EndOfText));
+                        }
+                    });
                 }
                 Reply::Frozen => {}
             },
             Request::Warm { id, .. } => out.push(done(id, StopReason::Warmed)),
             Request::Cancel { id } => {
-                if held.remove(id) {
+                if held.lock().unwrap().remove(id) {
                     out.push(done(id, StopReason::Cancelled));
                 }
             }
@@ -132,11 +157,12 @@ async fn serve(
         log.lock().unwrap().push(request);
         notify.notify_waiters();
         for event in out {
-            if write_frame(&mut write, &event).await.is_err() {
+            if events.send(event).is_err() {
                 return;
             }
         }
     }
+    writer.abort();
 }
 
 /// Queues `text` in two pieces and the `done`.

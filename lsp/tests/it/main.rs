@@ -7,6 +7,7 @@
 
 mod context_snippets;
 mod fake_daemon;
+mod first_line;
 mod fixture;
 mod lsp_client;
 mod positions;
