@@ -37,6 +37,9 @@ pub struct Config {
     /// How long an inline completion waits for the daemon's whole answer before it shows what is
     /// complete of it (its whole lines, else its whole words), in ms (`firstLineBudgetMs`).
     pub first_line_budget_ms: u32,
+    /// After showing a daemon completion, ask the daemon in the background for the one after it
+    /// as if it were accepted (`speculativeNext`).
+    pub speculative_next: bool,
     /// Longest wait for the daemon's answer to a `textDocument/completion`, in ms
     /// (`completionTimeoutMs`).
     pub completion_timeout_ms: u32,
@@ -65,6 +68,7 @@ impl Default for Config {
             // About one keystroke interval: a short answer arrives whole, a long one's first line
             // is shown while the rest is generated in the background.
             first_line_budget_ms: 100,
+            speculative_next: true,
             completion_timeout_ms: 1000,
             connect_timeout_ms: 2000,
         }
@@ -101,6 +105,7 @@ impl Config {
                 }
                 "inlineTimeoutMs" => set_ranged(&mut self.inline_timeout_ms, value, 50, 60_000),
                 "firstLineBudgetMs" => set_ranged(&mut self.first_line_budget_ms, value, 0, 60_000),
+                "speculativeNext" => set(&mut self.speculative_next, value),
                 "completionTimeoutMs" => {
                     set_ranged(&mut self.completion_timeout_ms, value, 50, 60_000)
                 }

@@ -6,6 +6,8 @@
 //! is not there within `firstLineBudgetMs`, the editor is shown what is complete of it (its whole
 //! lines, else its whole words) and the generation carries on; its full text then extends the
 //! remembered suggestion, which serves the rest without another daemon request.
+//! After a daemon completion is shown, the one after it (as if accepted) is asked for in the
+//! background (speculative next), and answers the request that follows its acceptance.
 //!
 //! Handlers read the documents before their first `.await`: tower-lsp-server polls message
 //! handlers in arrival order, so a request sees every `didChange` sent before it.
@@ -109,6 +111,8 @@ pub struct Status {
     /// Generations that ended in the background after their first part was shown: finished
     /// (extending the suggestion they fed, if it is still there) or cancelled.
     pub finished_in_background: u64,
+    /// Speculative next completions received (the completion after a shown one, as if accepted).
+    pub speculations_ready: u64,
 }
 
 /// An open document and what the server remembers about it.
@@ -127,6 +131,20 @@ struct Open {
     /// The in-flight generation (its `inflight` sequence number) whose first part is
     /// `suggestion`: typing along keeps it running, its end extends the suggestion.
     background: Option<u64>,
+    /// The completion after the last one shown, asked for as if it were accepted.
+    next: Option<Next>,
+}
+
+/// A speculative next completion: the document as it is once the shown completion is accepted,
+/// the cursor after it, and the daemon's post-processed answer there (`None` while it runs).
+#[derive(Debug)]
+struct Next {
+    /// Tells it from a later speculation of the same document.
+    id: u64,
+    text: String,
+    cursor: usize,
+    edit: Option<Edit>,
+    token: CancellationToken,
 }
 
 /// The server state behind the LSP handlers.
@@ -148,6 +166,7 @@ pub struct Backend {
     served_locally: AtomicU64,
     served_by_daemon: AtomicU64,
     finished_in_background: Arc<AtomicU64>,
+    speculations_ready: Arc<AtomicU64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -199,6 +218,7 @@ impl Backend {
             served_locally: AtomicU64::new(0),
             served_by_daemon: AtomicU64::new(0),
             finished_in_background: Arc::default(),
+            speculations_ready: Arc::default(),
         }
     }
 
@@ -240,6 +260,7 @@ impl Backend {
             served_locally: self.served_locally.load(Ordering::Relaxed),
             served_by_daemon: self.served_by_daemon.load(Ordering::Relaxed),
             finished_in_background: self.finished_in_background.load(Ordering::Relaxed),
+            speculations_ready: self.speculations_ready.load(Ordering::Relaxed),
         })
     }
 
@@ -316,6 +337,27 @@ impl Backend {
                 drop(docs);
                 self.answered_locally(uri, background);
                 return Ok((shown, Source::Local));
+            }
+            // The shown completion was accepted: the speculative next one answers.
+            let next = open.next.take_if(|n| {
+                selected.is_none()
+                    && n.edit.is_some()
+                    && n.cursor == cursor
+                    && n.text == open.doc.text()
+            });
+            if let Some(Next { edit: Some(edit), .. }) = next {
+                let shown = Shown {
+                    text: edit.text.clone(),
+                    range: open.doc.range(cursor..cursor + edit.replace, encoding),
+                };
+                open.suggestion = Suggestion::new(cursor, edit.text, edit.replace);
+                open.background = None;
+                drop(docs);
+                self.answered_locally(uri, None);
+                return Ok((shown, Source::Local));
+            }
+            if let Some(next) = open.next.take() {
+                next.token.cancel();
             }
             // The daemon's answer replaces it (or, suppressed, leaves nothing to type along).
             open.suggestion = None;
@@ -426,6 +468,9 @@ impl Backend {
             .map_err(|reason| (reason, format!("{:?}", completion.text)))?;
         if selected.is_none() {
             self.remember(uri, edits, Suggestion::new(cursor, edit.text.clone(), edit.replace));
+            if config.speculative_next {
+                self.speculate(uri, &doc, cursor, &edit, &config, timeout_ms);
+            }
         }
 
         // Map back to the editor's document: the selection (if any) is replaced too.
@@ -457,6 +502,63 @@ impl Backend {
         {
             open.suggestion = suggestion;
         }
+    }
+
+    /// Asks the daemon in the background for the completion after `edit`, shown at `cursor` of
+    /// `doc`, as if it were accepted; its answer is kept in the document's `next`.
+    fn speculate(
+        &self,
+        uri: &Uri,
+        doc: &Document,
+        cursor: usize,
+        edit: &Edit,
+        config: &Config,
+        timeout_ms: u32,
+    ) {
+        let mut text = doc.text().to_string();
+        text.replace_range(cursor..cursor + edit.replace, &edit.text);
+        let next_cursor = cursor + edit.text.len();
+        let accepted = Document::new(text.clone(), doc.version, doc.language_id.clone());
+        let token = CancellationToken::new();
+        let id = self.seq.fetch_add(1, Ordering::Relaxed);
+        let prepared = {
+            let mut docs = lock(&self.docs);
+            let context = self.context_docs(&docs, uri, config);
+            let context: Vec<ContextDoc<'_>> =
+                context.iter().map(|(p, t)| ContextDoc { path: p, text: t }).collect();
+            let prepared = build(&accepted, next_cursor, &context, config, &Windows::default());
+            let Some(open) = docs.get_mut(uri) else { return };
+            let next = Next { id, text, cursor: next_cursor, edit: None, token: token.clone() };
+            if let Some(older) = open.next.replace(next) {
+                older.token.cancel();
+            }
+            prepared
+        };
+        let mut params = prepared.params;
+        params.deadline_ms = deadline_ms(timeout_ms);
+        let timeout = Duration::from_millis(u64::from(timeout_ms));
+        let (daemon, docs, ready, uri) =
+            (self.daemon.clone(), self.docs.clone(), self.speculations_ready.clone(), uri.clone());
+        tokio::spawn(async move {
+            let result = tokio::select! {
+                biased;
+                () = token.cancelled() => return,
+                r = daemon.fim(prepared.input, params, timeout) => r,
+            };
+            let Ok(completion) = result else { return };
+            let text = match completion.stop {
+                StopReason::Deadline => complete_lines(&completion.text),
+                _ => &completion.text,
+            };
+            let edit = postprocess(text, &prepared.site).ok();
+            let mut docs = lock(&docs);
+            if let Some(next) = docs.get_mut(&uri).and_then(|o| o.next.as_mut())
+                && next.id == id
+            {
+                next.edit = edit;
+            }
+            ready.fetch_add(1, Ordering::Relaxed);
+        });
     }
 
     /// After a local answer: the document's older daemon request is as stale as a superseded one,
@@ -549,6 +651,9 @@ impl Backend {
         // A remembered suggestion was shaped by the old settings (`maxLines`, …).
         for open in lock(&self.docs).values_mut() {
             open.suggestion = None;
+            if let Some(next) = open.next.take() {
+                next.token.cancel();
+            }
         }
         for problem in problems {
             self.client.log_message(MessageType::WARNING, problem).await;
@@ -739,8 +844,15 @@ impl LanguageServer for Backend {
         let item = params.text_document;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let doc = Document::new(item.text, item.version, item.language_id);
-        let open =
-            Open { doc, seq, last_cursor: None, suggestion: None, edits: 0, background: None };
+        let open = Open {
+            doc,
+            seq,
+            last_cursor: None,
+            suggestion: None,
+            edits: 0,
+            background: None,
+            next: None,
+        };
         lock(&self.docs).insert(item.uri.clone(), open);
         self.warm(&item.uri);
     }
@@ -783,7 +895,9 @@ impl LanguageServer for Backend {
 
     async fn did_close(&self, params: DidCloseTextDocumentParams) {
         let uri = params.text_document.uri;
-        lock(&self.docs).remove(&uri);
+        if let Some(next) = lock(&self.docs).remove(&uri).and_then(|o| o.next) {
+            next.token.cancel();
+        }
         if let Some((_, token)) = lock(&self.inflight).remove(&uri) {
             token.cancel();
         }

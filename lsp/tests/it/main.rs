@@ -13,4 +13,5 @@ mod lsp_client;
 mod positions;
 mod server;
 mod snapshots;
+mod speculative;
 mod typeahead;

@@ -15,13 +15,15 @@ const UTIL: &str = "file:///w/src/util.rs";
 /// The cursor line of [`MAIN`]'s text: `    ` then the cursor, nothing after it.
 const BODY: &str = "fn f() {\n    \n}\n";
 
-/// A client with long request timeouts: a busy test machine must not turn answers into timeouts.
+/// A client with long request timeouts (a busy test machine must not turn answers into timeouts),
+/// without speculative next completions, so that every `fim` counted is a request's.
 async fn client(socket: &Path) -> LspClient {
     let mut client = LspClient::start(Options { socket: Some(socket.to_path_buf()) });
     client
         .initialize(json!({
             "processId": null, "rootUri": "file:///w", "capabilities": {},
-            "initializationOptions": {"inlineTimeoutMs": 30_000, "completionTimeoutMs": 30_000}
+            "initializationOptions": {"inlineTimeoutMs": 30_000, "completionTimeoutMs": 30_000,
+                "speculativeNext": false}
         }))
         .await;
     client
