@@ -143,7 +143,7 @@ async fn the_daemon_gets_the_chosen_windows_and_never_the_current_document() {
     let mut lsp = LspClient::start(Options { socket: Some(fake.socket.clone()) });
     lsp.initialize(json!({
         "processId": null, "rootUri": "file:///w", "capabilities": {},
-        "initializationOptions": {"inlineTimeoutMs": 30_000}
+        "initializationOptions": {"inlineTimeoutMs": 30_000, "firstLineBudgetMs": 30_000}
     }))
     .await;
     let (text, at) = cursor(CURRENT);

@@ -14,9 +14,10 @@ const MAIN: &str = "file:///w/src/main.rs";
 const UTIL: &str = "file:///w/src/util.rs";
 
 /// A client initialised with a workspace at `/w`, these settings and no UTF-8 offer. Request
-/// timeouts not in `settings` are long: a busy test machine must not turn answers into timeouts.
+/// timeouts and the first-line budget not in `settings` are long: a busy test machine must not
+/// turn answers into timeouts or whole answers into their first lines.
 async fn client(socket: &Path, mut settings: Value) -> (LspClient, Value) {
-    for key in ["inlineTimeoutMs", "completionTimeoutMs"] {
+    for key in ["inlineTimeoutMs", "completionTimeoutMs", "firstLineBudgetMs"] {
         settings.as_object_mut().unwrap().entry(key).or_insert(json!(30_000));
     }
     let mut client = LspClient::start(Options { socket: Some(socket.to_path_buf()) });
@@ -104,7 +105,7 @@ async fn utf8_positions_when_the_client_offers_them() {
     let init = lsp
         .initialize(json!({
             "capabilities": {"general": {"positionEncodings": ["utf-8", "utf-16"]}},
-            "initializationOptions": {"inlineTimeoutMs": 30_000}
+            "initializationOptions": {"inlineTimeoutMs": 30_000, "firstLineBudgetMs": 30_000}
         }))
         .await;
     assert_eq!(init["capabilities"]["positionEncoding"], "utf-8");
