@@ -18,6 +18,8 @@ export interface ServerSettings {
   contextFiles: boolean;
   contextSnippets: boolean;
   contextSnippetBytes: number;
+  firstLineBudgetMs: number;
+  speculativeNext: boolean;
   inlineTimeoutMs: number;
   completionTimeoutMs: number;
   connectTimeoutMs: number;
@@ -44,6 +46,8 @@ export const SERVER_DEFAULTS: Readonly<ServerSettings> = Object.freeze({
   contextFiles: true,
   contextSnippets: true,
   contextSnippetBytes: 4096,
+  firstLineBudgetMs: 100,
+  speculativeNext: true,
   inlineTimeoutMs: 500,
   completionTimeoutMs: 1000,
   connectTimeoutMs: 2000,
@@ -98,6 +102,12 @@ export function readSettings(get: SettingGetter): { settings: ExtensionSettings;
       d.contextSnippetBytes,
       (v) => typeof v === "number" && Number.isInteger(v) && v >= 256 && v <= 1048576,
     ),
+    firstLineBudgetMs: pick(
+      "firstLineBudgetMs",
+      d.firstLineBudgetMs,
+      (v) => typeof v === "number" && Number.isInteger(v) && v >= 0 && v <= 60000,
+    ),
+    speculativeNext: pick("speculativeNext", d.speculativeNext, (v) => typeof v === "boolean"),
     inlineTimeoutMs: pick("inlineTimeoutMs", d.inlineTimeoutMs, isTimeoutMs),
     completionTimeoutMs: pick("completionTimeoutMs", d.completionTimeoutMs, isTimeoutMs),
     connectTimeoutMs: pick("connectTimeoutMs", d.connectTimeoutMs, isTimeoutMs),
@@ -128,6 +138,8 @@ export function serverConfiguration(s: ServerSettings): Record<keyof ServerSetti
     contextFiles: s.contextFiles,
     contextSnippets: s.contextSnippets,
     contextSnippetBytes: s.contextSnippetBytes,
+    firstLineBudgetMs: s.firstLineBudgetMs,
+    speculativeNext: s.speculativeNext,
     inlineTimeoutMs: s.inlineTimeoutMs,
     completionTimeoutMs: s.completionTimeoutMs,
     connectTimeoutMs: s.connectTimeoutMs,

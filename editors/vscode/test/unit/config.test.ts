@@ -19,6 +19,7 @@ const ROOT = path.resolve(__dirname, "..", "..");
 
 const CONTRACT_KEYS = [
   "enabled", "languages", "maxLines", "maxTokens", "socketPath", "autoStart", "daemonPath", "daemonArgs", "contextFiles", "contextSnippets", "contextSnippetBytes",
+  "firstLineBudgetMs", "speculativeNext",
   "inlineTimeoutMs", "completionTimeoutMs", "connectTimeoutMs",
 ];
 
@@ -39,7 +40,7 @@ test("valid values are taken as given", () => {
   const values: Record<string, unknown> = {
     enabled: false, languages: ["rust", "toml"], maxLines: 3, maxTokens: 40, socketPath: "/tmp/x.sock",
     autoStart: false, daemonPath: "/opt/m31rd", daemonArgs: ["--bundle", "/b"], contextFiles: false,
-    contextSnippets: false, contextSnippetBytes: 256,
+    contextSnippets: false, contextSnippetBytes: 256, firstLineBudgetMs: 0, speculativeNext: false,
     inlineTimeoutMs: 250, completionTimeoutMs: 60000, connectTimeoutMs: 50,
     serverPath: "/opt/m31r-lsp", serverArgs: ["--log-file", "/tmp/l"], statusPollSeconds: 0,
   };
