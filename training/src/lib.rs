@@ -27,7 +27,7 @@ pub use config::DataConfig;
 pub use corpus::{Corpus, CorpusOptions, DatasetInfo, ManifestEntry, build_corpus};
 pub use error::Error;
 pub use filters::DropReason;
-pub use progress::Progress;
+pub use progress::{LogTicker, Progress};
 pub use shards::{Dtype, PrepareOptions, ShardIndex, ShardSet, prepare};
 pub use split::Split;
 pub use tok::{TokenizerOptions, TokenizerReport, train_tokenizer};

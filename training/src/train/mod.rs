@@ -141,6 +141,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, Error> {
         .open(opts.run_dir.join(METRICS_FILE))
         .map_err(|source| Error::Io { path: opts.run_dir.join(METRICS_FILE), source })?;
     let bar = opts.progress.bar(cfg.steps, "train");
+    let mut ticker = opts.progress.ticker("train step");
     bar.set_position(state.step);
     let started = Instant::now();
     let first_step = state.step;
@@ -220,7 +221,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, Error> {
             checkpoint::save(&opts.run_dir, &vars, &optimizer, &state, cfg.keep_checkpoints)?;
         }
         bar.set_position(state.step);
-        bar.set_message(format!("loss {loss:.3} · {tokens_per_s:.0} tok/s"));
+        let message = format!("loss {loss:.3} · {tokens_per_s:.0} tok/s");
+        ticker.tick(state.step, first_step, cfg.steps, &message);
+        bar.set_message(message);
         if interrupted {
             summary.interrupted = true;
             break;
