@@ -8,10 +8,10 @@ use m31r_kernels::{attention, train};
 
 use super::cache::KvCache;
 use super::rope::{Rope, rope_rows};
-use super::{AttentionKernel, Path, Result, project_rows};
+use super::{AttentionKernel, Path, Result, load_projection, project_rows};
 use crate::config::ModelConfig;
 use crate::quant::{QLinear, QuantizedWeights};
-use crate::weights::{LAYER, layer};
+use crate::weights::layer;
 
 /// Causal self-attention with RoPE and optional grouped-query key/value heads.
 #[derive(Debug, Clone)]
@@ -32,10 +32,7 @@ impl Attention {
         config: &ModelConfig,
         quantized: &QuantizedWeights,
     ) -> Result<Self> {
-        let linear = |i: usize| -> Result<QLinear> {
-            let w = &LAYER[i];
-            Ok(QLinear::load(vb.pp(w.module()), w.matrix(config), quantized)?)
-        };
+        let linear = |i: usize| load_projection(&vb, i, config, quantized);
         Ok(Self {
             q_proj: linear(layer::Q)?,
             k_proj: linear(layer::K)?,

@@ -4,10 +4,10 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use m31r_kernels::train;
 
-use super::{Path, Result, project_rows};
+use super::{Path, Result, load_projection, project_rows};
 use crate::config::ModelConfig;
 use crate::quant::{QLinear, QuantizedWeights};
-use crate::weights::{LAYER, layer};
+use crate::weights::layer;
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
@@ -24,10 +24,7 @@ impl Mlp {
         config: &ModelConfig,
         quantized: &QuantizedWeights,
     ) -> Result<Self> {
-        let linear = |i: usize| -> Result<QLinear> {
-            let w = &LAYER[i];
-            Ok(QLinear::load(vb.pp(w.module()), w.matrix(config), quantized)?)
-        };
+        let linear = |i: usize| load_projection(&vb, i, config, quantized);
         Ok(Self {
             gate_proj: linear(layer::GATE)?,
             up_proj: linear(layer::UP)?,

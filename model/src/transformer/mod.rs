@@ -95,6 +95,18 @@ impl Path {
     }
 }
 
+/// Loads projection `i` of [`weights::LAYER`] from `vb`, a block's prefix: its module path and
+/// shape come from the weights table.
+fn load_projection(
+    vb: &VarBuilder,
+    i: usize,
+    config: &ModelConfig,
+    quantized: &QuantizedWeights,
+) -> Result<QLinear> {
+    let w = &weights::LAYER[i];
+    Ok(QLinear::load(vb.pp(w.module()), w.matrix(config), quantized)?)
+}
+
 /// One row through several projections in one dispatch of the matrix–vector kernels (the
 /// single-token decode step); the weights must run on the kernels ([`QLinear::on_kernels`]).
 fn project_rows<const N: usize>(linears: [&QLinear; N], input: &[f32]) -> Result<[Vec<f32>; N]> {
