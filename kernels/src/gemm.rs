@@ -1,5 +1,5 @@
-//! Long inputs (prefill) times a dense weight: blocks of output columns shared out over candle's
-//! thread pool, each one a single-threaded GEMM of the `gemm` crate candle itself runs on.
+//! Long inputs (prefill) times a dense weight: blocks of output columns shared out over the
+//! kernels' thread pool, each one a single-threaded GEMM of the `gemm` crate candle itself runs on.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -10,9 +10,10 @@ use crate::pool::{self, Out};
 const GEMM_BLOCKS_PER_THREAD: usize = 2;
 
 /// `y = x Wᵀ` for a CPU f32 input `(.., k)` of any length and a dense f32 weight `w` `(n, k)`
-/// given as rows: blocks of output columns are shared out over candle's thread pool, each one a
-/// single-threaded GEMM. (candle's own matmul runs GEMM on rayon's threads, which then compete
-/// for the cores with the pool's spinning worker.)
+/// given as rows: blocks of output columns are shared out over the kernels' thread pool, each one
+/// a single-threaded GEMM. (candle's own matmul runs GEMM on rayon's threads, which would compete
+/// for the cores with the pool's.) The blocks follow the pool's size, not the adaptive count, so
+/// the result is the same whatever the load.
 pub fn matmul_t(x: &Tensor, w: &[f32], n: usize) -> Result<Tensor> {
     let k = x.dim(candle_core::D::Minus1)?;
     if w.len() != n * k {
@@ -22,7 +23,7 @@ pub fn matmul_t(x: &Tensor, w: &[f32], n: usize) -> Result<Tensor> {
     let m = xs.len() / k.max(1);
     let mut y = vec![0f32; m * n];
     let out = Out::new(&mut y);
-    let blocks = (candle_core::utils::barrier_pool().n_workers() + 1) * GEMM_BLOCKS_PER_THREAD;
+    let blocks = pool::max_threads() * GEMM_BLOCKS_PER_THREAD;
     // Block widths a multiple of 16 columns, the micro-kernels' width.
     let width = n.div_ceil(blocks).div_ceil(16) * 16;
     pool::run(n.div_ceil(width.max(1)), false, |range| {

@@ -1,6 +1,6 @@
 //! Matrix–vector products for the few rows a decode step or a keystroke feeds: f32, f16, Q8_0 and
 //! Q4_0 weights, each weight row read once for all the input rows (up to [`MAX_ROWS`]) with the
-//! activation kept in L1, the output rows split over candle's thread pool. Each output element is
+//! activation kept in L1, the output rows split over the kernels' thread pool. Each output element is
 //! computed by one thread in a fixed order, so results do not depend on the thread count or on
 //! scheduling.
 

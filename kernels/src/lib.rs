@@ -10,8 +10,8 @@
 //! - [`attention`]: causal attention over the head-major KV cache (decode, prefill).
 //! - [`train`]: the training forward's fused ops with hand-written backward passes, and AdamW.
 //!
-//! Work runs on candle's own thread pool, so the kernels share its threads instead of competing
-//! with them; each output element is computed by one thread in a fixed order, so results do not
+//! Work runs on the crate's own thread pool ([`pool`]): chunks claimed dynamically, waits that
+//! park instead of spinning on, a thread count that adapts to a busy machine; each output element is computed by one thread in a fixed order, so results do not
 //! depend on the thread count or on scheduling. With AVX2, FMA and F16C enabled at compile time
 //! (the default build, see `.cargo/config.toml`) the inner products use those instructions;
 //! elsewhere they run as the portable loops the tests hold the vector code to.
@@ -44,7 +44,7 @@ macro_rules! simd_or_portable {
 pub mod attention;
 pub mod gemm;
 pub mod gemv;
-mod pool;
+pub mod pool;
 pub mod quant;
 mod storage;
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! candle's fused CPU ops (`rms_norm`, `rope_thd`, `softmax_last_dim`) have no backward pass, so a
 //! differentiable forward would otherwise compose each of them from 4–8 elementwise and broadcast
 //! ops, every one a full pass over memory and a fresh allocation, with as many again in backward.
-//! Each op here is one pass forward and one pass backward, run on candle's own thread pool, on
+//! Each op here is one pass forward and one pass backward, run on the kernels' thread pool, on
 //! contiguous f32 tensors. Work is split into fixed row blocks and reductions across rows are summed
 //! in block order, so results do not depend on the thread count or on scheduling (bit-identical
 //! runs). On other devices and dtypes every function falls back to the composed candle ops, which

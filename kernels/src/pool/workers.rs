@@ -1,0 +1,424 @@
+//! The kernels' own worker threads: one parallel section at a time, its items claimed in small
+//! chunks from a shared cursor, and waits that spin briefly, then yield, then park.
+//!
+//! A thread the OS has descheduled can hold up only the one chunk it claimed: everything else is
+//! taken by whoever runs. The caller waits only for claimed chunks to finish, never for a worker
+//! to turn up, and a worker that turns up late finds nothing left to claim. Neither the caller nor
+//! an idle worker spins for longer than [`SPIN`]; after that they park (a futex on Linux), so a
+//! busy machine's cores go to whoever has work instead of to our waiting.
+
+use std::any::Any;
+use std::cell::{Cell, UnsafeCell};
+use std::ops::Range;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use super::adapt::Policy;
+
+/// How long a waiting thread spins before it yields.
+pub(crate) const SPIN: Duration = Duration::from_micros(30);
+/// How long a waiting thread yields (after spinning) before it parks.
+pub(crate) const YIELD: Duration = Duration::from_micros(50);
+/// Chunks per participating thread: small enough that a thread descheduled mid-chunk holds up
+/// little, large enough that claiming costs nothing next to the work.
+const CHUNKS_PER_THREAD: usize = 8;
+/// The most chunks of one section (they are counted in 16 bits of the cursor word).
+const MAX_CHUNKS: usize = u16::MAX as usize;
+
+thread_local! {
+    /// Set on the pool's own threads: a section started from inside one runs inline.
+    static IN_POOL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The state word: generation (32 bits), chunks of the section (16), next chunk to claim (16).
+/// One word, so a claim can only succeed on a chunk of the section it read the count of.
+fn pack(generation: u32, chunks: usize, next: usize) -> u64 {
+    (u64::from(generation) << 32) | ((chunks as u64) << 16) | next as u64
+}
+
+fn generation(state: u64) -> u32 {
+    (state >> 32) as u32
+}
+
+/// `(chunks, next)` of a state word.
+fn cursor(state: u64) -> (usize, usize) {
+    (((state >> 16) & 0xffff) as usize, (state & 0xffff) as usize)
+}
+
+/// Claims the next chunk of the current section: its index, or `None` when all are claimed.
+fn claim(state: &AtomicU64) -> Option<usize> {
+    let mut s = state.load(Ordering::Acquire);
+    loop {
+        let (chunks, next) = cursor(s);
+        if next >= chunks {
+            return None;
+        }
+        match state.compare_exchange_weak(s, s + 1, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Some(next),
+            Err(now) => s = now,
+        }
+    }
+}
+
+/// The section being run: written by the caller before it publishes the state word, read by a
+/// thread only while it holds a claimed, unfinished chunk (so the caller cannot rewrite it).
+struct Job {
+    /// Calls the section's closure on a range of items.
+    call: unsafe fn(*const (), Range<usize>),
+    /// The closure.
+    data: *const (),
+    items: usize,
+    chunk: usize,
+    chunks: usize,
+    /// The caller, parked or not, to wake when the last chunk finishes.
+    caller: Option<Thread>,
+}
+
+/// # Safety
+/// `data` must point to a live `F`.
+unsafe fn call<F: Fn(Range<usize>) + Sync>(data: *const (), range: Range<usize>) {
+    // SAFETY: by the caller's contract.
+    unsafe { (*data.cast::<F>())(range) }
+}
+
+/// One worker's wake-up flag, on its own cache line.
+#[repr(align(64))]
+struct Slot {
+    /// Set by the worker just before it parks (and re-checks the state word).
+    sleeping: AtomicBool,
+    thread: OnceLock<Thread>,
+}
+
+/// What the threads share.
+struct Shared {
+    state: AtomicU64,
+    /// Chunks of the current section finished.
+    done: AtomicUsize,
+    /// Workers (by index) that may join the current section: the adaptive thread count less one.
+    helpers: AtomicUsize,
+    /// Set by the caller just before it parks waiting for the last chunks.
+    caller_sleeping: AtomicBool,
+    job: UnsafeCell<Job>,
+    slots: Box<[Slot]>,
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
+}
+
+// SAFETY: `job` is written only by the one caller (under `Pool::caller`) while no chunk of a
+// section is claimed and unfinished, and read only by threads holding such a chunk; everything
+// else is atomics, a mutex and `Thread` handles. `data` points to a `Sync` closure.
+unsafe impl Sync for Shared {}
+// SAFETY: as above; the raw pointer in `job` is only dereferenced under that protocol.
+unsafe impl Send for Shared {}
+
+/// Timings of the parallel sections, summed since the pool started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Sections run on more than one thread.
+    pub sections: u64,
+    /// Wall time of those sections, in nanoseconds.
+    pub section_ns: u64,
+    /// Of which the caller spent waiting for chunks other threads had claimed, in nanoseconds.
+    pub wait_ns: u64,
+    /// Sections run inline: too small, nested, on one thread, or while another caller ran one.
+    pub inline_sections: u64,
+}
+
+/// The pool: `threads - 1` workers plus whichever thread calls [`Pool::run`].
+pub(crate) struct Pool {
+    shared: Arc<Shared>,
+    /// One section at a time; the generation of the last one.
+    caller: Mutex<u32>,
+    policy: Mutex<Policy>,
+    stats: Mutex<Stats>,
+    started: Instant,
+}
+
+impl Pool {
+    /// A pool of `threads` (the caller included), its workers started now.
+    pub(crate) fn new(threads: usize) -> Self {
+        let workers = threads.max(1) - 1;
+        let shared = Arc::new(Shared {
+            state: AtomicU64::new(pack(0, 0, 0)),
+            done: AtomicUsize::new(0),
+            helpers: AtomicUsize::new(0),
+            caller_sleeping: AtomicBool::new(false),
+            job: UnsafeCell::new(Job {
+                call: call::<fn(Range<usize>)>,
+                data: std::ptr::null(),
+                items: 0,
+                chunk: 1,
+                chunks: 0,
+                caller: None,
+            }),
+            slots: (0..workers)
+                .map(|_| Slot { sleeping: AtomicBool::new(false), thread: OnceLock::new() })
+                .collect(),
+            panic: Mutex::new(None),
+        });
+        for index in 0..workers {
+            let shared = Arc::clone(&shared);
+            // Without this worker the pool runs on fewer threads: nobody waits for a worker that
+            // never claims a chunk.
+            let _ = std::thread::Builder::new()
+                .name(format!("m31r-kernel-{index}"))
+                .spawn(move || worker(&shared, index));
+        }
+        Self {
+            shared,
+            caller: Mutex::new(0),
+            policy: Mutex::new(Policy::new(threads.max(1))),
+            stats: Mutex::new(Stats::default()),
+            started: Instant::now(),
+        }
+    }
+
+    /// Threads the pool has, the caller included.
+    pub(crate) fn threads(&self) -> usize {
+        self.shared.slots.len() + 1
+    }
+
+    /// The adaptive policy (its cap and current thread count).
+    pub(crate) fn policy(&self) -> std::sync::MutexGuard<'_, Policy> {
+        self.policy.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The section timings so far.
+    pub(crate) fn stats(&self) -> Stats {
+        *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn count_inline(&self) {
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner).inline_sections += 1;
+    }
+
+    /// Runs `f` over ranges that cover `0..items` exactly once, on as many threads as the policy
+    /// allows; returns when every range has run. A panic in `f` is resumed here, after every
+    /// claimed range has finished.
+    pub(crate) fn run<F: Fn(Range<usize>) + Sync>(&self, items: usize, f: F) {
+        if items == 0 {
+            return;
+        }
+        let threads = self.policy().threads().min(self.threads());
+        if threads <= 1 || items == 1 || IN_POOL.with(Cell::get) {
+            self.count_inline();
+            f(0..items);
+            return;
+        }
+        // Another thread's section is running (tests, a second engine): run this one here
+        // rather than wait for it.
+        let Ok(mut generation) = self.caller.try_lock() else {
+            self.count_inline();
+            f(0..items);
+            return;
+        };
+        let start = Instant::now();
+        let shared = &*self.shared;
+        let chunks = items.min(threads * CHUNKS_PER_THREAD).min(MAX_CHUNKS);
+        let chunk = items.div_ceil(chunks);
+        let chunks = items.div_ceil(chunk);
+        // SAFETY: no chunk of the previous section is claimed and unfinished (the previous call
+        // returned only once all were done), so no other thread reads the job now.
+        unsafe {
+            *shared.job.get() = Job {
+                call: call::<F>,
+                data: std::ptr::from_ref(&f).cast(),
+                items,
+                chunk,
+                chunks,
+                caller: Some(std::thread::current()),
+            };
+        }
+        shared.done.store(0, Ordering::Relaxed);
+        shared.helpers.store(threads - 1, Ordering::Relaxed);
+        *generation = generation.wrapping_add(1);
+        shared.state.store(pack(*generation, chunks, 0), Ordering::SeqCst);
+        for slot in &shared.slots[..threads - 1] {
+            if slot.sleeping.load(Ordering::SeqCst)
+                && let Some(thread) = slot.thread.get()
+            {
+                thread.unpark();
+            }
+        }
+
+        let own = catch_unwind(AssertUnwindSafe(|| {
+            while let Some(index) = claim(&shared.state) {
+                run_chunk(shared, index);
+            }
+        }));
+        let waiting = Instant::now();
+        wait(|| shared.done.load(Ordering::SeqCst) >= chunks, &shared.caller_sleeping);
+        let end = Instant::now();
+        drop(generation);
+
+        let section = end - start;
+        let waited = end - waiting;
+        {
+            let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+            stats.sections += 1;
+            stats.section_ns += section.as_nanos() as u64;
+            stats.wait_ns += waited.as_nanos() as u64;
+        }
+        self.policy().record(threads, section, waited, end - self.started);
+
+        if let Err(payload) = own {
+            resume_unwind(payload);
+        }
+        let payload = shared.panic.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(payload) = payload {
+            resume_unwind(payload);
+        }
+    }
+}
+
+/// Runs claimed chunk `index` of the current section and counts it done, waking the caller if
+/// it was the last.
+fn run_chunk(shared: &Shared, index: usize) {
+    // SAFETY: this thread holds chunk `index`, claimed and not yet counted done, so the caller
+    // is still inside `Pool::run` and has not rewritten the job.
+    let job = unsafe { &*shared.job.get() };
+    let first = index * job.chunk;
+    let range = first..job.items.min(first + job.chunk);
+    let (chunks, caller) = (job.chunks, job.caller.clone());
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: `data` is the caller's closure, alive until every chunk is done.
+        unsafe { (job.call)(job.data, range) }
+    }));
+    if let Err(payload) = result {
+        let mut slot = shared.panic.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.get_or_insert(payload);
+    }
+    // The job may be rewritten from here on: only the copies above are used.
+    if shared.done.fetch_add(1, Ordering::SeqCst) + 1 == chunks
+        && shared.caller_sleeping.load(Ordering::SeqCst)
+        && let Some(caller) = caller
+    {
+        caller.unpark();
+    }
+}
+
+/// Waits until `ready()`: spins for [`SPIN`], yields for [`YIELD`], then parks with `sleeping`
+/// set (whoever makes it ready unparks this thread when it sees the flag).
+fn wait(ready: impl Fn() -> bool, sleeping: &AtomicBool) {
+    let mut spins = 0u32;
+    let start = Instant::now();
+    loop {
+        if ready() {
+            return;
+        }
+        spins += 1;
+        if !spins.is_multiple_of(64) {
+            std::hint::spin_loop();
+            continue;
+        }
+        let elapsed = start.elapsed();
+        if elapsed < SPIN {
+            std::hint::spin_loop();
+        } else if elapsed < SPIN + YIELD {
+            std::thread::yield_now();
+        } else {
+            break;
+        }
+    }
+    loop {
+        sleeping.store(true, Ordering::SeqCst);
+        if ready() {
+            sleeping.store(false, Ordering::SeqCst);
+            return;
+        }
+        // An unpark between the check and here leaves a token: park returns at once.
+        std::thread::park_timeout(Duration::from_secs(1));
+        sleeping.store(false, Ordering::SeqCst);
+        if ready() {
+            return;
+        }
+    }
+}
+
+/// A worker's loop: wait for a new section, join it if the thread count allows, claim chunks
+/// until none is left.
+fn worker(shared: &Shared, index: usize) {
+    IN_POOL.with(|f| f.set(true));
+    let slot = &shared.slots[index];
+    // Set before this worker ever parks, so whoever sees it sleeping can wake it.
+    let _ = slot.thread.set(std::thread::current());
+    let mut seen = generation(shared.state.load(Ordering::Acquire));
+    loop {
+        wait(|| generation(shared.state.load(Ordering::SeqCst)) != seen, &slot.sleeping);
+        seen = generation(shared.state.load(Ordering::Acquire));
+        if index >= shared.helpers.load(Ordering::Relaxed) {
+            continue;
+        }
+        while let Some(chunk) = claim(&shared.state) {
+            run_chunk(shared, chunk);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use super::*;
+
+    #[test]
+    fn state_word_round_trips() {
+        let s = pack(7, 300, 12);
+        assert_eq!((generation(s), cursor(s)), (7, (300, 12)));
+        let state = AtomicU64::new(pack(1, 2, 0));
+        assert_eq!((claim(&state), claim(&state), claim(&state)), (Some(0), Some(1), None));
+    }
+
+    #[test]
+    fn every_item_runs_once_for_every_thread_count() {
+        for threads in 1..=4 {
+            let pool = Pool::new(threads);
+            for items in [1, 2, 3, 7, 64, 1000, 70_000] {
+                let counts: Vec<AtomicU32> = (0..items).map(|_| AtomicU32::new(0)).collect();
+                pool.run(items, |range| {
+                    for i in range {
+                        counts[i].fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+                assert!(
+                    counts.iter().all(|c| c.load(Ordering::Relaxed) == 1),
+                    "{threads} threads, {items} items"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_panic_reaches_the_caller_and_the_pool_carries_on() {
+        let pool = Pool::new(3);
+        let caught = catch_unwind(AssertUnwindSafe(|| {
+            pool.run(100, |range| assert!(!range.contains(&57), "item 57"));
+        }));
+        assert!(caught.is_err());
+        let sum = AtomicUsize::new(0);
+        pool.run(100, |range| {
+            sum.fetch_add(range.sum::<usize>(), Ordering::Relaxed);
+        });
+        assert_eq!(sum.load(Ordering::Relaxed), 4950);
+    }
+
+    #[test]
+    fn sections_after_a_long_idle_wake_the_parked_workers() {
+        let pool = Pool::new(2);
+        std::thread::sleep(SPIN + YIELD + Duration::from_millis(5));
+        let ran_elsewhere = AtomicBool::new(false);
+        let me = std::thread::current().id();
+        for _ in 0..50 {
+            pool.run(64, |_| {
+                if std::thread::current().id() != me {
+                    ran_elsewhere.store(true, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            });
+        }
+        assert!(ran_elsewhere.load(Ordering::Relaxed), "the worker never took a chunk");
+        assert!(pool.stats().sections >= 1);
+    }
+}
