@@ -20,7 +20,9 @@ use m31r_protocol::{ErrorCode, Event, FimInput, GenerationParams, StopReason, Ti
 use crate::cache::{CacheStats, PrefixCache};
 use crate::stops::{CodeContext, StopScanner};
 
+mod confidence;
 mod heal;
+use confidence::{Scores, lossy_offset, token_logprob};
 use heal::{Healing, Step};
 
 /// Tunables of the engine.
@@ -147,6 +149,9 @@ pub struct Engine {
     /// The bytes of every token the last job generated, healed ones included (tests only).
     #[cfg(test)]
     generated: Arc<Mutex<Vec<u8>>>,
+    /// How many tokens of the last job only retyped healed text (tests only).
+    #[cfg(test)]
+    healed_only: Arc<AtomicU64>,
 }
 
 impl Engine {
@@ -159,11 +164,15 @@ impl Engine {
         let context_length = model.config().context_length();
         #[cfg(test)]
         let generated = Arc::new(Mutex::new(Vec::new()));
+        #[cfg(test)]
+        let healed_only = Arc::new(AtomicU64::new(0));
         let worker = Worker {
             // Once per tokenizer, so that the healing constraint is a slice comparison per token.
             token_bytes: tokenizer.token_bytes(),
             #[cfg(test)]
             generated: generated.clone(),
+            #[cfg(test)]
+            healed_only: healed_only.clone(),
             cache: PrefixCache::new(config.cache_budget_bytes, config.max_cache_entries),
             model,
             tokenizer,
@@ -187,6 +196,8 @@ impl Engine {
             stopping,
             #[cfg(test)]
             generated,
+            #[cfg(test)]
+            healed_only,
         }
     }
 
@@ -288,6 +299,8 @@ struct Worker {
     token_bytes: Vec<Vec<u8>>,
     #[cfg(test)]
     generated: Arc<Mutex<Vec<u8>>>,
+    #[cfg(test)]
+    healed_only: Arc<AtomicU64>,
     cache: PrefixCache,
     config: EngineConfig,
     counters: Arc<EngineCounters>,
@@ -417,7 +430,7 @@ impl Worker {
             completion_tokens: 0,
         };
         self.counters.cached_tokens.fetch_add(cached as u64, Ordering::Relaxed);
-        let done = |stop, usage, prefill_ms, decode_ms| Event::Done {
+        let done = |stop, usage, prefill_ms, decode_ms, lines| Event::Done {
             id: job.id.clone(),
             stop,
             usage,
@@ -427,6 +440,7 @@ impl Worker {
                 decode_ms,
                 total_ms: ms(job.arrived.elapsed()),
             },
+            lines,
         };
 
         // Prefill in chunks, checking for cancellation between them.
@@ -434,7 +448,8 @@ impl Worker {
         let mut logits = None;
         for chunk in prompt[cached..].chunks(self.config.prefill_chunk.max(1)) {
             if self.cancelled(job) {
-                return Ok(done(StopReason::Cancelled, usage, ms(prefill_start.elapsed()), 0.0));
+                let prefill_ms = ms(prefill_start.elapsed());
+                return Ok(done(StopReason::Cancelled, usage, prefill_ms, 0.0, Vec::new()));
             }
             let out = self.cache.get_mut(index).extend(&self.model, chunk)?;
             self.counters.prefilled_tokens.fetch_add(chunk.len() as u64, Ordering::Relaxed);
@@ -443,7 +458,7 @@ impl Worker {
         let prefill_ms = ms(prefill_start.elapsed());
         let index = self.cache.enforce_budget(index);
         if warm {
-            return Ok(done(StopReason::Warmed, usage, prefill_ms, 0.0));
+            return Ok(done(StopReason::Warmed, usage, prefill_ms, 0.0, Vec::new()));
         }
 
         // Decode, checking cancellation and deadline between tokens.
@@ -453,8 +468,15 @@ impl Worker {
         // Bytes of generated tokens not yet sent, and how many tokens they came from.
         let mut pending: Vec<u8> = Vec::new();
         let mut pending_tokens = 0;
+        // Log-probabilities of the tokens that added bytes to `pending`, at their first byte.
+        let mut pending_scores: Vec<(usize, f64)> = Vec::new();
+        let mut scores = Scores::default();
+        // The text sent so far: the confidence lines describe exactly this.
+        let mut sent = String::new();
         #[cfg(test)]
         let mut generated = Vec::new();
+        #[cfg(test)]
+        let mut healed_only = 0;
         let mut stop = StopReason::MaxTokens;
         let mut logits = logits.ok_or_else(|| JobError {
             code: ErrorCode::Internal,
@@ -499,17 +521,31 @@ impl Worker {
                 }
             };
             if let Some(fresh) = fresh {
+                if !fresh.is_empty() {
+                    // Of the plain softmax, not the sampler's distribution: the same number for
+                    // every request, and greedy stays deterministic.
+                    pending_scores.push((pending.len(), token_logprob(&row, next)));
+                }
                 pending.extend_from_slice(fresh);
                 pending_tokens += 1;
+            }
+            #[cfg(test)]
+            if fresh.is_none_or(<[u8]>::is_empty) {
+                healed_only += 1;
             }
             // This is exactly `Tokenizer::decode` of the pending tokens (see `token_bytes`).
             let text = String::from_utf8_lossy(&pending).into_owned();
             // A token can end inside a multi-byte character; wait for the rest of it.
             if fresh.is_some() && (!text.ends_with('\u{FFFD}') || pending_tokens >= 4) {
+                let base = scanner.text().len();
+                for (at, logprob) in pending_scores.drain(..) {
+                    scores.record(base + lossy_offset(&pending, at), logprob);
+                }
                 pending.clear();
                 pending_tokens = 0;
                 let (emit, hit) = scanner.push(&text);
                 if !emit.is_empty() {
+                    sent.push_str(&emit);
                     let _ = job.events.send(Event::Token { id: job.id.clone(), text: emit });
                 }
                 if let Some(reason) = hit {
@@ -533,6 +569,7 @@ impl Worker {
             // answer once nothing more can follow it; after a stop hit nothing is held.
             let rest = scanner.finish();
             if !rest.is_empty() {
+                sent.push_str(&rest);
                 let _ = job.events.send(Event::Token { id: job.id.clone(), text: rest });
             }
         }
@@ -543,7 +580,10 @@ impl Worker {
         if let Ok(mut last) = self.generated.lock() {
             *last = generated;
         }
-        Ok(done(stop, usage, prefill_ms, ms(decode_start.elapsed())))
+        #[cfg(test)]
+        self.healed_only.store(healed_only, Ordering::Relaxed);
+        let lines = scores.lines(&sent);
+        Ok(done(stop, usage, prefill_ms, ms(decode_start.elapsed()), lines))
     }
 
     /// Token ids of the prompt, cut to `budget` by the documented rules, the code context for

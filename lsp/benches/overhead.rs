@@ -101,7 +101,13 @@ async fn fake_daemon(
 }
 
 fn done(id: String, stop: StopReason) -> Event {
-    Event::Done { id, stop, usage: Usage::default(), timings: Timings::default() }
+    Event::Done {
+        id,
+        stop,
+        usage: Usage::default(),
+        timings: Timings::default(),
+        lines: Vec::new(),
+    }
 }
 
 /// A client of an in-process server over pipes.

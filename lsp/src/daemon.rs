@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use m31r_protocol::{
-    Client, ErrorCode, Event, FimInput, GenerationParams, ModelInfo, Request, StopReason, Usage,
+    Client, ErrorCode, Event, FimInput, GenerationParams, LineConfidence, ModelInfo, Request,
+    StopReason, Usage,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -87,6 +88,9 @@ pub struct Completion {
     pub stop: StopReason,
     /// Token counts.
     pub usage: Usage,
+    /// The model's confidence in each line of `text`, from `done` (see
+    /// [`crate::gate`]); empty when the daemon sent none.
+    pub lines: Vec<LineConfidence>,
     /// From sending the request to its `done`.
     pub latency: Duration,
 }
@@ -282,14 +286,14 @@ impl Daemon {
                         progress.send_replace(text.clone());
                     }
                 }
-                Some(Event::Done { stop, usage, .. }) => {
+                Some(Event::Done { stop, usage, lines, .. }) => {
                     call.armed = false;
                     let latency = sent.elapsed();
                     let mut stats = lock(&self.inner.stats);
                     stats.last_latency = Some(latency);
                     stats.prompt_tokens += u64::from(usage.prompt_tokens);
                     stats.cached_tokens += u64::from(usage.cached_tokens);
-                    return Ok(Completion { text, stop, usage, latency });
+                    return Ok(Completion { text, stop, usage, lines, latency });
                 }
                 Some(Event::Error { code, message, .. }) => {
                     call.armed = false;
@@ -611,6 +615,54 @@ mod tests {
         let server = answer_hellos(UnixListener::bind(&socket).unwrap());
         assert!(daemon.connection().await.is_ok());
         assert!(daemon.snapshot().connected);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_completion_carries_the_confidence_of_its_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("d.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let lines = vec![
+            LineConfidence { tokens: 2, logprob_sum: -0.5, logprob_min: -0.4 },
+            LineConfidence { tokens: 3, logprob_sum: -6.0, logprob_min: -5.0 },
+        ];
+        let sent = lines.clone();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut frames = FrameReader::new(BufReader::new(read), MAX_FRAME_BYTES);
+            while let Ok(Some(frame)) = frames.next_frame().await {
+                let events = match serde_json::from_str::<Request>(&frame).unwrap() {
+                    Request::Hello { .. } => vec![Event::Hello {
+                        version: PROTOCOL_VERSION,
+                        daemon: "test".into(),
+                        model: ModelInfo::default(),
+                    }],
+                    Request::Fim { id, .. } => vec![
+                        Event::Token { id: id.clone(), text: "a\nb".into() },
+                        Event::Done {
+                            id,
+                            stop: StopReason::EndOfText,
+                            usage: Usage::default(),
+                            timings: m31r_protocol::Timings::default(),
+                            lines: sent.clone(),
+                        },
+                    ],
+                    _ => Vec::new(),
+                };
+                for event in events {
+                    write_frame(&mut write, &event).await.unwrap();
+                }
+            }
+        });
+        let daemon = daemon(&socket);
+        let completion = daemon
+            .fim(FimInput::default(), GenerationParams::default(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(completion.text, "a\nb");
+        assert_eq!(completion.lines, lines);
         server.abort();
     }
 

@@ -16,7 +16,9 @@ pub use frame::{FrameError, FrameReader, write_frame};
 pub use types::*;
 
 /// Protocol version exchanged in the `hello` handshake; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// History: 1, the first; 2, `done` carries the per-line confidence [`LineConfidence`].
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame (one JSON object, without its newline) either side accepts. Checked while reading,
 /// before any parsing, so a hostile or broken peer cannot make the other side allocate without bound.

@@ -178,6 +178,10 @@ pub enum Event {
         usage: Usage,
         /// Where the time went.
         timings: Timings,
+        /// The model's confidence in each line of the text sent, first line first (see
+        /// [`LineConfidence`]); empty when no text was sent.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        lines: Vec<LineConfidence>,
     },
     /// The request (or, with no id, the frame) failed; the connection stays usable.
     Error {
@@ -240,6 +244,40 @@ pub struct Usage {
     pub cached_tokens: u32,
     /// Tokens generated.
     pub completion_tokens: u32,
+}
+
+/// The model's confidence in one line of a completion: the natural-log probabilities, under the
+/// model's plain softmax (temperature 1, whatever the sampling parameters), of the generated
+/// tokens that count toward the line.
+///
+/// A token counts toward the line holding the first byte it adds to the text sent; a line's own
+/// `\n` belongs to it. Tokens that add no sent byte — those that only retype the client's healed
+/// text, and those whose text a stop rule withheld — count toward no line. A line made entirely
+/// of bytes of tokens that started on an earlier line has `tokens: 0` and both log-probs 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LineConfidence {
+    /// Tokens counting toward this line.
+    pub tokens: u32,
+    /// Sum of their log-probabilities (≤ 0; 0 when `tokens` is 0).
+    pub logprob_sum: f64,
+    /// The smallest of them (≤ 0; 0 when `tokens` is 0).
+    pub logprob_min: f64,
+}
+
+impl LineConfidence {
+    /// Mean log-probability per token (0 for a line without tokens): the geometric mean of the
+    /// tokens' probabilities is its exponential.
+    pub fn mean(&self) -> f64 {
+        if self.tokens == 0 { 0.0 } else { self.logprob_sum / f64::from(self.tokens) }
+    }
+
+    /// Adds one token's log-probability.
+    pub fn add(&mut self, logprob: f64) {
+        self.logprob_min = if self.tokens == 0 { logprob } else { self.logprob_min.min(logprob) };
+        self.logprob_sum += logprob;
+        self.tokens += 1;
+    }
 }
 
 /// Where one request's time went, in milliseconds.
@@ -357,6 +395,31 @@ mod tests {
     }
 
     #[test]
+    fn done_without_lines_parses_and_omits_them() {
+        let text = r#"{"type":"done","id":"1","stop":"warmed","usage":{"prompt_tokens":1,"cached_tokens":0,"completion_tokens":0},"timings":{"queue_ms":0.0,"prefill_ms":0.0,"decode_ms":0.0,"total_ms":0.0}}"#;
+        let done: Event = serde_json::from_str(text).unwrap();
+        assert!(matches!(&done, Event::Done { lines, .. } if lines.is_empty()), "{done:?}");
+        assert_eq!(serde_json::to_string(&done).unwrap(), text);
+        let bad = text.replace(
+            "}}",
+            r#"},"lines":[{"tokens":1,"logprob_sum":0.0,"logprob_min":0.0,"x":1}]}"#,
+        );
+        assert!(serde_json::from_str::<Event>(&bad).is_err(), "{bad}");
+    }
+
+    #[test]
+    fn line_confidence_accumulates() {
+        let mut line = LineConfidence::default();
+        assert_eq!(line.mean(), 0.0);
+        for lp in [-0.5, -2.0, -0.1] {
+            line.add(lp);
+        }
+        assert_eq!(line.tokens, 3);
+        assert_eq!(line.logprob_min, -2.0);
+        assert!((line.mean() - (-2.6 / 3.0)).abs() < 1e-12);
+    }
+
+    #[test]
     fn events_round_trip() {
         let events = [
             Event::Token { id: "1".into(), text: "let".into() },
@@ -365,6 +428,14 @@ mod tests {
                 stop: StopReason::MaxTokens,
                 usage: Usage { prompt_tokens: 3, cached_tokens: 2, completion_tokens: 1 },
                 timings: Timings::default(),
+                lines: vec![LineConfidence { tokens: 1, logprob_sum: -0.25, logprob_min: -0.25 }],
+            },
+            Event::Done {
+                id: "2".into(),
+                stop: StopReason::Cancelled,
+                usage: Usage::default(),
+                timings: Timings::default(),
+                lines: Vec::new(),
             },
             Event::Error { id: None, code: ErrorCode::FrameTooLarge, message: "big".into() },
             Event::Status { id: "s".into(), status: DaemonStatus::default() },

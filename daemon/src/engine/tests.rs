@@ -1,5 +1,5 @@
-//! Tests of the engine: panic isolation, cancellation, the prompt cut and a full queue, on a
-//! tiny random-weight model.
+//! Tests of the engine: panic isolation, cancellation, the prompt cut, a full queue and the
+//! per-line confidence in `done`, on a tiny random-weight model.
 
 use candle_core::Device;
 use m31r_model::{ModelConfig, RawModelConfig};
@@ -76,8 +76,8 @@ fn a_panicking_job_is_answered_and_the_engine_carries_on() {
         events
             .into_iter()
             .map(|e| match e {
-                Event::Done { id, stop, usage, .. } => {
-                    Event::Done { id, stop, usage, timings: Timings::default() }
+                Event::Done { id, stop, usage, lines, .. } => {
+                    Event::Done { id, stop, usage, timings: Timings::default(), lines }
                 }
                 other => other,
             })
@@ -223,8 +223,8 @@ fn without_timings(events: Vec<Event>) -> Vec<Event> {
     events
         .into_iter()
         .map(|e| match e {
-            Event::Done { id, stop, usage, .. } => {
-                Event::Done { id, stop, usage, timings: Timings::default() }
+            Event::Done { id, stop, usage, lines, .. } => {
+                Event::Done { id, stop, usage, timings: Timings::default(), lines }
             }
             other => other,
         })
@@ -315,4 +315,138 @@ fn a_warmed_healed_prompt_is_reused_whole() {
     assert_eq!(usage.prompt_tokens, warm_usage.prompt_tokens);
     // All but the last prompt token, whose logits the request needs, come from the cache.
     assert_eq!(usage.cached_tokens + 1, usage.prompt_tokens);
+}
+
+/// The `done` event's stop reason and confidence lines.
+fn done_lines(events: &[Event]) -> (StopReason, Vec<m31r_protocol::LineConfidence>) {
+    match events.last() {
+        Some(Event::Done { stop, lines, .. }) => (*stop, lines.clone()),
+        other => panic!("no done event: {other:?}"),
+    }
+}
+
+/// The confidence invariants, for the text `text` the client received.
+fn check_lines(what: &str, text: &str, lines: &[m31r_protocol::LineConfidence]) {
+    if text.is_empty() {
+        assert!(lines.is_empty(), "{what}: {lines:?}");
+        return;
+    }
+    assert_eq!(lines.len(), text.split('\n').count(), "{what}: one entry per line of {text:?}");
+    assert!(lines[0].tokens >= 1, "{what}: the first line has no token: {lines:?}");
+    for line in lines {
+        assert!(line.logprob_sum.is_finite() && line.logprob_min.is_finite(), "{what}: {line:?}");
+        assert!(line.logprob_sum <= 0.0 && line.logprob_min <= 0.0, "{what}: {line:?}");
+        if line.tokens == 0 {
+            assert_eq!((line.logprob_sum, line.logprob_min), (0.0, 0.0), "{what}");
+        } else {
+            // The smallest is at most the mean.
+            assert!(line.logprob_min <= line.mean() + 1e-12, "{what}: {line:?}");
+            assert!(line.logprob_sum <= line.logprob_min + 1e-12, "{what}: {line:?}");
+        }
+    }
+}
+
+#[test]
+fn done_reports_the_confidence_of_every_line_sent() {
+    let engine = engine(EngineConfig::default());
+    let (healing, _) = healing_engine(true);
+    let cases = [
+        (&engine, JobKind::Generate { prompt: "fn main() {".into() }, 48),
+        (&engine, JobKind::Generate { prompt: "".into() }, 64),
+        (&engine, JobKind::Generate { prompt: "}\n".into() }, 24),
+        (&engine, JobKind::Generate { prompt: "fn main() { let x = 1; }\n".into() }, 24),
+        (&engine, JobKind::Complete { prompt: "fn main() {\n    let".into() }, 32),
+        (&engine, JobKind::Fim(fim("fn main() {\n    let x", "\n}\n")), 32),
+        (
+            &healing,
+            JobKind::Complete { prompt: "fn main() { let x = 1; }\nuse std::coll".into() },
+            24,
+        ),
+        (&healing, JobKind::Fim(fim("use std::coll", "")), 24),
+    ];
+    let mut multi_line = false;
+    for (engine, kind, max_tokens) in cases {
+        let what = format!("{kind:?}");
+        let first = submit_with(engine, kind.clone(), false, max_tokens);
+        let healed_only = engine.healed_only.load(Ordering::Relaxed) as u32;
+        let (text, usage) = client_text(&first);
+        let (stop, lines) = done_lines(&first);
+        check_lines(&what, &text, &lines);
+        multi_line |= lines.len() > 1;
+        // Nothing withheld: every token that added text counts toward exactly one line.
+        if matches!(stop, StopReason::MaxTokens | StopReason::EndOfText) {
+            let counted: u32 = lines.iter().map(|l| l.tokens).sum();
+            assert_eq!(counted, usage.completion_tokens - healed_only, "{what}: {lines:?}");
+        }
+        // Greedy is deterministic, confidence included. The second run is served from the
+        // prefix cache, whose keys and values were computed in other chunks: equal up to float
+        // rounding.
+        let second = submit_with(engine, kind, false, max_tokens);
+        assert_eq!(client_text(&second).0, text, "{what}");
+        let (again_stop, again) = done_lines(&second);
+        assert_eq!(again_stop, stop, "{what}");
+        assert_close(&again, &lines, &what);
+    }
+    assert!(multi_line, "no case produced a multi-line completion");
+}
+
+#[test]
+fn confidence_does_not_depend_on_sampling_parameters() {
+    let engine = engine(EngineConfig::default());
+    let run = |temperature: f32, top_k: u32| {
+        let (tx, mut rx) = unbounded_channel();
+        let params =
+            GenerationParams { max_tokens: 1, temperature, top_k, seed: 3, ..Default::default() };
+        let job = Job {
+            id: "t".into(),
+            kind: JobKind::Generate { prompt: "fn main() { let x".into() },
+            params,
+            cancel: Arc::new(AtomicBool::new(false)),
+            events: tx,
+            arrived: Instant::now(),
+        };
+        engine.submit(job).unwrap();
+        let mut events = Vec::new();
+        while let Some(e) = rx.blocking_recv() {
+            let end = matches!(e, Event::Done { .. } | Event::Error { .. });
+            events.push(e);
+            if end {
+                break;
+            }
+        }
+        events
+    };
+    // top_k = 1 at any temperature picks the greedy token: its log-prob must not move with the
+    // sampler's temperature.
+    let greedy = run(0.0, 0);
+    assert!(done_lines(&greedy).1[0].logprob_sum < 0.0, "{greedy:?}");
+    for (temperature, top_k) in [(5.0, 1), (0.1, 1)] {
+        let sampled = run(temperature, top_k);
+        assert_eq!(client_text(&sampled).0, client_text(&greedy).0);
+        assert_close(&done_lines(&sampled).1, &done_lines(&greedy).1, "sampled");
+    }
+}
+
+/// Equal token counts, log-probs equal within float rounding.
+fn assert_close(
+    a: &[m31r_protocol::LineConfidence],
+    b: &[m31r_protocol::LineConfidence],
+    what: &str,
+) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.tokens, y.tokens, "{what}: {a:?} vs {b:?}");
+        for (p, q) in [(x.logprob_sum, y.logprob_sum), (x.logprob_min, y.logprob_min)] {
+            assert!((p - q).abs() <= 1e-6 * (1.0 + q.abs()), "{what}: {a:?} vs {b:?}");
+        }
+    }
+}
+
+#[test]
+fn the_same_request_on_the_same_state_gives_the_same_numbers() {
+    let (a, b) = (engine(EngineConfig::default()), engine(EngineConfig::default()));
+    let kind = JobKind::Fim(fim("fn main() {\n    let x", "\n}\n"));
+    let first = without_timings(submit_with(&a, kind.clone(), false, 24));
+    assert_eq!(without_timings(submit_with(&b, kind, false, 24)), first);
+    assert!(!done_lines(&first).1.is_empty(), "{first:?}");
 }

@@ -112,7 +112,7 @@ impl Run {
                         finished[i].text.push_str(&text);
                     }
                 }
-                Event::Done { id, stop, usage, timings } => {
+                Event::Done { id, stop, usage, timings, .. } => {
                     if let Some(i) = self.index(&id) {
                         let f = &mut finished[i];
                         (f.stop, f.usage, f.timings) = (Some(stop), usage, timings);

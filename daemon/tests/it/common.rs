@@ -5,7 +5,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use m31r_protocol::{Client, Event, FimInput, GenerationParams, Request, StopReason, Usage};
+use m31r_protocol::{
+    Client, Event, FimInput, GenerationParams, LineConfidence, Request, StopReason, Usage,
+};
 
 pub use m31r_model::demo::CORPUS;
 
@@ -102,6 +104,7 @@ pub struct Outcome {
     pub tokens: usize,
     pub stop: StopReason,
     pub usage: Usage,
+    pub lines: Vec<LineConfidence>,
 }
 
 /// Runs a request to completion; panics on an error event.
@@ -116,9 +119,9 @@ pub async fn run(client: &mut Client, request: Request) -> Outcome {
         .await
         .unwrap()
     {
-        Event::Done { stop, usage, timings, .. } => {
+        Event::Done { stop, usage, timings, lines, .. } => {
             assert!(timings.total_ms >= timings.prefill_ms + timings.decode_ms - 1.0);
-            Outcome { text, tokens, stop, usage }
+            Outcome { text, tokens, stop, usage, lines }
         }
         other => panic!("expected done, got {other:?}"),
     }

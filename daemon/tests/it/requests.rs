@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use m31r_model::Bundle;
 use m31r_model::fim::{FimBudget, serving_prompt};
-use m31r_protocol::{Client, ErrorCode, Event, GenerationParams, Request, StopReason};
+use m31r_protocol::{
+    Client, ErrorCode, Event, GenerationParams, PROTOCOL_VERSION, Request, StopReason,
+};
 
 use crate::common::{Daemon, bundle, fim, generate, long_prompt, run};
 
@@ -200,6 +202,27 @@ async fn bad_input_gets_a_named_error_and_the_connection_survives() {
     };
     assert_eq!(code, ErrorCode::VersionMismatch);
     assert!(message.contains("99"), "{message}");
+    // A client of the previous version (before `done` carried confidence) is refused by name,
+    // not answered in a shape it cannot read.
+    let old = PROTOCOL_VERSION - 1;
+    raw.send_raw(format!("{{\"type\":\"hello\",\"version\":{old}}}\n").as_bytes()).await.unwrap();
+    let Event::Error { id, code, message } = raw.next_event().await.unwrap().unwrap() else {
+        panic!()
+    };
+    assert_eq!((id, code), (None, ErrorCode::VersionMismatch));
+    assert!(
+        message.contains(&format!("client speaks protocol {old}, daemon {PROTOCOL_VERSION}")),
+        "{message}"
+    );
+    // The connection waits for a good hello.
+    raw.send_raw(format!("{{\"type\":\"hello\",\"version\":{PROTOCOL_VERSION}}}\n").as_bytes())
+        .await
+        .unwrap();
+    let hello = raw.next_event().await.unwrap().unwrap();
+    assert!(
+        matches!(hello, Event::Hello { version, .. } if version == PROTOCOL_VERSION),
+        "{hello:?}"
+    );
 
     let mut client = daemon.client().await;
     expect_error(&mut client, b"{not json\n", ErrorCode::BadRequest, "bad request").await;
@@ -364,4 +387,34 @@ async fn clients(daemon: &Daemon, n: usize, per_client: usize, seed: u64) -> (us
         total = (total.0 + a, total.1 + b, total.2 + c);
     }
     total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn done_carries_the_confidence_of_each_line_sent() {
+    let daemon = Daemon::start(&[]);
+    let mut client = daemon.client().await;
+    let outcome = run(&mut client, generate("g", "fn main() {\n", 48)).await;
+    let again = run(&mut client, generate("g2", "fn main() {\n", 48)).await;
+    for (name, o) in [("first", &outcome), ("again", &again)] {
+        if o.text.is_empty() {
+            assert!(o.lines.is_empty(), "{name}: {o:?}");
+            continue;
+        }
+        assert_eq!(o.lines.len(), o.text.split('\n').count(), "{name}: {o:?}");
+        let counted: u32 = o.lines.iter().map(|l| l.tokens).sum();
+        // `generate` is not healed and has no code stop rules: every token counts.
+        if matches!(o.stop, StopReason::MaxTokens | StopReason::EndOfText) {
+            assert_eq!(counted, o.usage.completion_tokens, "{name}: {o:?}");
+        }
+        for line in &o.lines {
+            assert!(line.logprob_sum <= 0.0 && line.logprob_sum.is_finite(), "{name}: {line:?}");
+            assert!(line.logprob_min <= line.mean() + 1e-12, "{name}: {line:?}");
+        }
+    }
+    assert_eq!(outcome.text, again.text);
+    assert_eq!(outcome.lines.len(), again.lines.len());
+    for (a, b) in outcome.lines.iter().zip(&again.lines) {
+        assert_eq!(a.tokens, b.tokens);
+        assert!((a.logprob_sum - b.logprob_sum).abs() <= 1e-6 * (1.0 + b.logprob_sum.abs()));
+    }
 }

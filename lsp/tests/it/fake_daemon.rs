@@ -1,7 +1,8 @@
 //! A fake `m31rd` on a temporary socket: speaks the real protocol (NDJSON frames of
 //! `m31r-protocol` types), records every request, answers `fim` as the test says, and holds
 //! requests until they are cancelled when told to, or streams a first part and holds the rest
-//! until the test releases it.
+//! until the test releases it. `done` carries the per-line confidence the test chose
+//! ([`Reply::Scored`]), or none.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -9,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use m31r_protocol::{
-    DaemonStatus, Event, FimInput, FrameReader, MAX_FRAME_BYTES, ModelInfo, PROTOCOL_VERSION,
-    Request, StopReason, Timings, Usage, write_frame,
+    DaemonStatus, Event, FimInput, FrameReader, LineConfidence, MAX_FRAME_BYTES, ModelInfo,
+    PROTOCOL_VERSION, Request, StopReason, Timings, Usage, write_frame,
 };
 use tokio::io::BufReader;
 use tokio::net::UnixListener;
@@ -21,6 +22,9 @@ use tokio::task::JoinSet;
 pub enum Reply {
     /// Stream this text (in two pieces) and finish.
     Text(String),
+    /// Stream `text` (in two pieces) and finish with these confidence lines in `done`.
+    #[allow(dead_code)] // for the confidence gate's tests
+    Scored { text: String, lines: Vec<LineConfidence> },
     /// Send nothing until the request is cancelled.
     Hold,
     /// Send nothing, not even after a `cancel`: a frozen daemon.
@@ -124,8 +128,15 @@ async fn serve(
                 model: ModelInfo { version: "fake-model".into(), ..ModelInfo::default() },
             }),
             Request::Fim { id, input, .. } => match behaviour(input) {
-                Reply::Text(text) => stream_text(&mut out, id, &text, StopReason::EndOfText),
-                Reply::Deadline(text) => stream_text(&mut out, id, &text, StopReason::Deadline),
+                Reply::Text(text) => {
+                    stream_text(&mut out, id, &text, StopReason::EndOfText, Vec::new())
+                }
+                Reply::Scored { text, lines } => {
+                    stream_text(&mut out, id, &text, StopReason::EndOfText, lines)
+                }
+                Reply::Deadline(text) => {
+                    stream_text(&mut out, id, &text, StopReason::Deadline, Vec::new())
+                }
                 Reply::Hold => {
                     held.lock().unwrap().insert(id.clone());
                 }
@@ -165,15 +176,38 @@ async fn serve(
     writer.abort();
 }
 
-/// Queues `text` in two pieces and the `done`.
-fn stream_text(out: &mut Vec<Event>, id: &str, text: &str, stop: StopReason) {
+/// Queues `text` in two pieces and the `done`, with `lines` as its confidence.
+fn stream_text(
+    out: &mut Vec<Event>,
+    id: &str,
+    text: &str,
+    stop: StopReason,
+    lines: Vec<LineConfidence>,
+) {
     let half = text.char_indices().nth(text.chars().count() / 2).map_or(0, |(i, _)| i);
     for piece in [&text[..half], &text[half..]] {
         if !piece.is_empty() {
             out.push(Event::Token { id: id.into(), text: piece.into() });
         }
     }
-    out.push(done(id, stop));
+    let mut done = done(id, stop);
+    if let Event::Done { lines: l, .. } = &mut done {
+        *l = lines;
+    }
+    out.push(done);
+}
+
+/// Confidence lines for `text` with every token of line `i` at log-prob `logprobs[i]` (lines past
+/// the end of `logprobs` get its last value), one token per line.
+#[allow(dead_code)] // for the gate's tests
+pub fn confidence(text: &str, logprobs: &[f64]) -> Vec<LineConfidence> {
+    let last = logprobs.last().copied().unwrap_or(0.0);
+    (0..text.split('\n').count())
+        .map(|i| {
+            let lp = logprobs.get(i).copied().unwrap_or(last);
+            LineConfidence { tokens: 1, logprob_sum: lp, logprob_min: lp }
+        })
+        .collect()
 }
 
 fn done(id: &str, stop: StopReason) -> Event {
@@ -182,5 +216,6 @@ fn done(id: &str, stop: StopReason) -> Event {
         stop,
         usage: Usage { prompt_tokens: 10, cached_tokens: 4, completion_tokens: 2 },
         timings: Timings::default(),
+        lines: Vec::new(),
     }
 }

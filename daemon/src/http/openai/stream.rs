@@ -161,6 +161,7 @@ mod tests {
             stop: StopReason::MaxTokens,
             usage: Usage { prompt_tokens: 3, cached_tokens: 1, completion_tokens: 2 },
             timings: Timings::default(),
+            lines: Vec::new(),
         };
         let mut text = CompletionChunks(stream("text_completion"));
         let mut chat = ChatChunks { stream: stream("chat.completion.chunk"), started: vec![true] };
