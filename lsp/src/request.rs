@@ -36,6 +36,9 @@ pub struct Windows {
     pub snippets: Chunking,
     /// Lines after the cursor line kept for post-processing's repetition check.
     pub next_lines: usize,
+    /// Lines before the cursor line kept for the degenerate-output filters (the line above,
+    /// brackets left open).
+    pub prev_lines: usize,
 }
 
 impl Default for Windows {
@@ -50,6 +53,7 @@ impl Default for Windows {
             context_bytes: 16 * 1024,
             snippets: Chunking::default(),
             next_lines: 8,
+            prev_lines: 32,
         }
     }
 }
@@ -139,10 +143,15 @@ pub fn build(
     let next_lines = (cursor_line + 1..lines.count().min(cursor_line + 1 + windows.next_lines))
         .map(|l| text[lines.start(l)..lines.end(l)].to_string())
         .collect();
+    let prev_lines = (cursor_line.saturating_sub(windows.prev_lines)..cursor_line)
+        .map(|l| text[lines.start(l)..lines.end(l)].to_string())
+        .collect();
     let site = Site {
         line_prefix: line_prefix.to_string(),
         line_suffix: line_suffix.to_string(),
         next_lines,
+        prev_lines,
+        filters: true,
         indent: Indent::detect(text),
         crlf: text.contains("\r\n"),
         shape,
