@@ -5,6 +5,7 @@
 pub mod config;
 pub mod daemon;
 pub mod document;
+pub mod gate;
 pub mod postprocess;
 pub mod request;
 pub mod server;
