@@ -27,9 +27,12 @@ pub const MAX_STOP_STRINGS: (usize, usize) = (8, 64);
 /// Immediate answers (status, errors, hello) a connection may have queued for a client that is not
 /// reading; once they are queued the daemon reads no more of that client's requests.
 pub const OUTBOX_FRAMES: usize = 64;
-/// Requests one connection may have in flight (until their last event is on its way to the
-/// client); one more is refused with `overloaded`. Together with [`MAX_NEW_TOKENS`] this bounds
-/// what the engine can queue for a client that does not read.
+/// Requests one connection may have in flight and not cancelled (until their last event is on
+/// its way to the client); one more is refused with `overloaded`. Together with [`MAX_NEW_TOKENS`]
+/// this bounds what the engine can queue for a client that does not read. Cancelled requests
+/// no longer count: they produce nothing more, and the engine's queue bounds how many wait to be
+/// dropped, so a client that cancels each keystroke's request is not refused while the engine
+/// catches up.
 pub const MAX_IN_FLIGHT: usize = 16;
 
 /// Why the server could not start.

@@ -324,7 +324,11 @@ impl Handler {
                     format!("request id {id:?} is already in flight on this connection"),
                 );
             }
-            if map.len() >= MAX_IN_FLIGHT {
+            // Cancelled requests only wait for the engine to drop them (the engine queue bounds
+            // how many): they must not hold the places of live ones, or a client that cancels
+            // each keystroke's request would be refused while the engine catches up.
+            let live = map.values().filter(|c| !c.load(Ordering::Relaxed)).count();
+            if live >= MAX_IN_FLIGHT {
                 return error(
                     Some(&id),
                     ErrorCode::Overloaded,

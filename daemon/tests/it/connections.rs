@@ -142,6 +142,37 @@ async fn requests_in_flight_per_connection_are_bounded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_requests_do_not_hold_places_in_flight() {
+    // A language server cancels each keystroke's request when the next one comes; the cancelled
+    // ones wait in the engine's queue to be dropped, and must not get the next ones refused.
+    let daemon = Daemon::start(&[("M31R_QUEUE_LEN", "256")]);
+    let (mut read, mut write) = raw_client(&daemon).await;
+    let long = long_prompt();
+    let n = 3 * m31r_daemon::server::MAX_IN_FLIGHT;
+    let mut frames = String::new();
+    for i in 0..n {
+        // Distinct starts defeat the prefix cache: each request is a full prefill.
+        let request = crate::common::generate(&i.to_string(), &format!("// {i}\n{long}"), 64);
+        frames.push_str(&serde_json::to_string(&request).unwrap());
+        frames.push('\n');
+        frames.push_str(&serde_json::to_string(&Request::Cancel { id: i.to_string() }).unwrap());
+        frames.push('\n');
+    }
+    write.write_all(frames.as_bytes()).await.unwrap();
+    let (mut ended, mut line) = (0, String::new());
+    while ended < n {
+        line.clear();
+        let read_one = tokio::time::timeout(PATIENCE * 4, read.read_line(&mut line)).await;
+        assert!(read_one.expect("no event in time").unwrap() > 0, "closed after {ended} ends");
+        match serde_json::from_str::<Event>(&line).unwrap() {
+            Event::Done { .. } => ended += 1,
+            Event::Error { code, message, .. } => panic!("request refused: {code:?}: {message}"),
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_is_closed_after_the_timeout() {
     let daemon = Daemon::start(&[("M31R_IDLE_TIMEOUT_MS", "300")]);
     let (mut read, _write) = raw_client(&daemon).await;
