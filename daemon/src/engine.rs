@@ -545,8 +545,8 @@ impl Worker {
                 pending_tokens = 0;
                 let (emit, hit) = scanner.push(&text);
                 if !emit.is_empty() {
-                    sent.push_str(&emit);
-                    let _ = job.events.send(Event::Token { id: job.id.clone(), text: emit });
+                    let lines = scores.lines_touched(&mut sent, &emit);
+                    let _ = job.events.send(Event::Token { id: job.id.clone(), text: emit, lines });
                 }
                 if let Some(reason) = hit {
                     stop = reason;
@@ -569,8 +569,8 @@ impl Worker {
             // answer once nothing more can follow it; after a stop hit nothing is held.
             let rest = scanner.finish();
             if !rest.is_empty() {
-                sent.push_str(&rest);
-                let _ = job.events.send(Event::Token { id: job.id.clone(), text: rest });
+                let lines = scores.lines_touched(&mut sent, &rest);
+                let _ = job.events.send(Event::Token { id: job.id.clone(), text: rest, lines });
             }
         }
         self.counters

@@ -81,7 +81,11 @@ async fn fake_daemon(
                         Request::Fim { id, .. } => {
                             let _ = arrivals.send(Instant::now());
                             vec![
-                                Event::Token { id: id.clone(), text: "x".into() },
+                                Event::Token {
+                                    id: id.clone(),
+                                    text: "x".into(),
+                                    lines: Vec::new(),
+                                },
                                 done(id, StopReason::EndOfText),
                             ]
                         }

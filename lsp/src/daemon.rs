@@ -95,6 +95,31 @@ pub struct Completion {
     pub latency: Duration,
 }
 
+/// A generation still running: its text so far and the confidence so far of each of its lines
+/// (as many as the daemon reported; the last one may still grow).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    /// The text generated so far.
+    pub text: String,
+    /// The confidence of each line of `text`, first line first.
+    pub lines: Vec<LineConfidence>,
+}
+
+impl Progress {
+    /// Adds a `token` event's `piece` and the confidence of the lines it touched (from the line
+    /// it starts in).
+    pub fn push(&mut self, piece: &str, touched: Vec<LineConfidence>) {
+        if !touched.is_empty() {
+            let first = self.text.bytes().filter(|&b| b == b'\n').count();
+            self.lines.truncate(first);
+            if self.lines.len() == first {
+                self.lines.extend(touched);
+            }
+        }
+        self.text.push_str(piece);
+    }
+}
+
 /// What `m31r/status` reports about the daemon.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -243,14 +268,15 @@ impl Daemon {
         self.fim_streaming(input, params, timeout, None).await
     }
 
-    /// [`Daemon::fim`], publishing the text generated so far to `progress` after every token, so
-    /// that a caller can show a first line before the generation ends.
+    /// [`Daemon::fim`], publishing the text generated so far and its lines' confidence to
+    /// `progress` after every token, so that a caller can show a first line before the
+    /// generation ends.
     pub async fn fim_streaming(
         &self,
         input: FimInput,
         params: GenerationParams,
         timeout: Duration,
-        progress: Option<&watch::Sender<String>>,
+        progress: Option<&watch::Sender<Progress>>,
     ) -> Result<Completion, DaemonError> {
         let conn = self.connection().await?;
         let id = format!("c{}", self.inner.next_id.fetch_add(1, Ordering::Relaxed));
@@ -268,7 +294,7 @@ impl Daemon {
         id: String,
         input: FimInput,
         params: GenerationParams,
-        progress: Option<&watch::Sender<String>>,
+        progress: Option<&watch::Sender<Progress>>,
     ) -> Result<Completion, DaemonError> {
         let mut call = Call::start(conn, id.clone());
         let sent = Instant::now();
@@ -276,14 +302,14 @@ impl Daemon {
             call.armed = false;
             return Err(DaemonError::Disconnected(id));
         }
-        let mut text = String::new();
+        let mut so_far = Progress::default();
         loop {
             let event = call.events.recv().await;
             match event {
-                Some(Event::Token { text: piece, .. }) => {
-                    text.push_str(&piece);
+                Some(Event::Token { text: piece, lines, .. }) => {
+                    so_far.push(&piece, lines);
                     if let Some(progress) = progress {
-                        progress.send_replace(text.clone());
+                        progress.send_replace(so_far.clone());
                     }
                 }
                 Some(Event::Done { stop, usage, lines, .. }) => {
@@ -293,7 +319,7 @@ impl Daemon {
                     stats.last_latency = Some(latency);
                     stats.prompt_tokens += u64::from(usage.prompt_tokens);
                     stats.cached_tokens += u64::from(usage.cached_tokens);
-                    return Ok(Completion { text, stop, usage, lines, latency });
+                    return Ok(Completion { text: so_far.text, stop, usage, lines, latency });
                 }
                 Some(Event::Error { code, message, .. }) => {
                     call.armed = false;
@@ -552,6 +578,22 @@ impl Drop for Call {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    #[test]
+    fn progress_keeps_each_lines_latest_confidence() {
+        use super::Progress;
+        use m31r_protocol::LineConfidence;
+        let c = |tokens, sum| LineConfidence { tokens, logprob_sum: sum, logprob_min: sum };
+        let mut p = Progress::default();
+        p.push("let", vec![c(1, -0.5)]);
+        p.push(" x;\n  y", vec![c(3, -1.0), c(1, -2.0)]);
+        assert_eq!(p.text, "let x;\n  y");
+        assert_eq!(p.lines, vec![c(3, -1.0), c(1, -2.0)]);
+        p.push("z", vec![c(2, -2.5)]);
+        assert_eq!(p.lines, vec![c(3, -1.0), c(2, -2.5)]);
+        // A piece without numbers changes none.
+        p.push("\n", Vec::new());
+        assert_eq!(p.lines.len(), 2);
+    }
 
     use m31r_protocol::{FrameReader, MAX_FRAME_BYTES, PROTOCOL_VERSION, write_frame};
     use tokio::io::BufReader;
@@ -640,7 +682,7 @@ mod tests {
                         model: ModelInfo::default(),
                     }],
                     Request::Fim { id, .. } => vec![
-                        Event::Token { id: id.clone(), text: "a\nb".into() },
+                        Event::Token { id: id.clone(), text: "a\nb".into(), lines: Vec::new() },
                         Event::Done {
                             id,
                             stop: StopReason::EndOfText,

@@ -111,7 +111,7 @@ impl Client {
         loop {
             let event = self.next_event().await?.ok_or(ClientError::Closed)?;
             match &event {
-                Event::Token { id: eid, text } if Some(eid) == id.as_ref() => on_token(text),
+                Event::Token { id: eid, text, .. } if Some(eid) == id.as_ref() => on_token(text),
                 Event::Done { id: eid, .. }
                 | Event::Status { id: eid, .. }
                 | Event::ShuttingDown { id: eid }

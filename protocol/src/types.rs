@@ -167,6 +167,11 @@ pub enum Event {
         id: RequestId,
         /// The new text.
         text: String,
+        /// The confidence so far of the lines this piece adds to: the line it starts in, then
+        /// one more for each newline in it (docs/protocol.md, "Confidence"). An entry is final
+        /// once its line has ended; `done` repeats every line's final value.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        lines: Vec<LineConfidence>,
     },
     /// The request finished; exactly one per request unless it ended with `error`.
     Done {
@@ -422,7 +427,15 @@ mod tests {
     #[test]
     fn events_round_trip() {
         let events = [
-            Event::Token { id: "1".into(), text: "let".into() },
+            Event::Token { id: "1".into(), text: "let".into(), lines: Vec::new() },
+            Event::Token {
+                id: "1".into(),
+                text: " x\n".into(),
+                lines: vec![
+                    LineConfidence { tokens: 2, logprob_sum: -0.5, logprob_min: -0.375 },
+                    LineConfidence::default(),
+                ],
+            },
             Event::Done {
                 id: "1".into(),
                 stop: StopReason::MaxTokens,

@@ -73,6 +73,16 @@ impl Scores {
         }
         lines
     }
+
+    /// Appends `piece` to `sent` and returns the confidence so far of the lines `piece` adds
+    /// to: the line it starts in, then one more per newline in it (what `token` carries).
+    pub(crate) fn lines_touched(&self, sent: &mut String, piece: &str) -> Vec<LineConfidence> {
+        let first = sent.bytes().filter(|&b| b == b'\n').count();
+        sent.push_str(piece);
+        let mut lines = self.lines(sent);
+        lines.drain(..first.min(lines.len()));
+        lines
+    }
 }
 
 #[cfg(test)]
@@ -129,5 +139,23 @@ mod tests {
         assert_eq!(cut.len(), 1);
         assert_eq!(cut[0].tokens, 2);
         assert!(scores.lines("").is_empty());
+    }
+
+    #[test]
+    fn each_piece_carries_the_lines_it_adds_to() {
+        let mut scores = Scores::default();
+        for (position, lp) in [(0, -0.1), (3, -0.2), (5, -0.3), (11, -1.0)] {
+            scores.record(position, lp);
+        }
+        let mut sent = String::new();
+        let first = scores.lines_touched(&mut sent, "let x");
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].tokens, 2, "only the tokens that start in what was sent so far");
+        let second = scores.lines_touched(&mut sent, " = 1;\n    y");
+        assert_eq!(second.len(), 2, "the line it starts in and the one its newline opens");
+        assert_eq!(second[0], scores.lines(&sent)[0]);
+        assert_eq!(second[0].tokens, 3);
+        assert_eq!(second[1].tokens, 1);
+        assert_eq!(sent, "let x = 1;\n    y");
     }
 }

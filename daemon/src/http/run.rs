@@ -107,7 +107,7 @@ impl Run {
                 return Err(ApiError::engine_stopped());
             };
             match event {
-                Event::Token { id, text } => {
+                Event::Token { id, text, .. } => {
                     if let Some(i) = self.index(&id) {
                         finished[i].text.push_str(&text);
                     }
