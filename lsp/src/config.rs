@@ -6,6 +6,10 @@ use std::path::PathBuf;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+/// `minConfidence`'s default, chosen by typing replay on held-out files (docs/lsp.md,
+/// "Confidence gate").
+pub const DEFAULT_MIN_CONFIDENCE: f64 = 0.0;
+
 /// The server's settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -45,6 +49,13 @@ pub struct Config {
     pub completion_timeout_ms: u32,
     /// Longest wait for one connection attempt (connect and `hello`), in ms (`connectTimeoutMs`).
     pub connect_timeout_ms: u32,
+    /// The least geometric-mean token probability a completion's line needs to be shown
+    /// (`minConfidence`, 0..=1; 0 shows everything): a first line below it suppresses the
+    /// completion (`low_confidence`), a later one cuts it there ([`crate::gate`]).
+    pub min_confidence: f64,
+    /// Drop degenerate output: repeated n-grams, a repeat of the line above, unbalanced closers
+    /// (`degenerateFilters`; docs/lsp.md, "Filters").
+    pub degenerate_filters: bool,
 }
 
 impl Default for Config {
@@ -71,6 +82,8 @@ impl Default for Config {
             speculative_next: true,
             completion_timeout_ms: 1000,
             connect_timeout_ms: 2000,
+            min_confidence: DEFAULT_MIN_CONFIDENCE,
+            degenerate_filters: true,
         }
     }
 }
@@ -110,6 +123,8 @@ impl Config {
                     set_ranged(&mut self.completion_timeout_ms, value, 50, 60_000)
                 }
                 "connectTimeoutMs" => set_ranged(&mut self.connect_timeout_ms, value, 50, 60_000),
+                "minConfidence" => set_fraction(&mut self.min_confidence, value),
+                "degenerateFilters" => set(&mut self.degenerate_filters, value),
                 _ => Err("unknown setting".to_string()),
             };
             if let Err(why) = result {
@@ -128,6 +143,16 @@ impl Config {
 
 fn set<T: DeserializeOwned>(slot: &mut T, value: &Value) -> Result<(), String> {
     *slot = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn set_fraction(slot: &mut f64, value: &Value) -> Result<(), String> {
+    let mut v = 0.0f64;
+    set(&mut v, value)?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err("outside 0..=1".into());
+    }
+    *slot = v;
     Ok(())
 }
 
@@ -155,7 +180,8 @@ mod tests {
             "socketPath": "/tmp/x.sock", "autoStart": false, "daemonPath": "/bin/m31rd",
             "daemonArgs": ["--bundle", "b"], "contextFiles": "yes", "colour": 1,
             "inlineTimeoutMs": 300, "completionTimeoutMs": 10, "connectTimeoutMs": 700,
-            "contextSnippets": false, "contextSnippetBytes": 100, "firstLineBudgetMs": 0
+            "contextSnippets": false, "contextSnippetBytes": 100, "firstLineBudgetMs": 0,
+            "minConfidence": 0.25, "degenerateFilters": false
         }));
         assert_eq!(problems.len(), 5, "{problems:?}");
         assert!(problems.iter().any(|p| p.contains("contextSnippetBytes = 100: outside")));
@@ -177,9 +203,14 @@ mod tests {
             connect_timeout_ms: 700,
             first_line_budget_ms: 0,
             context_snippets: false,
+            min_confidence: 0.25,
+            degenerate_filters: false,
             ..Config::default()
         };
         assert_eq!(config, expected);
+        let problems = config.apply(&json!({"minConfidence": 1.5}));
+        assert!(problems[0].contains("minConfidence = 1.5: outside 0..=1"), "{problems:?}");
+        assert_eq!(config.min_confidence, 0.25);
         assert!(config.apply(&json!({"socketPath": null})).is_empty());
         assert_eq!(config.socket_path, None);
         assert!(config.socket().ends_with("m31rd.sock"));

@@ -15,6 +15,10 @@ use crate::document::Document;
 use crate::postprocess::{Indent, Shape, Site};
 use crate::snippets::{self, Chunking};
 
+/// Most tokens of a single-line completion: about 120 characters of Rust with the project's
+/// tokenizers (a line of `rustfmt`'s 100 columns fits), whatever `maxTokens` allows.
+pub const SINGLE_LINE_TOKENS: u32 = 48;
+
 /// Window sizes, in lines and bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct Windows {
@@ -151,14 +155,19 @@ pub fn build(
         line_suffix: line_suffix.to_string(),
         next_lines,
         prev_lines,
-        filters: true,
+        filters: config.degenerate_filters,
         indent: Indent::detect(text),
         crlf: text.contains("\r\n"),
         shape,
         max_lines: config.max_lines as usize,
     };
     let params = GenerationParams {
-        max_tokens: config.max_tokens,
+        // A line is rarely longer than this: a model that does not end one stops here instead
+        // of running on for `maxTokens`, which a single line cannot use.
+        max_tokens: match shape {
+            Shape::SingleLine => config.max_tokens.min(SINGLE_LINE_TOKENS),
+            Shape::MultiLine => config.max_tokens,
+        },
         // A single-line completion is cut at its first newline anyway: let the daemon stop there.
         stop: match shape {
             Shape::SingleLine => vec!["\n".into()],

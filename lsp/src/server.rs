@@ -38,8 +38,9 @@ use tower_lsp_server::ls_types::{
 use tower_lsp_server::{Client, LanguageServer, LspService, Server};
 
 use crate::config::Config;
-use crate::daemon::{Completion, Daemon, DaemonError, DaemonSettings};
+use crate::daemon::{Completion, Daemon, DaemonError, DaemonSettings, Progress};
 use crate::document::{Document, Encoding};
+use crate::gate::gate_text;
 use crate::postprocess::{Edit, Reason, Site, postprocess};
 use crate::request::{ContextDoc, Windows, build};
 use crate::typeahead::Suggestion;
@@ -113,6 +114,8 @@ pub struct Status {
     pub finished_in_background: u64,
     /// Speculative next completions received (the completion after a shown one, as if accepted).
     pub speculations_ready: u64,
+    /// Cache warm-ups sent to the daemon (on opening, saving, typing along) not yet finished.
+    pub warming: u64,
 }
 
 /// An open document and what the server remembers about it.
@@ -167,6 +170,8 @@ pub struct Backend {
     served_by_daemon: AtomicU64,
     finished_in_background: Arc<AtomicU64>,
     speculations_ready: Arc<AtomicU64>,
+    /// Warm-ups in flight.
+    warming: Arc<AtomicU64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -219,6 +224,7 @@ impl Backend {
             served_by_daemon: AtomicU64::new(0),
             finished_in_background: Arc::default(),
             speculations_ready: Arc::default(),
+            warming: Arc::default(),
         }
     }
 
@@ -261,6 +267,7 @@ impl Backend {
             served_by_daemon: self.served_by_daemon.load(Ordering::Relaxed),
             finished_in_background: self.finished_in_background.load(Ordering::Relaxed),
             speculations_ready: self.speculations_ready.load(Ordering::Relaxed),
+            warming: self.warming.load(Ordering::Relaxed),
         })
     }
 
@@ -403,8 +410,9 @@ impl Backend {
             seq,
             cursor,
             site: prepared.site.clone(),
+            min_confidence: config.min_confidence,
         };
-        let (progress_tx, mut progress) = watch::channel(String::new());
+        let (progress_tx, mut progress) = watch::channel(Progress::default());
         let daemon = self.daemon.clone();
         // Owns what it needs, so that it can move to a background task once its first part is
         // shown; until then it runs here, and `$/cancelRequest` drops it (a `cancel` at the daemon).
@@ -426,22 +434,30 @@ impl Backend {
                 () = &mut budget, if partial && !budget_passed => budget_passed = true,
                 changed = progress.changed(), if streaming => streaming = changed.is_ok(),
             }
-            if !budget_passed {
+            // First line first: a complete first line worth showing is shown at once; else the
+            // budget decides. Either way the generation finishes in the background for this
+            // position, and the answer is what is worth showing so far (maybe nothing).
+            let so_far = progress.borrow().clone();
+            if !budget_passed && !has_complete_line(&so_far.text) {
                 continue;
             }
-            let so_far = progress.borrow().clone();
-            let Some(edit) = partial_edit(&so_far, &background.site) else { continue };
-            let shown = Shown {
-                text: edit.text.clone(),
-                range: Range::new(
-                    doc.position(cursor, encoding),
-                    doc.position(cursor + edit.replace, encoding),
-                ),
-            };
+            let edit = partial_edit(&so_far, &background.site, config.min_confidence);
+            // The first line's confidence is final once it is complete: the rest cannot help.
+            if let Err(Reason::LowConfidence) = edit
+                && has_complete_line(&so_far.text)
+            {
+                background.clear_inflight();
+                return Err((Reason::LowConfidence, format!("{:?}", so_far.text)));
+            }
+            if !budget_passed && edit.is_err() {
+                continue;
+            }
+            let edit = edit.ok();
             if let Some(open) = lock(&self.docs).get_mut(uri)
                 && open.edits == edits
             {
-                open.suggestion = Suggestion::new(cursor, edit.text, edit.replace);
+                open.suggestion =
+                    edit.as_ref().and_then(|e| Suggestion::new(cursor, e.text.clone(), e.replace));
                 open.background = Some(seq);
             }
             tokio::spawn(async move {
@@ -453,6 +469,20 @@ impl Backend {
                 background.clear_inflight();
                 background.finish(completion.as_ref());
             });
+            let Some(edit) = edit else {
+                let detail = format!(
+                    "nothing worth showing after {} ms ({:?} so far)",
+                    config.first_line_budget_ms, so_far.text
+                );
+                return Err((Reason::NotReady, detail));
+            };
+            let shown = Shown {
+                text: edit.text,
+                range: Range::new(
+                    doc.position(cursor, encoding),
+                    doc.position(cursor + edit.replace, encoding),
+                ),
+            };
             return Ok((shown, Source::Daemon));
         };
         background.clear_inflight();
@@ -460,11 +490,7 @@ impl Backend {
             self.notify_unreachable(detail).await;
         }
         let completion = result?;
-        let text = match completion.stop {
-            StopReason::Deadline => complete_lines(&completion.text),
-            _ => &completion.text,
-        };
-        let edit = postprocess(text, &prepared.site)
+        let edit = shown_edit(&completion, &prepared.site, config.min_confidence)
             .map_err(|reason| (reason, format!("{:?}", completion.text)))?;
         if selected.is_none() {
             self.remember(uri, edits, Suggestion::new(cursor, edit.text.clone(), edit.replace));
@@ -539,6 +565,7 @@ impl Backend {
         let timeout = Duration::from_millis(u64::from(timeout_ms));
         let (daemon, docs, ready, uri) =
             (self.daemon.clone(), self.docs.clone(), self.speculations_ready.clone(), uri.clone());
+        let min_confidence = config.min_confidence;
         tokio::spawn(async move {
             let result = tokio::select! {
                 biased;
@@ -546,11 +573,7 @@ impl Backend {
                 r = daemon.fim(prepared.input, params, timeout) => r,
             };
             let Ok(completion) = result else { return };
-            let text = match completion.stop {
-                StopReason::Deadline => complete_lines(&completion.text),
-                _ => &completion.text,
-            };
-            let edit = postprocess(text, &prepared.site).ok();
+            let edit = shown_edit(&completion, &prepared.site, min_confidence).ok();
             let mut docs = lock(&docs);
             if let Some(next) = docs.get_mut(&uri).and_then(|o| o.next.as_mut())
                 && next.id == id
@@ -626,8 +649,12 @@ impl Backend {
         };
         let daemon = self.daemon.clone();
         let client = self.client.clone();
+        let warming = self.warming.clone();
+        warming.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            match daemon.warm(input).await {
+            let warmed = daemon.warm(input).await;
+            warming.fetch_sub(1, Ordering::Relaxed);
+            match warmed {
                 Ok(()) => {}
                 Err(e @ DaemonError::Unavailable { .. }) => {
                     if daemon.take_unreachable_notice() {
@@ -679,6 +706,7 @@ struct Background {
     seq: u64,
     cursor: usize,
     site: Site,
+    min_confidence: f64,
 }
 
 impl Background {
@@ -690,8 +718,9 @@ impl Background {
         }
     }
 
-    /// The generation whose first part was shown ended (`None`: failed or cancelled): its full
-    /// text extends the document's suggestion, if that is still the one it fed.
+    /// The generation whose first part was shown, or which had nothing worth showing when its
+    /// budget ran out, ended (`None`: failed or cancelled): its full text extends the document's
+    /// suggestion if that is still the one it fed, or becomes it when nothing was shown.
     fn finish(&self, completion: Option<&Completion>) {
         self.finished.fetch_add(1, Ordering::Relaxed);
         let mut docs = lock(&self.docs);
@@ -701,24 +730,39 @@ impl Background {
         }
         open.background = None;
         let Some(completion) = completion else { return };
-        let text = match completion.stop {
-            StopReason::Deadline => complete_lines(&completion.text),
-            _ => &completion.text,
+        let Ok(edit) = shown_edit(completion, &self.site, self.min_confidence) else { return };
+        open.suggestion = match &open.suggestion {
+            // Nothing was shown in time: the finished answer is served if the same position is
+            // asked again, or typed along.
+            None => Suggestion::unshown(self.cursor, edit.text, edit.replace),
+            Some(shown) => match shown.extended(self.cursor, &edit.text, edit.replace) {
+                Some(extended) => Some(extended),
+                None => return,
+            },
         };
-        let Ok(edit) = postprocess(text, &self.site) else { return };
-        let extended = open
-            .suggestion
-            .as_ref()
-            .and_then(|s| s.extended(self.cursor, &edit.text, edit.replace));
-        if extended.is_some() {
-            open.suggestion = extended;
-        }
     }
 }
 
+/// Whether `so_far` holds a whole line with something on it (a leading newline alone is not one).
+fn has_complete_line(so_far: &str) -> bool {
+    so_far.rfind('\n').is_some_and(|end| !so_far[..end].trim().is_empty())
+}
+
+/// What to show of a finished completion: whole lines of one cut short by its deadline, the lines
+/// the confidence gate keeps, post-processed.
+fn shown_edit(completion: &Completion, site: &Site, min_confidence: f64) -> Result<Edit, Reason> {
+    let text = match completion.stop {
+        StopReason::Deadline => complete_lines(&completion.text),
+        _ => &completion.text,
+    };
+    postprocess(gate_text(text, &completion.lines, min_confidence)?, site)
+}
+
 /// What is worth showing of a generation still running: its whole lines when it has any, else
-/// its whole words (a last identifier may still grow), post-processed; `None` when nothing is.
-fn partial_edit(so_far: &str, site: &Site) -> Option<Edit> {
+/// its whole words (a last identifier may still grow), that the confidence gate keeps (with the
+/// confidence so far of a line still growing), post-processed; the reason when nothing is.
+fn partial_edit(progress: &Progress, site: &Site, min_confidence: f64) -> Result<Edit, Reason> {
+    let so_far = progress.text.as_str();
     let complete = match so_far.rfind('\n') {
         Some(end) => &so_far[..end],
         None => {
@@ -730,7 +774,7 @@ fn partial_edit(so_far: &str, site: &Site) -> Option<Edit> {
             &so_far[..word_end]
         }
     };
-    postprocess(complete, site).ok()
+    postprocess(gate_text(complete, &progress.lines, min_confidence)?, site)
 }
 
 /// The one `window/showMessage` of an outage.

@@ -53,6 +53,13 @@ impl Suggestion {
         })
     }
 
+    /// The finished answer `text` of a generation that had shown nothing when its request was
+    /// answered (the first-line budget ran out), at byte `cursor`, replacing `replace` bytes:
+    /// servable at once, as the editor has not seen it. `None` when `text` is empty.
+    pub fn unshown(cursor: usize, text: String, replace: usize) -> Option<Self> {
+        Self::new(cursor, text, replace).map(|s| Self { typed: true, ..s })
+    }
+
     /// The suggestion once its generation finished with `full` (post-processed like the shown
     /// text) at byte `start`, replacing `replace` bytes: what is left of `full` after what was
     /// typed along, servable at once. `None` when `full` does not continue what was shown

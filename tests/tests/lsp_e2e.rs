@@ -83,15 +83,36 @@ fn wait_for_socket(socket: &Path, daemon: &mut Child) {
     }
 }
 
+/// The `hello` frame of this protocol version, with its newline.
+fn hello() -> String {
+    format!("{{\"type\":\"hello\",\"version\":{}}}\n", m31r_protocol::PROTOCOL_VERSION)
+}
+
 /// Asks the daemon at `socket` to shut down, over the protocol.
 fn shutdown_daemon(socket: &Path) {
     let mut stream = UnixStream::connect(socket).unwrap();
-    stream
-        .write_all(b"{\"type\":\"hello\",\"version\":1}\n{\"type\":\"shutdown\",\"id\":\"s\"}\n")
-        .unwrap();
+    let frames = format!("{}{{\"type\":\"shutdown\",\"id\":\"s\"}}\n", hello());
+    stream.write_all(frames.as_bytes()).unwrap();
     let mut answer = String::new();
     let _ = stream.read_to_string(&mut answer);
     assert!(answer.contains("shutting_down"), "{answer}");
+}
+
+/// The daemon's `status` report, asked over a connection of its own.
+fn daemon_status(socket: &Path) -> Value {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream.set_read_timeout(Some(HANG)).unwrap();
+    let frames = format!("{}{{\"type\":\"status\",\"id\":\"st\"}}\n", hello());
+    stream.write_all(frames.as_bytes()).unwrap();
+    let mut lines = BufReader::new(stream).lines();
+    loop {
+        let line = lines.next().expect("the daemon answers status").unwrap();
+        let event: Value = serde_json::from_str(&line).unwrap();
+        if event["type"] == "status" {
+            return event;
+        }
+        assert_eq!(event["type"], "hello", "{line}");
+    }
 }
 
 /// The `m31r-lsp` process and a reader thread of its stdout.
@@ -181,10 +202,15 @@ impl Lsp {
     }
 
     fn inline(&mut self) -> Value {
+        self.inline_at(CURSOR.1)
+    }
+
+    /// An inline completion on the cursor's line at UTF-16 column `character`.
+    fn inline_at(&mut self, character: u32) -> Value {
         self.request(
             "textDocument/inlineCompletion",
             json!({"textDocument": {"uri": URI},
-                "position": {"line": CURSOR.0, "character": CURSOR.1},
+                "position": {"line": CURSOR.0, "character": character},
                 "context": {"triggerKind": 1}}),
         )
     }
@@ -232,6 +258,26 @@ fn assert_one_item(result: &Value, lsp: &Lsp) {
     assert_eq!(items[0]["range"]["start"], json!({"line": CURSOR.0, "character": CURSOR.1}));
 }
 
+/// `m31rd` serving the tiny seeded bundle on a socket under `dir`, with one compute thread.
+fn start_daemon(bins: &[(String, PathBuf)], dir: &Path) -> (Proc, PathBuf) {
+    let bundle = bundle(dir);
+    let socket = dir.join("run").join("m31rd.sock");
+    let mut daemon = Command::new(bin(bins, "m31rd"))
+        .arg("--bundle")
+        .arg(&bundle)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--config")
+        .arg(dir.join("no-such-config.toml"))
+        .env("M31R_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&socket, &mut daemon);
+    (Proc(daemon), socket)
+}
+
 #[test]
 fn lsp_binary_completes_through_a_real_daemon() {
     if !slow_tests() {
@@ -240,24 +286,7 @@ fn lsp_binary_completes_through_a_real_daemon() {
     }
     let bins = workspace_bins(&["m31r-lsp", "m31r-daemon"]);
     let dir = tempfile::tempdir().unwrap();
-    let bundle = bundle(dir.path());
-    let socket = dir.path().join("run").join("m31rd.sock");
-    let no_config = dir.path().join("no-such-config.toml");
-
-    let mut daemon = Command::new(bin(&bins, "m31rd"))
-        .arg("--bundle")
-        .arg(&bundle)
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--config")
-        .arg(&no_config)
-        .env("M31R_THREADS", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_socket(&socket, &mut daemon);
-    let _daemon = Proc(daemon);
+    let (_daemon, socket) = start_daemon(&bins, dir.path());
 
     let mut lsp = Lsp::start(&bin(&bins, "m31r-lsp"), &socket, &dir.path().join("lsp.log"));
     // A short completion: the daemon reuses a cached sequence only when the prompt shares at
@@ -302,5 +331,50 @@ fn lsp_binary_starts_the_daemon_when_allowed() {
     assert!(started, "m31r-lsp did not start m31rd at {}", socket.display());
     assert_one_item(&result, &lsp);
     assert_eq!(lsp.count_show_messages(), 0);
+    lsp.shut_down();
+}
+
+#[test]
+fn typing_along_a_shown_suggestion_generates_no_tokens() {
+    if !slow_tests() {
+        eprintln!("skipped: set M31R_SLOW_TESTS=1");
+        return;
+    }
+    let bins = workspace_bins(&["m31r-lsp", "m31r-daemon"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (_daemon, socket) = start_daemon(&bins, dir.path());
+    let mut lsp = Lsp::start(&bin(&bins, "m31r-lsp"), &socket, &dir.path().join("lsp.log"));
+    // The whole completion before the answer (no background generation), no speculative next
+    // request, and the seeded model's text shown whatever it looks like.
+    let settings = json!({"autoStart": false, "maxTokens": 16, "speculativeNext": false,
+        "firstLineBudgetMs": 60000, "inlineTimeoutMs": 60000, "minConfidence": 0,
+        "degenerateFilters": false});
+    initialize(&mut lsp, settings);
+    let first = lsp.inline();
+    assert_one_item(&first, &lsp);
+    let shown = first["items"][0]["insertText"].as_str().unwrap().to_string();
+    let typed: Vec<char> = shown.chars().take(2).collect();
+    assert!(shown.chars().count() > typed.len(), "too short to type along: {shown:?}");
+    let generated = |status: &Value| status["generated_tokens"].as_u64().unwrap();
+    let before = generated(&daemon_status(&socket));
+
+    let (mut column, mut rest) = (CURSOR.1, shown.as_str());
+    for (version, c) in (2..).zip(typed) {
+        let at = json!({"line": CURSOR.0, "character": column});
+        lsp.notify(
+            "textDocument/didChange",
+            json!({"textDocument": {"uri": URI, "version": version},
+                "contentChanges": [{"range": {"start": at, "end": at}, "text": c.to_string()}]}),
+        );
+        column += u32::try_from(c.len_utf16()).unwrap();
+        rest = &rest[c.len_utf8()..];
+        let answer = lsp.inline_at(column);
+        assert_eq!(answer["items"][0]["insertText"], rest, "{answer}");
+    }
+    let status = lsp.request("m31r/status", Value::Null);
+    assert_eq!(status["servedLocally"], 2, "{status}");
+    // The server warms the daemon's cache while the user types along: prompt work, no tokens.
+    let after = daemon_status(&socket);
+    assert_eq!(generated(&after), before, "tokens were generated while typing along: {after}");
     lsp.shut_down();
 }

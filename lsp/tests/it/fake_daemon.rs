@@ -23,7 +23,6 @@ pub enum Reply {
     /// Stream this text (in two pieces) and finish.
     Text(String),
     /// Stream `text` (in two pieces) and finish with these confidence lines in `done`.
-    #[allow(dead_code)] // for the confidence gate's tests
     Scored { text: String, lines: Vec<LineConfidence> },
     /// Send nothing until the request is cancelled.
     Hold,
@@ -31,9 +30,9 @@ pub enum Reply {
     Frozen,
     /// Stream this text and finish as if the request's deadline had passed.
     Deadline(String),
-    /// Stream `first` at once, then `rest` and the `done` once `release` is notified (unless
-    /// the request was cancelled before).
-    Staged { first: String, rest: String, release: Arc<Notify> },
+    /// Stream `first` at once (its `token` carrying `first_lines`), then `rest` and the `done`
+    /// once `release` is notified (unless the request was cancelled before).
+    Staged { first: String, first_lines: Vec<LineConfidence>, rest: String, release: Arc<Notify> },
 }
 
 type Behaviour = Arc<dyn Fn(&FimInput) -> Reply + Send + Sync>;
@@ -140,14 +139,18 @@ async fn serve(
                 Reply::Hold => {
                     held.lock().unwrap().insert(id.clone());
                 }
-                Reply::Staged { first, rest, release } => {
-                    out.push(Event::Token { id: id.clone(), text: first });
+                Reply::Staged { first, first_lines, rest, release } => {
+                    out.push(Event::Token { id: id.clone(), text: first, lines: first_lines });
                     held.lock().unwrap().insert(id.clone());
                     let (id, held, events) = (id.clone(), held.clone(), events.clone());
                     tokio::spawn(async move {
                         release.notified().await;
                         if held.lock().unwrap().remove(&id) {
-                            let _ = events.send(Event::Token { id: id.clone(), text: rest });
+                            let _ = events.send(Event::Token {
+                                id: id.clone(),
+                                text: rest,
+                                lines: Vec::new(),
+                            });
                             let _ = events.send(done(&id, StopReason::EndOfText));
                         }
                     });
@@ -185,9 +188,16 @@ fn stream_text(
     lines: Vec<LineConfidence>,
 ) {
     let half = text.char_indices().nth(text.chars().count() / 2).map_or(0, |(i, _)| i);
+    let mut sent = 0;
     for piece in [&text[..half], &text[half..]] {
         if !piece.is_empty() {
-            out.push(Event::Token { id: id.into(), text: piece.into() });
+            // As the daemon does: the lines this piece adds to, from the one it starts in.
+            let newlines = |t: &str| t.bytes().filter(|&b| b == b'\n').count();
+            let first = newlines(&text[..sent]);
+            sent += piece.len();
+            let last = newlines(&text[..sent]);
+            let touched = lines.iter().skip(first).take(last + 1 - first).cloned().collect();
+            out.push(Event::Token { id: id.into(), text: piece.into(), lines: touched });
         }
     }
     let mut done = done(id, stop);
@@ -199,7 +209,6 @@ fn stream_text(
 
 /// Confidence lines for `text` with every token of line `i` at log-prob `logprobs[i]` (lines past
 /// the end of `logprobs` get its last value), one token per line.
-#[allow(dead_code)] // for the gate's tests
 pub fn confidence(text: &str, logprobs: &[f64]) -> Vec<LineConfidence> {
     let last = logprobs.last().copied().unwrap_or(0.0);
     (0..text.split('\n').count())

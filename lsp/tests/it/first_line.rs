@@ -41,6 +41,7 @@ fn staged(dir: &Path, release: &Arc<Notify>) -> FakeDaemon {
     let release = release.clone();
     FakeDaemon::start(&dir.join("d.sock"), move |_| Reply::Staged {
         first: FIRST.into(),
+        first_lines: Vec::new(),
         rest: REST.into(),
         release: release.clone(),
     })

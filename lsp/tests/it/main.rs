@@ -9,6 +9,7 @@ mod context_snippets;
 mod fake_daemon;
 mod first_line;
 mod fixture;
+mod gate;
 mod lsp_client;
 mod positions;
 mod server;

@@ -57,7 +57,7 @@ fn request_mid_line_is_single_line_and_stops_at_newline() {
         "fn main() {\n    let x = $0foo();\n}",
         &[],
         expect![[r#"
-            window: lines 0..3, shape SingleLine, max_tokens 128, stop ["\n"]
+            window: lines 0..3, shape SingleLine, max_tokens 48, stop ["\n"]
             prefix: "fn main() {\n    let x = "
             suffix: "foo();\n}"
             line: "    let x = " | "foo();"
@@ -115,7 +115,7 @@ fn windows_start_and_end_on_stable_lines_while_typing() {
         prepare(&fixture, &[], &Config::default(), &windows)
     };
     let first = at(line_start(300) + 4);
-    expect![[r#"window: lines 32..352, shape SingleLine, max_tokens 128, stop ["\n"]"#]]
+    expect![[r#"window: lines 32..352, shape SingleLine, max_tokens 48, stop ["\n"]"#]]
         .assert_eq(render_request(&first).lines().next().unwrap());
     assert!(first.input.prefix.starts_with("let v32 = 32;\n"));
     assert!(first.input.suffix.ends_with("let v351 = 351;\n"));

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
+use m31r_protocol::PROTOCOL_VERSION;
 use serde_json::{Value, json};
 
 use self::lsp_client::LspClient;
@@ -62,6 +63,8 @@ struct Tally {
     first_request: usize,
     requests: usize,
     latencies_ms: Vec<f64>,
+    /// From opening each file to the end of the server's cache warm-up.
+    warmups_ms: Vec<f64>,
 }
 
 /// Runs the replay with the bundle of `--bundle` and prints the results.
@@ -141,6 +144,7 @@ fn replay_line(
         "textDocument/didOpen",
         json!({"textDocument": {"uri": uri, "languageId": "rust", "version": 1, "text": cut.doc}}),
     )?;
+    tally.warmups_ms.push(settle(lsp)?);
     let original = format!("{}{}", cut.indent, cut.body);
     let body: Vec<char> = cut.body.chars().collect();
     let mut current = cut.indent.clone();
@@ -177,6 +181,22 @@ fn replay_line(
     lsp.notify("textDocument/didClose", json!({"textDocument": {"uri": uri}}))
 }
 
+/// Waits until the server's cache warm-ups have ended, as a person reads a file they opened
+/// before typing in it; the milliseconds it took (reported apart from keystroke latency).
+fn settle(lsp: &mut LspClient) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    loop {
+        let status = lsp.request("m31r/status", Value::Null)?;
+        if status["warming"].as_u64() == Some(0) {
+            return Ok(start.elapsed().as_secs_f64() * 1e3);
+        }
+        if start.elapsed() > DAEMON_START {
+            bail!("the daemon's cache warm-up did not end within {DAEMON_START:?}: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Whether the first item of an `inlineCompletion` result makes the cursor's line `original`.
 fn completes(result: &Value, line: u32, current: &str, original: &str) -> bool {
     let Some(item) = result["items"].as_array().and_then(|items| items.first()) else {
@@ -199,6 +219,8 @@ fn report(tally: &Tally, status: &Value, args: &ReplayArgs, files: usize) -> Val
     let by_daemon = count("servedByDaemon");
     let mut latencies = tally.latencies_ms.clone();
     latencies.sort_by(f64::total_cmp);
+    let mut warmups = tally.warmups_ms.clone();
+    warmups.sort_by(f64::total_cmp);
     json!({
         "lines": tally.lines,
         "files": files,
@@ -212,11 +234,16 @@ fn report(tally: &Tally, status: &Value, args: &ReplayArgs, files: usize) -> Val
         "served_by_daemon": by_daemon,
         "served_locally": count("servedLocally"),
         "suppressed": count("suppressed"),
+        "suppressed_by": status["suppressedBy"].clone(),
         "daemon_requests_per_keystroke": ratio(by_daemon as f64, tally.requests as f64),
         "latency_ms": {
             "p50": percentile(&latencies, 50.0),
             "p90": percentile(&latencies, 90.0),
             "p99": percentile(&latencies, 99.0),
+        },
+        "file_open_warmup_ms": {
+            "p50": percentile(&warmups, 50.0),
+            "max": warmups.last().copied().unwrap_or(0.0),
         },
         "settings": {
             "context_snippets": !args.no_snippets,
@@ -260,6 +287,10 @@ fn print_report(report: &Value, args: &ReplayArgs, bundle: &Path) {
         report["suppressed"],
         report["daemon_requests_per_keystroke"].as_f64().unwrap_or(0.0)
     );
+    if let Some(reasons) = report["suppressed_by"].as_object().filter(|r| !r.is_empty()) {
+        let reasons: Vec<String> = reasons.iter().map(|(code, n)| format!("{code} {n}")).collect();
+        println!("suppressed by reason: {}", reasons.join(", "));
+    }
     let ms = |p: &str| report["latency_ms"][p].as_f64().unwrap_or(0.0);
     println!(
         "keystroke latency (request sent → answer, as the editor sees it): p50 {:.1} ms · p90 \
@@ -267,6 +298,13 @@ fn print_report(report: &Value, args: &ReplayArgs, bundle: &Path) {
         ms("p50"),
         ms("p90"),
         ms("p99")
+    );
+    let warm = |p: &str| report["file_open_warmup_ms"][p].as_f64().unwrap_or(0.0);
+    println!(
+        "file opened → cache warm (waited before typing, not counted above): p50 {:.1} ms · max \
+         {:.1} ms",
+        warm("p50"),
+        warm("max")
     );
 }
 
@@ -382,9 +420,11 @@ impl Daemon {
     fn stop(mut self) {
         if let Ok(mut stream) = UnixStream::connect(&self.socket) {
             let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-            let _ = stream.write_all(
-                b"{\"type\":\"hello\",\"version\":1}\n{\"type\":\"shutdown\",\"id\":\"s\"}\n",
+            let frames = format!(
+                "{{\"type\":\"hello\",\"version\":{PROTOCOL_VERSION}}}\n\
+                 {{\"type\":\"shutdown\",\"id\":\"s\"}}\n"
             );
+            let _ = stream.write_all(frames.as_bytes());
             let mut answer = String::new();
             let _ = stream.read_to_string(&mut answer);
         }
