@@ -291,7 +291,10 @@ fn lsp_binary_completes_through_a_real_daemon() {
     let mut lsp = Lsp::start(&bin(&bins, "m31r-lsp"), &socket, &dir.path().join("lsp.log"));
     // A short completion: the daemon reuses a cached sequence only when the prompt shares at
     // least half of its tokens, and this tiny prompt is ~20 tokens.
-    initialize(&mut lsp, json!({"autoStart": false, "maxTokens": 8}));
+    // The seeded model's text is shown whatever it looks like (no gate, no filters).
+    let settings = json!({"autoStart": false, "maxTokens": 8, "minConfidence": 0,
+        "degenerateFilters": false});
+    initialize(&mut lsp, settings);
     let first = lsp.inline();
     assert_one_item(&first, &lsp);
     // Greedy decoding: the same keystroke state gives the same completion, now from the cache.
@@ -320,7 +323,8 @@ fn lsp_binary_starts_the_daemon_when_allowed() {
     let args = ["--bundle", bundle.to_str().unwrap(), "--config", "/nonexistent/m31r.toml"];
     initialize(
         &mut lsp,
-        json!({"autoStart": true, "daemonPath": bin(&bins, "m31rd"), "daemonArgs": args}),
+        json!({"autoStart": true, "daemonPath": bin(&bins, "m31rd"), "daemonArgs": args,
+            "minConfidence": 0, "degenerateFilters": false}),
     );
     let result = lsp.inline();
     // The daemon outlives the language server by design: stop it over the protocol.
