@@ -7,6 +7,13 @@ vim.o.shada = ""
 vim.lsp.log.set_level(vim.env.M31R_LSP_LOG_LEVEL or "warn")
 require("m31r").setup({
   cmd = { vim.env.M31R_LSP, "--log-file", vim.env.M31R_LSP_LOG_FILE },
-  settings = { socketPath = vim.env.M31R_TEST_SOCKET, autoStart = false },
+  -- The tiny seeded model's ghost text is gibberish (" y y y y"), which the confidence gate and the
+  -- degenerate-output filters rightly hide: the tests expect ghost text, so both are off.
+  settings = {
+    socketPath = vim.env.M31R_TEST_SOCKET,
+    autoStart = false,
+    minConfidence = 0,
+    degenerateFilters = false,
+  },
   debounce_ms = 20,
 })

@@ -23,6 +23,8 @@ export interface ServerSettings {
   inlineTimeoutMs: number;
   completionTimeoutMs: number;
   connectTimeoutMs: number;
+  minConfidence: number;
+  degenerateFilters: boolean;
 }
 
 /** Everything the extension reads: the server's settings plus how to launch and poll it. */
@@ -51,6 +53,9 @@ export const SERVER_DEFAULTS: Readonly<ServerSettings> = Object.freeze({
   inlineTimeoutMs: 500,
   completionTimeoutMs: 1000,
   connectTimeoutMs: 2000,
+  // m31r-lsp's DEFAULT_MIN_CONFIDENCE (lsp/src/config.rs); keep the two and package.json equal.
+  minConfidence: 0,
+  degenerateFilters: true,
 });
 
 /** Extension-only settings' defaults. */
@@ -111,6 +116,12 @@ export function readSettings(get: SettingGetter): { settings: ExtensionSettings;
     inlineTimeoutMs: pick("inlineTimeoutMs", d.inlineTimeoutMs, isTimeoutMs),
     completionTimeoutMs: pick("completionTimeoutMs", d.completionTimeoutMs, isTimeoutMs),
     connectTimeoutMs: pick("connectTimeoutMs", d.connectTimeoutMs, isTimeoutMs),
+    minConfidence: pick(
+      "minConfidence",
+      d.minConfidence,
+      (v) => typeof v === "number" && Number.isFinite(v) && v >= 0 && v <= 1,
+    ),
+    degenerateFilters: pick("degenerateFilters", d.degenerateFilters, (v) => typeof v === "boolean"),
   };
   const e = EXTENSION_DEFAULTS;
   return {
@@ -143,6 +154,8 @@ export function serverConfiguration(s: ServerSettings): Record<keyof ServerSetti
     inlineTimeoutMs: s.inlineTimeoutMs,
     completionTimeoutMs: s.completionTimeoutMs,
     connectTimeoutMs: s.connectTimeoutMs,
+    minConfidence: s.minConfidence,
+    degenerateFilters: s.degenerateFilters,
   };
 }
 

@@ -25,6 +25,8 @@ M.defaults = {
     inlineTimeoutMs = 500,
     completionTimeoutMs = 1000,
     connectTimeoutMs = 2000,
+    minConfidence = 0, -- m31r-lsp's DEFAULT_MIN_CONFIDENCE (lsp/src/config.rs)
+    degenerateFilters = true,
   },
   --- nil: native vim.lsp.inline_completion when Neovim has it; false: always the plugin's ghost text.
   native = nil,
@@ -57,6 +59,8 @@ local SETTING_KEYS = {
   "inlineTimeoutMs",
   "completionTimeoutMs",
   "connectTimeoutMs",
+  "minConfidence",
+  "degenerateFilters",
 }
 
 --- The configuration object m31r-lsp gets (initializationOptions and settings.m31r): the contract's keys,

@@ -77,6 +77,10 @@ async function main(): Promise<void> {
           "m31r.socketPath": daemon.socket,
           "m31r.autoStart": false,
           "m31r.statusPollSeconds": 1,
+          // The tiny seeded model's ghost text is gibberish (" y y y y"), which the confidence gate and the
+          // degenerate-output filters rightly hide; this test is about showing and accepting ghost text.
+          "m31r.minConfidence": 0,
+          "m31r.degenerateFilters": false,
           "editor.inlineSuggest.enabled": true,
           // The suggest widget would take Tab; this test is about inline completions.
           "editor.quickSuggestions": { other: "off", comments: "off", strings: "off" },

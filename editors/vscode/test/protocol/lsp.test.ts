@@ -27,6 +27,9 @@ const URI = "file:///tmp/m31r-protocol/src/main.rs";
 // Ends in an identifier: the tiny random model repeats the last token, which post-processing keeps
 // (after blanks it generates blanks, which m31r-lsp suppresses).
 const TEXT = "use std::collections::HashMap;\n\nfn main() {\n    let mut map = HashMap::new();\n    map.in";
+// The tiny seeded model's text is gibberish (" y y y y"): the tests that expect ghost text turn off the
+// confidence gate and the degenerate-output filters, which would rightly hide it.
+const SHOW_GIBBERISH = { minConfidence: 0, degenerateFilters: false };
 
 interface Session {
   proc: ChildProcess;
@@ -146,7 +149,7 @@ describe("m31r-lsp with m31rd serving the tiny bundle", { skip: bins.lspMissing 
   let daemon: Awaited<ReturnType<typeof startDaemon>>;
   before(async () => {
     daemon = await startDaemon(bins);
-    s = await startServer({ socketPath: daemon.socket, autoStart: false });
+    s = await startServer({ socketPath: daemon.socket, autoStart: false, ...SHOW_GIBBERISH });
     await open(s);
   });
   after(async () => {
@@ -187,6 +190,28 @@ describe("m31r-lsp with m31rd serving the tiny bundle", { skip: bins.lspMissing 
       const range = item.range as { start: typeof pos };
       assert.equal(range.start.line, pos.line);
     }
+  });
+
+  test("minConfidence from didChangeConfiguration reaches the server: 1 suppresses (low_confidence)", async () => {
+    const values: Record<string, unknown> = { socketPath: daemon.socket, autoStart: false, minConfidence: 1, degenerateFilters: false };
+    const { settings } = readSettings((k) => values[k]);
+    await s.conn.sendNotification("workspace/didChangeConfiguration", { settings: { m31r: serverConfiguration(settings.server) } });
+    // A new position (the text after it changed), so nothing remembered answers it.
+    const text = TEXT.replace("map.in", "let n = map.le");
+    await s.conn.sendNotification("textDocument/didChange", {
+      textDocument: { uri: URI, version: 3 },
+      contentChanges: [{ text }],
+    });
+    const logged = s.logs.length;
+    const r = await inline(s, endOf(text), 1);
+    assert.deepEqual(r.items, [], JSON.stringify(r));
+    for (let i = 0; i < 50 && !s.logs.slice(logged).some((l) => l.includes("low_confidence")); i++) {
+      await new Promise((res) => setTimeout(res, 100));
+    }
+    assert.ok(
+      s.logs.slice(logged).some((l) => l.includes("suppressed low_confidence")),
+      `log: ${s.logs.slice(logged).join(" | ")}`,
+    );
   });
 
   test("enabled=false from didChangeConfiguration suppresses completions", async () => {

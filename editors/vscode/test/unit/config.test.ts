@@ -20,7 +20,7 @@ const ROOT = path.resolve(__dirname, "..", "..");
 const CONTRACT_KEYS = [
   "enabled", "languages", "maxLines", "maxTokens", "socketPath", "autoStart", "daemonPath", "daemonArgs", "contextFiles", "contextSnippets", "contextSnippetBytes",
   "firstLineBudgetMs", "speculativeNext",
-  "inlineTimeoutMs", "completionTimeoutMs", "connectTimeoutMs",
+  "inlineTimeoutMs", "completionTimeoutMs", "connectTimeoutMs", "minConfidence", "degenerateFilters",
 ];
 
 test("unset settings give the contract defaults", () => {
@@ -41,8 +41,8 @@ test("valid values are taken as given", () => {
     enabled: false, languages: ["rust", "toml"], maxLines: 3, maxTokens: 40, socketPath: "/tmp/x.sock",
     autoStart: false, daemonPath: "/opt/m31rd", daemonArgs: ["--bundle", "/b"], contextFiles: false,
     contextSnippets: false, contextSnippetBytes: 256, firstLineBudgetMs: 0, speculativeNext: false,
-    inlineTimeoutMs: 250, completionTimeoutMs: 60000, connectTimeoutMs: 50,
-    serverPath: "/opt/m31r-lsp", serverArgs: ["--log-file", "/tmp/l"], statusPollSeconds: 0,
+    inlineTimeoutMs: 250, completionTimeoutMs: 60000, connectTimeoutMs: 50, minConfidence: 0.3,
+    degenerateFilters: false, serverPath: "/opt/m31r-lsp", serverArgs: ["--log-file", "/tmp/l"], statusPollSeconds: 0,
   };
   const { settings, warnings } = readSettings((k) => values[k]);
   assert.deepEqual(warnings, []);
@@ -62,6 +62,48 @@ test("invalid values fall back to defaults with a warning naming key and value",
   assert.equal(warnings.length, 4);
   assert.match(warnings.join("\n"), /m31r\.maxLines: invalid value 0/);
   assert.match(warnings.join("\n"), /m31r\.languages: invalid value "rust"/);
+});
+
+test("minConfidence: a number 0..=1, else the default with a warning", () => {
+  const read = (v: unknown) => readSettings((k) => (k === "minConfidence" ? v : undefined));
+  assert.equal(SERVER_DEFAULTS.minConfidence, 0, "m31r-lsp's DEFAULT_MIN_CONFIDENCE");
+  for (const ok of [0, 0.3, 1]) {
+    const { settings, warnings } = read(ok);
+    assert.deepEqual(warnings, []);
+    assert.equal(settings.server.minConfidence, ok);
+    assert.equal(serverConfiguration(settings.server).minConfidence, ok);
+  }
+  for (const bad of [-0.1, 1.5, "0.3", null, Number.NaN, Number.POSITIVE_INFINITY]) {
+    const { settings, warnings } = read(bad);
+    assert.equal(settings.server.minConfidence, SERVER_DEFAULTS.minConfidence, `minConfidence ${String(bad)}`);
+    assert.equal(warnings.length, 1);
+    assert.match(warnings[0], /^m31r\.minConfidence: invalid value/);
+  }
+});
+
+test("minConfidence's default is m31r-lsp's DEFAULT_MIN_CONFIDENCE", (t) => {
+  // The extension always sends minConfidence, so a default that differs from the server's would override it.
+  const rust = path.resolve(ROOT, "..", "..", "lsp", "src", "config.rs");
+  if (!fs.existsSync(rust)) return t.skip(`${rust} not found`);
+  const m = /pub const DEFAULT_MIN_CONFIDENCE: f64 = ([0-9.]+);/.exec(fs.readFileSync(rust, "utf8"));
+  assert.ok(m, `DEFAULT_MIN_CONFIDENCE in ${rust}`);
+  assert.equal(SERVER_DEFAULTS.minConfidence, Number(m[1]));
+});
+
+test("degenerateFilters: a boolean, on by default", () => {
+  const read = (v: unknown) => readSettings((k) => (k === "degenerateFilters" ? v : undefined));
+  assert.equal(read(undefined).settings.server.degenerateFilters, true);
+  assert.equal(serverConfiguration(read(false).settings.server).degenerateFilters, false);
+  const { settings, warnings } = read("off");
+  assert.equal(settings.server.degenerateFilters, true);
+  assert.deepEqual(warnings, ['m31r.degenerateFilters: invalid value "off", using true']);
+});
+
+test("package.json bounds minConfidence to 0..1", () => {
+  const pkg = JSON.parse(fs.readFileSync(path.join(ROOT, "package.json"), "utf8"));
+  const p = pkg.contributes.configuration.properties["m31r.minConfidence"];
+  assert.deepEqual([p.type, p.minimum, p.maximum], ["number", 0, 1]);
+  assert.equal(pkg.contributes.configuration.properties["m31r.degenerateFilters"].type, "boolean");
 });
 
 test("an empty socketPath means the daemon default", () => {
