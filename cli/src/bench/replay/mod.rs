@@ -48,6 +48,14 @@ pub struct ReplayArgs {
     /// Run the daemon without token healing (`M31R_TOKEN_HEALING=false`).
     #[arg(long)]
     no_token_healing: bool,
+    /// Show degenerate output too (`degenerateFilters: false`).
+    #[arg(long)]
+    no_filters: bool,
+    /// The confidence gate's threshold (`minConfidence`, 0..=1) [default: the server's]; a
+    /// comma-separated list replays once per value and ends with a table of the curve
+    /// (suggestions shown, precision, chars saved), for calibrating the default.
+    #[arg(long, value_name = "F[,F…]", value_delimiter = ',')]
+    min_confidence: Vec<f64>,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
@@ -62,13 +70,67 @@ struct Tally {
     saved: usize,
     first_request: usize,
     requests: usize,
+    /// Answers that showed a suggestion (one per keystroke that showed one).
+    shown: usize,
+    /// Of which accepted: they completed the line.
+    accepted: usize,
     latencies_ms: Vec<f64>,
     /// From opening each file to the end of the server's cache warm-up.
     warmups_ms: Vec<f64>,
 }
 
-/// Runs the replay with the bundle of `--bundle` and prints the results.
+/// Runs the replay with the bundle of `--bundle` (once per `--min-confidence` value) and prints
+/// the results.
 pub fn run(conn: &Connection, args: &ReplayArgs) -> anyhow::Result<()> {
+    if let Some(bad) = args.min_confidence.iter().find(|f| !(0.0..=1.0).contains(*f)) {
+        bail!("--min-confidence {bad}: outside 0..=1");
+    }
+    if args.min_confidence.len() <= 1 {
+        let report = replay(conn, args, args.min_confidence.first().copied())?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        return Ok(());
+    }
+    let mut reports = Vec::new();
+    for &threshold in &args.min_confidence {
+        reports.push(replay(conn, args, Some(threshold))?);
+        if !args.json {
+            println!();
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        print_curve(&reports);
+    }
+    Ok(())
+}
+
+/// The confidence curve: one row per threshold.
+fn print_curve(reports: &[Value]) {
+    println!("min confidence | shown | accepted | precision | chars saved | lines at 1st request");
+    for r in reports {
+        println!(
+            "{:>14} | {:>5} | {:>8} | {:>8.1}% | {:>5} ({:.1}%) | {}",
+            r["settings"]["min_confidence"],
+            r["shown"],
+            r["accepted"],
+            r["precision_percent"].as_f64().unwrap_or(0.0),
+            r["chars_saved"],
+            r["saved_percent"].as_f64().unwrap_or(0.0),
+            r["lines_completed_at_first_request"]
+        );
+    }
+}
+
+/// One replay with `min_confidence` (`None`: the server's default); prints its report unless
+/// `--json`, and returns it.
+fn replay(
+    conn: &Connection,
+    args: &ReplayArgs,
+    min_confidence: Option<f64>,
+) -> anyhow::Result<Value> {
     let Some(bundle) = &conn.bundle else {
         bail!("m31r bench replay needs --bundle DIR: the model the daemon serves");
     };
@@ -90,7 +152,11 @@ pub fn run(conn: &Connection, args: &ReplayArgs) -> anyhow::Result<()> {
     let socket = temp.0.join("m31rd.sock");
     let daemon = Daemon::start(&daemon_exe, bundle, &socket, &temp.0, conn.threads, args)?;
     let mut lsp = LspClient::spawn(&lsp_exe, &socket, &temp.0.join("lsp.log"))?;
-    let settings = json!({"autoStart": false, "contextSnippets": !args.no_snippets});
+    let mut settings = json!({"autoStart": false, "contextSnippets": !args.no_snippets,
+        "degenerateFilters": !args.no_filters});
+    if let Some(threshold) = min_confidence {
+        settings["minConfidence"] = json!(threshold);
+    }
     lsp.request(
         "initialize",
         json!({"processId": std::process::id(), "rootUri": file_uri(&args.dir), "capabilities": {},
@@ -112,16 +178,14 @@ pub fn run(conn: &Connection, args: &ReplayArgs) -> anyhow::Result<()> {
         f.dedup();
         f.len()
     };
-    let report = report(&tally, &status, args, files_used);
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+    let report = report(&tally, &status, args, files_used, min_confidence);
+    if !args.json {
         print_report(&report, args, bundle);
     }
     for message in shown {
         eprintln!("m31r-lsp showed: {message}");
     }
-    Ok(())
+    Ok(report)
 }
 
 /// Retypes one line: asks at the cursor, accepts a suggestion that completes the line, else
@@ -161,7 +225,11 @@ fn replay_line(
         )?;
         tally.latencies_ms.push(t.elapsed().as_secs_f64() * 1e3);
         tally.requests += 1;
+        if result["items"].as_array().is_some_and(|items| !items.is_empty()) {
+            tally.shown += 1;
+        }
         if completes(&result, line, &current, &original) {
+            tally.accepted += 1;
             tally.saved += body.len() - typed;
             if typed == 0 {
                 tally.first_request += 1;
@@ -214,7 +282,13 @@ fn completes(result: &Value, line: u32, current: &str, original: &str) -> bool {
 }
 
 /// The results, as `--json` prints them.
-fn report(tally: &Tally, status: &Value, args: &ReplayArgs, files: usize) -> Value {
+fn report(
+    tally: &Tally,
+    status: &Value,
+    args: &ReplayArgs,
+    files: usize,
+    min_confidence: Option<f64>,
+) -> Value {
     let count = |key: &str| status[key].as_u64().unwrap_or(0);
     let by_daemon = count("servedByDaemon");
     let mut latencies = tally.latencies_ms.clone();
@@ -231,6 +305,9 @@ fn report(tally: &Tally, status: &Value, args: &ReplayArgs, files: usize) -> Val
         "saved_percent": ratio(tally.saved as f64 * 100.0, tally.chars as f64),
         "lines_completed_at_first_request": tally.first_request,
         "requests": tally.requests,
+        "shown": tally.shown,
+        "accepted": tally.accepted,
+        "precision_percent": ratio(tally.accepted as f64 * 100.0, tally.shown as f64),
         "served_by_daemon": by_daemon,
         "served_locally": count("servedLocally"),
         "suppressed": count("suppressed"),
@@ -248,6 +325,8 @@ fn report(tally: &Tally, status: &Value, args: &ReplayArgs, files: usize) -> Val
         "settings": {
             "context_snippets": !args.no_snippets,
             "token_healing": !args.no_token_healing,
+            "degenerate_filters": !args.no_filters,
+            "min_confidence": min_confidence.map_or(json!("default"), |f| json!(f)),
         },
     })
 }
@@ -263,9 +342,12 @@ fn print_report(report: &Value, args: &ReplayArgs, bundle: &Path) {
         bundle.display()
     );
     println!(
-        "settings: context snippets {}, token healing {} (typing along a suggestion is always on)",
+        "settings: context snippets {}, token healing {}, degenerate filters {}, min confidence \
+         {} (typing along a suggestion is always on)",
         on_off(!args.no_snippets),
-        on_off(!args.no_token_healing)
+        on_off(!args.no_token_healing),
+        on_off(!args.no_filters),
+        report["settings"]["min_confidence"]
     );
     println!(
         "chars: {} typed, {} saved of {} ({:.1}%)",
@@ -277,6 +359,12 @@ fn print_report(report: &Value, args: &ReplayArgs, bundle: &Path) {
     println!(
         "lines completed at the first request: {}",
         report["lines_completed_at_first_request"]
+    );
+    println!(
+        "suggestions shown: {} · accepted {} ({:.1}% precision)",
+        report["shown"],
+        report["accepted"],
+        report["precision_percent"].as_f64().unwrap_or(0.0)
     );
     println!(
         "requests: {} · answered by the daemon {}, from the typed-along suggestion {}, \
