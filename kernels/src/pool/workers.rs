@@ -201,7 +201,7 @@ impl Pool {
         if items == 0 {
             return;
         }
-        let threads = self.policy().threads().min(self.threads());
+        let threads = self.policy().threads_at(self.started.elapsed()).min(self.threads());
         if threads <= 1 || items == 1 || IN_POOL.with(Cell::get) {
             self.count_inline();
             f(0..items);
@@ -249,7 +249,7 @@ impl Pool {
             }
         }));
         let waiting = Instant::now();
-        wait(|| shared.done.load(Ordering::SeqCst) >= chunks, &shared.caller_sleeping);
+        wait(|| shared.done.load(Ordering::SeqCst) >= chunks, &shared.caller_sleeping, true);
         let end = Instant::now();
         drop(generation);
 
@@ -299,28 +299,11 @@ fn run_chunk(shared: &Shared, index: usize) {
     }
 }
 
-/// Waits until `ready()`: spins for [`SPIN`], yields for [`YIELD`], then parks with `sleeping`
-/// set (whoever makes it ready unparks this thread when it sees the flag).
-fn wait(ready: impl Fn() -> bool, sleeping: &AtomicBool) {
-    let mut spins = 0u32;
-    let start = Instant::now();
-    loop {
-        if ready() {
-            return;
-        }
-        spins += 1;
-        if !spins.is_multiple_of(64) {
-            std::hint::spin_loop();
-            continue;
-        }
-        let elapsed = start.elapsed();
-        if elapsed < SPIN {
-            std::hint::spin_loop();
-        } else if elapsed < SPIN + YIELD {
-            std::thread::yield_now();
-        } else {
-            break;
-        }
+/// Waits until `ready()`: spins for [`SPIN`] and yields for [`YIELD`] if `spin`, then parks with
+/// `sleeping` set (whoever makes it ready unparks this thread when it sees the flag).
+fn wait(ready: impl Fn() -> bool, sleeping: &AtomicBool, spin: bool) {
+    if spin && spin_until(&ready) {
+        return;
     }
     loop {
         sleeping.store(true, Ordering::SeqCst);
@@ -337,6 +320,30 @@ fn wait(ready: impl Fn() -> bool, sleeping: &AtomicBool) {
     }
 }
 
+/// Spins for [`SPIN`], then yields for [`YIELD`], until `ready()`; whether it became ready.
+fn spin_until(ready: &impl Fn() -> bool) -> bool {
+    let mut spins = 0u32;
+    let start = Instant::now();
+    loop {
+        if ready() {
+            return true;
+        }
+        spins += 1;
+        if !spins.is_multiple_of(64) {
+            std::hint::spin_loop();
+            continue;
+        }
+        let elapsed = start.elapsed();
+        if elapsed < SPIN {
+            std::hint::spin_loop();
+        } else if elapsed < SPIN + YIELD {
+            std::thread::yield_now();
+        } else {
+            return false;
+        }
+    }
+}
+
 /// A worker's loop: wait for a new section, join it if the thread count allows, claim chunks
 /// until none is left.
 fn worker(shared: &Shared, index: usize) {
@@ -345,10 +352,15 @@ fn worker(shared: &Shared, index: usize) {
     // Set before this worker ever parks, so whoever sees it sleeping can wake it.
     let _ = slot.thread.set(std::thread::current());
     let mut seen = generation(shared.state.load(Ordering::Acquire));
+    // Left out of the last section (fewer threads while the cores are busy): park at once
+    // rather than spin for sections this worker will not join; the caller wakes it when it may.
+    let mut left_out = false;
     loop {
-        wait(|| generation(shared.state.load(Ordering::SeqCst)) != seen, &slot.sleeping);
+        let new_section = || generation(shared.state.load(Ordering::SeqCst)) != seen;
+        wait(new_section, &slot.sleeping, !left_out);
         seen = generation(shared.state.load(Ordering::Acquire));
-        if index >= shared.helpers.load(Ordering::Relaxed) {
+        left_out = index >= shared.helpers.load(Ordering::Relaxed);
+        if left_out {
             continue;
         }
         while let Some(chunk) = claim(&shared.state) {
