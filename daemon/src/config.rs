@@ -31,7 +31,8 @@ pub struct DaemonConfig {
     /// Memory budget in MiB for the weights plus the prefix cache; a model that would exceed it
     /// is refused at start-up with the quantized variants that fit. 0 = no limit.
     pub memory_budget_mb: usize,
-    /// Compute threads (0 = all cores).
+    /// Compute threads (0 = all cores): a cap; the kernels use fewer while other processes keep
+    /// the cores busy (`M31R_ADAPTIVE_THREADS=0` in the environment: always this many).
     pub threads: usize,
     /// Jobs that may wait for the engine.
     pub queue_len: usize,

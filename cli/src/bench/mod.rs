@@ -6,6 +6,10 @@
 //! `--precisions` benches the same random weights stored at several precisions (issue 10);
 //! `--gguf` also writes each as GGUF with a parity fixture (token ids and top logits of a few
 //! prompts), and `--json` the reports, which `scripts/llamacpp_bench.sh` runs llama.cpp beside.
+//!
+//! `--load N` (issue 18) repeats each model's measurements `--repeat` times quiet and then as many
+//! times with N CPU-bound competitor processes that the bench starts and stops itself, and prints
+//! the quiet median, the loaded median and the loaded worst of each figure.
 
 mod bundles;
 mod corpus;
@@ -15,7 +19,7 @@ mod worker;
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -56,6 +60,18 @@ pub struct BenchArgs {
     /// Write the reports (and the machine's measurements) as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Also measure each model with N CPU-bound competitor processes running (started and
+    /// stopped by the bench), beside the quiet runs: quiet median, loaded median, loaded worst.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    load: usize,
+    /// Runs of each model's measurements, quiet and (with --load) loaded [default: 5 with
+    /// --load, else 1].
+    #[arg(long, value_name = "R", value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeat: Option<u32>,
+    /// The executable whose `bench-worker` measures (default: this one), e.g. an older build
+    /// to compare against in the same sitting.
+    #[arg(long, value_name = "PATH", hide = true)]
+    worker_exe: Option<PathBuf>,
     /// A benchmark other than the engine's.
     #[command(subcommand)]
     pub command: Option<BenchCommand>,
@@ -219,17 +235,40 @@ pub fn run(conn: &Connection, args: &BenchArgs) -> anyhow::Result<()> {
         }
     };
 
+    let repeat = args.repeat.map_or(if args.load > 0 { 5 } else { 1 }, |r| r as usize);
+    if args.load > 0 {
+        println!(
+            "load: {} CPU-bound competitor processes; each model measured {repeat} times quiet, \
+             then {repeat} times with them running",
+            args.load
+        );
+    }
     let mut reports = Vec::new();
     for (name, dir) in &bundles {
-        let report = spawn_worker(dir, &text_path, args)?;
-        report::print_report(name, &report, &machine, conn.bundle.is_none());
-        reports.push(serde_json::json!({
-            "name": name, "bundle": dir, "report": report,
-        }));
+        let quiet = (0..repeat)
+            .map(|_| spawn_worker(dir, &text_path, args))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        report::print_report(name, &quiet[0], &machine, conn.bundle.is_none());
+        let mut entry = serde_json::json!({ "name": name, "bundle": dir, "report": quiet[0] });
+        if repeat > 1 {
+            report::print_repeats(&quiet);
+            entry["quiet_runs"] = serde_json::to_value(&quiet)?;
+        }
+        if args.load > 0 {
+            let load = Load::start(args.load)?;
+            let loaded = (0..repeat)
+                .map(|_| spawn_worker(dir, &text_path, args))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            drop(load);
+            report::print_load(args.load, &quiet, &loaded);
+            entry["loaded_runs"] = serde_json::to_value(&loaded)?;
+        }
+        reports.push(entry);
     }
     if let Some(path) = &args.json {
         let doc = serde_json::json!({
             "threads": threads,
+            "load": args.load,
             "matmul_gflops": machine.gflops,
             "bandwidth_gbs": machine.bandwidth_gbs,
             "runs": reports,
@@ -254,8 +293,53 @@ pub fn run(conn: &Connection, args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// CPU-bound competitor processes (`sh` busy loops), stopped when this is dropped; each also
+/// stops by itself once the bench process is gone (Ctrl-C, a crash), as it polls its parent.
+struct Load {
+    children: Vec<Child>,
+}
+
+impl Load {
+    /// One competitor's shell loop: mostly arithmetic, with a `kill -0` on its parent every few
+    /// thousand steps, so it ends once the bench is gone.
+    const LOOP: &str = "parent=$PPID; while kill -0 \"$parent\" 2>/dev/null; do i=0; \
+                        while [ $i -lt 5000 ]; do i=$((i+1)); done; done";
+
+    /// Starts `n` competitors.
+    fn start(n: usize) -> anyhow::Result<Self> {
+        let mut load = Self { children: Vec::with_capacity(n) };
+        for k in 0..n {
+            let child = Command::new("sh")
+                .args(["-c", Self::LOOP])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| {
+                    format!("cannot start competitor process {} of {n} (sh)", k + 1)
+                })?;
+            load.children.push(child);
+        }
+        Ok(load)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+        }
+        for child in &mut self.children {
+            let _ = child.wait();
+        }
+    }
+}
+
 fn spawn_worker(bundle: &Path, text: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
-    let exe = std::env::current_exe().context("cannot find the m31r executable to re-run")?;
+    let exe = match &args.worker_exe {
+        Some(exe) => exe.clone(),
+        None => std::env::current_exe().context("cannot find the m31r executable to re-run")?,
+    };
     let mut command = Command::new(&exe);
     command
         .arg("bench-worker")
@@ -338,4 +422,62 @@ fn sha256_gbs() -> f64 {
     let t = Instant::now();
     black_box(m31r_model::bundle::sha256_hex(black_box(&buffer)));
     buffer.len() as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether process `pid` still runs (gone, or a zombie nobody reaped yet, counts as not).
+    fn running(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+    }
+
+    fn wait_until(what: &str, ok: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !ok() {
+            assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn load_runs_its_competitors_until_dropped() {
+        let load = Load::start(2).unwrap();
+        let pids: Vec<u32> = load.children.iter().map(Child::id).collect();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(pids.iter().all(|&p| running(p)), "competitors {pids:?} not running");
+        drop(load);
+        assert!(pids.iter().all(|&p| !running(p)), "competitors {pids:?} outlived the load");
+    }
+
+    #[test]
+    fn a_competitor_stops_by_itself_once_its_parent_is_gone() {
+        // A parent shell that starts the loop and exits at once, as a killed bench would.
+        let out = Command::new("sh")
+            .args([
+                "-c",
+                &format!("sh -c '{}' >/dev/null 2>&1 & echo $!", Load::LOOP.replace('\'', "'\\''")),
+            ])
+            .output()
+            .unwrap();
+        let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        wait_until("the orphaned competitor kept running", || !running(pid));
+    }
+
+    #[test]
+    fn load_and_repeat_flags_parse() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        use clap::Parser;
+        let cli = Cli::try_parse_from(["m31r", "--load", "2", "--repeat", "3"]).unwrap();
+        assert_eq!((cli.bench.load, cli.bench.repeat), (2, Some(3)));
+        let cli = Cli::try_parse_from(["m31r"]).unwrap();
+        assert_eq!((cli.bench.load, cli.bench.repeat), (0, None));
+        assert!(Cli::try_parse_from(["m31r", "--repeat", "0"]).is_err());
+    }
 }

@@ -122,3 +122,90 @@ pub(super) fn print_report(name: &str, r: &Report, m: &Machine, random: bool) {
         mib(r.cache_bytes),
     );
 }
+
+/// One figure of a report, in ms.
+type Metric = fn(&Report) -> f64;
+
+/// The figures compared quiet and under load, by name.
+const LOAD_METRICS: [(&str, Metric); 4] = [
+    ("keystroke → first token", |r| r.keystroke.first_ms),
+    ("keystroke p90", |r| r.keystroke_p90_ms),
+    ("decode per token", |r| r.decode_ms_per_token),
+    ("cold prefill", |r| r.prefill.prefill_ms),
+];
+
+/// The median of `values` (the mean of the middle two for an even count).
+pub(super) fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The largest of `values`.
+pub(super) fn worst(values: &[f64]) -> f64 {
+    values.iter().copied().fold(f64::NAN, f64::max)
+}
+
+/// Prints the spread of repeated quiet runs of one model.
+pub(super) fn print_repeats(quiet: &[Report]) {
+    println!("  {} quiet runs (median, worst, each run):", quiet.len());
+    for (what, metric) in LOAD_METRICS {
+        let values: Vec<f64> = quiet.iter().map(metric).collect();
+        println!(
+            "    {what:<26} {:>9.1} ms {:>9.1} ms   [{}]",
+            median(&values),
+            worst(&values),
+            list(&values)
+        );
+    }
+}
+
+/// Prints one model's figures quiet and under `load` competitor processes: the quiet median,
+/// the loaded median and worst, and the worst over the quiet median.
+pub(super) fn print_load(load: usize, quiet: &[Report], loaded: &[Report]) {
+    println!(
+        "  under load ({load} CPU-bound competitor processes), {} quiet and {} loaded runs:",
+        quiet.len(),
+        loaded.len()
+    );
+    println!(
+        "    {:<26} {:>12} {:>14} {:>13} {:>13}   loaded runs",
+        "", "quiet median", "loaded median", "loaded WORST", "worst/quiet"
+    );
+    for (what, metric) in LOAD_METRICS {
+        let q: Vec<f64> = quiet.iter().map(metric).collect();
+        let l: Vec<f64> = loaded.iter().map(metric).collect();
+        let quiet_median = median(&q);
+        let loaded_worst = worst(&l);
+        println!(
+            "    {what:<26} {:>9.1} ms {:>11.1} ms {:>10.1} ms {:>12.1}×   [{}]",
+            quiet_median,
+            median(&l),
+            loaded_worst,
+            loaded_worst / quiet_median,
+            list(&l)
+        );
+    }
+}
+
+/// Values as `1.0 / 2.3 / …` ms.
+fn list(values: &[f64]) -> String {
+    values.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" / ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_worst() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+        assert_eq!(worst(&[3.0, 9.0, 2.0]), 9.0);
+    }
+}

@@ -42,7 +42,8 @@ struct Args {
     #[arg(long, value_parser = ["f32", "f16", "q8_0", "q4_0", "q4_k"])]
     #[serde(skip_serializing_if = "Option::is_none")]
     precision: Option<String>,
-    /// Compute threads (0 = all cores).
+    /// Compute threads (0 = all cores): a cap; fewer are used while other processes keep the
+    /// cores busy (M31R_ADAPTIVE_THREADS=0: always this many).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     threads: Option<usize>,
@@ -130,7 +131,8 @@ fn run() -> anyhow::Result<()> {
     }
     init_logging(&config)?;
     if config.threads > 0 {
-        // SAFETY: no other thread exists yet; candle's thread pool reads this on first use.
+        // SAFETY: no other thread exists yet; the kernels' thread pool (which adapts below this
+        // cap while other processes hold the cores) and candle's read it on first use.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", config.threads.to_string()) };
     }
     let default_bundle = m31r_model::bundle::default_bundle_dir();
