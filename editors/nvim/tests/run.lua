@@ -55,6 +55,14 @@ test("text.next_line and text.next_word", function()
   eq(text.next_word("\u{e9}t\u{e9}"), "\u{e9}t\u{e9}", "non-ASCII letters are one run of non-blanks")
 end)
 
+test("minConfidence's default is m31r-lsp's DEFAULT_MIN_CONFIDENCE", function()
+  -- The plugin always sends minConfidence, so a default that differs from the server's would override it.
+  local rust = table.concat(vim.fn.readfile(repo .. "/lsp/src/config.rs"), "\n")
+  local value = rust:match("pub const DEFAULT_MIN_CONFIDENCE: f64 = ([0-9.]+);")
+  check(value ~= nil, "DEFAULT_MIN_CONFIDENCE in lsp/src/config.rs")
+  eq(require("m31r").defaults.settings.minConfidence, tonumber(value), "minConfidence default")
+end)
+
 test("text.split and text.end_position", function()
   eq({ text.split("a\nb\nc") }, { "a", { "b", "c" } })
   eq({ text.split("a") }, { "a", {} })

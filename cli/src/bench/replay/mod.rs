@@ -113,11 +113,11 @@ fn print_curve(reports: &[Value]) {
     for r in reports {
         println!(
             "{:>14} | {:>5} | {:>8} | {:>8.1}% | {:>5} ({:.1}%) | {}",
-            r["settings"]["min_confidence"],
-            r["shown"],
-            r["accepted"],
+            r["settings"]["min_confidence"].to_string(),
+            r["shown"].to_string(),
+            r["accepted"].to_string(),
             r["precision_percent"].as_f64().unwrap_or(0.0),
-            r["chars_saved"],
+            r["chars_saved"].to_string(),
             r["saved_percent"].as_f64().unwrap_or(0.0),
             r["lines_completed_at_first_request"]
         );

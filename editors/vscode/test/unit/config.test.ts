@@ -66,7 +66,7 @@ test("invalid values fall back to defaults with a warning naming key and value",
 
 test("minConfidence: a number 0..=1, else the default with a warning", () => {
   const read = (v: unknown) => readSettings((k) => (k === "minConfidence" ? v : undefined));
-  assert.equal(SERVER_DEFAULTS.minConfidence, 0, "m31r-lsp's DEFAULT_MIN_CONFIDENCE");
+  assert.equal(SERVER_DEFAULTS.minConfidence, 0.2, "m31r-lsp's DEFAULT_MIN_CONFIDENCE");
   for (const ok of [0, 0.3, 1]) {
     const { settings, warnings } = read(ok);
     assert.deepEqual(warnings, []);
@@ -103,6 +103,7 @@ test("package.json bounds minConfidence to 0..1", () => {
   const pkg = JSON.parse(fs.readFileSync(path.join(ROOT, "package.json"), "utf8"));
   const p = pkg.contributes.configuration.properties["m31r.minConfidence"];
   assert.deepEqual([p.type, p.minimum, p.maximum], ["number", 0, 1]);
+  assert.equal(p.default, SERVER_DEFAULTS.minConfidence, "the settings UI shows the default sent");
   assert.equal(pkg.contributes.configuration.properties["m31r.degenerateFilters"].type, "boolean");
 });
 
