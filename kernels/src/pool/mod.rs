@@ -3,9 +3,11 @@
 //! kernels by about its fair share instead of collapsing them), and a thread count that adapts
 //! to that load. Also the one output buffer the threads fill in disjoint parts.
 //!
-//! The thread count is `RAYON_NUM_THREADS` (or `CANDLE_NUM_THREADS`), else the physical cores,
-//! as for candle's own threads; [`set_thread_cap`] lowers it and `M31R_ADAPTIVE_THREADS=0` (or
-//! [`set_adaptive`]) turns adaptation off. Results never depend on either.
+//! The thread count is `RAYON_NUM_THREADS`, else the physical cores, as for candle's rayon
+//! threads (`CANDLE_NUM_THREADS` sizes only candle's own barrier pool, which its large
+//! elementwise ops and Q4_K matmul still use); [`set_thread_cap`] lowers it, and
+//! `M31R_ADAPTIVE_THREADS=0` (or [`set_adaptive`]) turns adaptation off. Results never depend on
+//! either.
 
 mod adapt;
 mod workers;
@@ -21,12 +23,7 @@ pub use workers::Stats;
 fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
     POOL.get_or_init(|| {
-        let threads = std::env::var("CANDLE_NUM_THREADS")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .filter(|&n: &usize| n > 0)
-            .unwrap_or_else(candle_core::utils::get_num_threads);
-        let pool = Pool::new(threads);
+        let pool = Pool::new(candle_core::utils::get_num_threads());
         let off = std::env::var("M31R_ADAPTIVE_THREADS")
             .is_ok_and(|v| v == "0" || v.eq_ignore_ascii_case("false"));
         pool.policy().set_adaptive(!off);
