@@ -53,3 +53,43 @@ pub mod train;
 pub mod vec;
 
 pub use storage::data;
+
+#[cfg(test)]
+mod tests {
+    use crate::quant::WeightRows;
+    use crate::testing::{random, values};
+    use crate::{gemm, gemv, pool, train};
+
+    /// gemv, GEMM and RMSNorm outputs, as bits, under the current thread count.
+    fn outputs() -> Vec<u32> {
+        let (rows, cols) = (1024, 256);
+        let w = values(rows * cols, 1);
+        let x = values(3 * cols, 2);
+        let mut y = vec![0f32; 3 * rows];
+        gemv::gemv(WeightRows::F32(&w), &x, cols, &mut y);
+        let xt = random(&[40, cols], 3, 1.0);
+        let g = gemm::matmul_t(&xt, &w, rows).unwrap().flatten_all().unwrap();
+        let norm = train::rms_norm(&xt, &random(&[cols], 4, 1.0), 1e-5).unwrap();
+        let mut bits: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+        for t in [g, norm.flatten_all().unwrap()] {
+            bits.extend(t.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()));
+        }
+        bits
+    }
+
+    #[test]
+    fn outputs_are_bit_identical_for_every_thread_count() {
+        pool::set_adaptive(false);
+        let mut seen = Vec::new();
+        for cap in 1..=pool::max_threads() {
+            pool::set_thread_cap(cap);
+            assert_eq!(pool::threads(), cap);
+            seen.push(outputs());
+        }
+        pool::set_thread_cap(0);
+        pool::set_adaptive(true);
+        seen.push(outputs());
+        assert!(seen.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(pool::policy().cap(), pool::max_threads());
+    }
+}
