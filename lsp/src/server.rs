@@ -12,7 +12,7 @@
 //! Handlers read the documents before their first `.await`: tower-lsp-server polls message
 //! handlers in arrival order, so a request sees every `didChange` sent before it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -114,7 +114,8 @@ pub struct Status {
     pub finished_in_background: u64,
     /// Speculative next completions received (the completion after a shown one, as if accepted).
     pub speculations_ready: u64,
-    /// Cache warm-ups sent to the daemon (on opening, saving, typing along) not yet finished.
+    /// Documents with a cache warm-up (on opening, saving, typing along) still running at the
+    /// daemon; one at a time per document.
     pub warming: u64,
 }
 
@@ -170,8 +171,8 @@ pub struct Backend {
     served_by_daemon: AtomicU64,
     finished_in_background: Arc<AtomicU64>,
     speculations_ready: Arc<AtomicU64>,
-    /// Warm-ups in flight.
-    warming: Arc<AtomicU64>,
+    /// Warm-ups in flight: at most one per document.
+    warming: Arc<Mutex<HashSet<Uri>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -267,7 +268,7 @@ impl Backend {
             served_by_daemon: self.served_by_daemon.load(Ordering::Relaxed),
             finished_in_background: self.finished_in_background.load(Ordering::Relaxed),
             speculations_ready: self.speculations_ready.load(Ordering::Relaxed),
-            warming: self.warming.load(Ordering::Relaxed),
+            warming: lock(&self.warming).len() as u64,
         })
     }
 
@@ -300,7 +301,12 @@ impl Backend {
                     position.character + 1,
                     if detail.is_empty() { "" } else { ": " },
                 );
-                tracing::debug!("{message}");
+                // A daemon failure is worth a look in the log; the other reasons are routine.
+                if matches!(reason, Reason::DaemonError) {
+                    tracing::warn!("{message}");
+                } else {
+                    tracing::debug!("{message}");
+                }
                 self.client.log_message(MessageType::LOG, message).await;
                 None
             }
@@ -629,7 +635,10 @@ impl Backend {
             .collect()
     }
 
-    /// Sends `warm` for `uri` at its last completion position (else its end), in the background.
+    /// Sends `warm` for `uri` at its last completion position (else its end), in the background,
+    /// unless one is still running for it: warm-ups are not cancelled (what they evaluate stays
+    /// useful), so sending one per keystroke typed along would pile them up at the daemon, and
+    /// the next request prefills the few tokens a skipped one would have.
     fn warm(&self, uri: &Uri) {
         let config = lock(&self.config).clone();
         if !config.enabled {
@@ -647,13 +656,15 @@ impl Backend {
                 context.iter().map(|(p, t)| ContextDoc { path: p, text: t }).collect();
             build(&open.doc, cursor, &context, &config, &Windows::default()).input
         };
+        if !lock(&self.warming).insert(uri.clone()) {
+            return;
+        }
         let daemon = self.daemon.clone();
         let client = self.client.clone();
-        let warming = self.warming.clone();
-        warming.fetch_add(1, Ordering::Relaxed);
+        let (warming, uri) = (self.warming.clone(), uri.clone());
         tokio::spawn(async move {
             let warmed = daemon.warm(input).await;
-            warming.fetch_sub(1, Ordering::Relaxed);
+            lock(&warming).remove(&uri);
             match warmed {
                 Ok(()) => {}
                 Err(e @ DaemonError::Unavailable { .. }) => {

@@ -185,6 +185,16 @@ fn replay(
     for message in shown {
         eprintln!("m31r-lsp showed: {message}");
     }
+    // The server's warnings (a failed daemon request, …) are kept in its log, which goes with the
+    // temporary directory: show the first few.
+    let log = std::fs::read_to_string(temp.0.join("lsp.log")).unwrap_or_default();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ")).collect();
+    for line in warnings.iter().take(5) {
+        eprintln!("m31r-lsp log: {line}");
+    }
+    if warnings.len() > 5 {
+        eprintln!("m31r-lsp log: … {} more warnings", warnings.len() - 5);
+    }
     Ok(report)
 }
 
