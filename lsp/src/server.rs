@@ -173,6 +173,8 @@ pub struct Backend {
     speculations_ready: Arc<AtomicU64>,
     /// Warm-ups in flight: at most one per document.
     warming: Arc<Mutex<HashSet<Uri>>>,
+    /// When the user last edited or asked for a completion: speculation waits for a pause.
+    activity: Arc<Mutex<tokio::time::Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -226,6 +228,7 @@ impl Backend {
             finished_in_background: Arc::default(),
             speculations_ready: Arc::default(),
             warming: Arc::default(),
+            activity: Arc::new(Mutex::new(tokio::time::Instant::now())),
         }
     }
 
@@ -281,6 +284,7 @@ impl Backend {
         kind: Kind,
     ) -> Option<Shown> {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.activity) = tokio::time::Instant::now();
         let result = self.try_complete(&uri, position, selected, kind).await;
         match result {
             Ok((shown, source)) => {
@@ -444,16 +448,20 @@ impl Backend {
             // budget decides. Either way the generation finishes in the background for this
             // position, and the answer is what is worth showing so far (maybe nothing).
             let so_far = progress.borrow().clone();
-            if !budget_passed && !has_complete_line(&so_far.text) {
+            // A first line longer than any line worth showing is decided now as well.
+            let decided = has_complete_line(&so_far.text) || overlong_line(&so_far.text);
+            if !budget_passed && !decided {
                 continue;
             }
             let edit = partial_edit(&so_far, &background.site, config.min_confidence);
-            // The first line's confidence is final once it is complete: the rest cannot help.
-            if let Err(Reason::LowConfidence) = edit
-                && has_complete_line(&so_far.text)
+            // A verdict on the first line alone (its confidence, the degenerate-output filters)
+            // is final once that line is complete: the rest cannot help, so stop generating it.
+            if let Err(reason) = edit
+                && first_line_verdict(reason)
+                && decided
             {
                 background.clear_inflight();
-                return Err((Reason::LowConfidence, format!("{:?}", so_far.text)));
+                return Err((reason, format!("{:?}", so_far.text)));
             }
             if !budget_passed && edit.is_err() {
                 continue;
@@ -572,7 +580,22 @@ impl Backend {
         let (daemon, docs, ready, uri) =
             (self.daemon.clone(), self.docs.clone(), self.speculations_ready.clone(), uri.clone());
         let min_confidence = config.min_confidence;
+        let activity = self.activity.clone();
         tokio::spawn(async move {
+            // Low priority: sent only once the user has paused (no edit or request for
+            // SPECULATION_DELAY), so that it never holds up the engine while they type, typing
+            // along included.
+            loop {
+                let quiet_at = *lock(&activity) + SPECULATION_DELAY;
+                if tokio::time::Instant::now() >= quiet_at {
+                    break;
+                }
+                tokio::select! {
+                    biased;
+                    () = token.cancelled() => return,
+                    () = tokio::time::sleep_until(quiet_at) => {}
+                }
+            }
             let result = tokio::select! {
                 biased;
                 () = token.cancelled() => return,
@@ -754,6 +777,33 @@ impl Background {
     }
 }
 
+/// Whether suppression for `reason` judged the first line alone, so that no later text can
+/// change it (the filters cut later lines instead of suppressing).
+fn first_line_verdict(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::LowConfidence
+            | Reason::Repetitive
+            | Reason::Unbalanced
+            | Reason::RepeatsPreviousLine
+    )
+}
+
+/// How long a speculative next request waits for a pause (no edit, no completion request) before
+/// it is sent: longer than the gap between keystrokes of someone typing on, shorter
+/// than the time it takes to see a suggestion and accept it.
+const SPECULATION_DELAY: Duration = Duration::from_millis(100);
+
+/// Characters of a first line past which it is judged before its end: beyond `rustfmt`'s 100
+/// columns with room for indentation, no line worth showing is still growing.
+const OVERLONG_LINE_CHARS: usize = 160;
+
+/// Whether the first line of `so_far` has no end yet and more than [`OVERLONG_LINE_CHARS`]
+/// characters.
+fn overlong_line(so_far: &str) -> bool {
+    !so_far.contains('\n') && so_far.chars().count() > OVERLONG_LINE_CHARS
+}
+
 /// Whether `so_far` holds a whole line with something on it (a leading newline alone is not one).
 fn has_complete_line(so_far: &str) -> bool {
     so_far.rfind('\n').is_some_and(|end| !so_far[..end].trim().is_empty())
@@ -913,6 +963,7 @@ impl LanguageServer for Backend {
     }
 
     async fn did_change(&self, params: DidChangeTextDocumentParams) {
+        *lock(&self.activity) = tokio::time::Instant::now();
         let encoding = *lock(&self.encoding);
         let mut docs = lock(&self.docs);
         let Some(open) = docs.get_mut(&params.text_document.uri) else {

@@ -128,3 +128,25 @@ async fn degenerate_output_is_not_shown_unless_the_filters_are_off() {
     assert!(shown(&lsp.inline(MAIN, 1, 4).await).is_some());
     fake.stop().await;
 }
+
+#[tokio::test]
+async fn a_streamed_degenerate_first_line_is_refused_at_once_and_its_generation_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let release = Arc::new(Notify::new());
+    let held = release.clone();
+    let fake = FakeDaemon::start(&dir.path().join("d.sock"), move |_| Reply::Staged {
+        first: "let v = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];\n".into(),
+        first_lines: Vec::new(),
+        rest: "    let b = 2;".into(),
+        release: held.clone(),
+    });
+    let mut lsp = client(&fake.socket, json!({"firstLineBudgetMs": 60_000})).await;
+    assert_eq!(shown(&lsp.inline(MAIN, 1, 4).await), None);
+    assert_eq!(suppressed_by(&mut lsp, "repetitive").await, 1);
+    let fim = fake.requests().into_iter().find_map(|r| match r {
+        Request::Fim { id, .. } => Some(id),
+        _ => None,
+    });
+    fake.wait_for(|r| matches!(r, Request::Cancel { id } if Some(id) == fim.as_ref())).await;
+    fake.stop().await;
+}

@@ -51,6 +51,10 @@ pub struct ReplayArgs {
     /// Show degenerate output too (`degenerateFilters: false`).
     #[arg(long)]
     no_filters: bool,
+    /// Do not ask for the completion after a shown one in the background (`speculativeNext:
+    /// false`).
+    #[arg(long)]
+    no_speculative: bool,
     /// The confidence gate's threshold (`minConfidence`, 0..=1) [default: the server's]; a
     /// comma-separated list replays once per value and ends with a table of the curve
     /// (suggestions shown, precision, chars saved), for calibrating the default.
@@ -153,7 +157,7 @@ fn replay(
     let daemon = Daemon::start(&daemon_exe, bundle, &socket, &temp.0, conn.threads, args)?;
     let mut lsp = LspClient::spawn(&lsp_exe, &socket, &temp.0.join("lsp.log"))?;
     let mut settings = json!({"autoStart": false, "contextSnippets": !args.no_snippets,
-        "degenerateFilters": !args.no_filters});
+        "degenerateFilters": !args.no_filters, "speculativeNext": !args.no_speculative});
     if let Some(threshold) = min_confidence {
         settings["minConfidence"] = json!(threshold);
     }
@@ -336,6 +340,7 @@ fn report(
             "context_snippets": !args.no_snippets,
             "token_healing": !args.no_token_healing,
             "degenerate_filters": !args.no_filters,
+            "speculative_next": !args.no_speculative,
             "min_confidence": min_confidence.map_or(json!("default"), |f| json!(f)),
         },
     })
