@@ -218,6 +218,16 @@ fn replay_line(
     let line = u32::try_from(pick.line).with_context(|| {
         format!("line {} of {} is too far down", pick.line, file.path.display())
     })?;
+    // The editor's other tabs: files next to this one, as a person working on it has open.
+    let neighbours = neighbours(files, pick.file);
+    for &other in &neighbours {
+        let other = &files[other];
+        lsp.notify(
+            "textDocument/didOpen",
+            json!({"textDocument": {"uri": file_uri(&other.path), "languageId": "rust",
+                "version": 1, "text": other.text}}),
+        )?;
+    }
     lsp.notify(
         "textDocument/didOpen",
         json!({"textDocument": {"uri": uri, "languageId": "rust", "version": 1, "text": cut.doc}}),
@@ -260,8 +270,26 @@ fn replay_line(
         current.push(next);
         tally.typed += 1;
     }
-    lsp.notify("textDocument/didClose", json!({"textDocument": {"uri": uri}}))
+    lsp.notify("textDocument/didClose", json!({"textDocument": {"uri": uri}}))?;
+    for other in neighbours {
+        let uri = file_uri(&files[other].path);
+        lsp.notify("textDocument/didClose", json!({"textDocument": {"uri": uri}}))?;
+    }
+    Ok(())
 }
+
+/// Files the replay opens beside the one it types in, as an editor's other tabs: up to
+/// [`NEIGHBOURS`] others from the same directory, in the files' (sorted) order.
+fn neighbours(files: &[SourceFile], file: usize) -> Vec<usize> {
+    let dir = files[file].path.parent();
+    (0..files.len())
+        .filter(|&i| i != file && files[i].path.parent() == dir)
+        .take(NEIGHBOURS)
+        .collect()
+}
+
+/// Other files open while a line is retyped: what context snippets are chosen from.
+const NEIGHBOURS: usize = 3;
 
 /// Waits until the server's cache warm-ups have ended, as a person reads a file they opened
 /// before typing in it; the milliseconds it took (reported apart from keystroke latency).
