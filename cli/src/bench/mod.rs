@@ -300,9 +300,11 @@ struct Load {
 }
 
 impl Load {
-    /// One competitor's shell loop: mostly arithmetic, with a `kill -0` on its parent every few
-    /// thousand steps, so it ends once the bench is gone.
-    const LOOP: &str = "parent=$PPID; while kill -0 \"$parent\" 2>/dev/null; do i=0; \
+    /// One competitor's shell loop: mostly arithmetic, with a `kill -0` on the bench (its first
+    /// argument, the bench's pid) every few thousand steps, so it ends once the bench is gone.
+    /// Not `$PPID`: a parent that died before the shell read it would leave it init's pid, and
+    /// the loop running for ever.
+    const LOOP: &str = "parent=$1; while kill -0 \"$parent\" 2>/dev/null; do i=0; \
                         while [ $i -lt 5000 ]; do i=$((i+1)); done; done";
 
     /// Starts `n` competitors.
@@ -310,7 +312,7 @@ impl Load {
         let mut load = Self { children: Vec::with_capacity(n) };
         for k in 0..n {
             let child = Command::new("sh")
-                .args(["-c", Self::LOOP])
+                .args(["-c", Self::LOOP, "sh", &std::process::id().to_string()])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -458,7 +460,10 @@ mod tests {
         let out = Command::new("sh")
             .args([
                 "-c",
-                &format!("sh -c '{}' >/dev/null 2>&1 & echo $!", Load::LOOP.replace('\'', "'\\''")),
+                &format!(
+                    "sh -c '{}' sh $$ >/dev/null 2>&1 & echo $!",
+                    Load::LOOP.replace('\'', "'\\''")
+                ),
             ])
             .output()
             .unwrap();
