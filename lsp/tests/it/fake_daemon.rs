@@ -40,6 +40,8 @@ type Behaviour = Arc<dyn Fn(&FimInput) -> Reply + Send + Sync>;
 pub struct FakeDaemon {
     pub socket: PathBuf,
     pub log: Arc<Mutex<Vec<Request>>>,
+    /// While set, `warm` requests are answered only once this is notified (one waiter each).
+    pub warm_gate: Arc<Mutex<Option<Arc<Notify>>>>,
     notify: Arc<Notify>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -54,16 +56,18 @@ impl FakeDaemon {
         let log = Arc::new(Mutex::new(Vec::new()));
         let notify = Arc::new(Notify::new());
         let behaviour: Behaviour = Arc::new(behaviour);
-        let (l, n) = (log.clone(), notify.clone());
+        let warm_gate: Arc<Mutex<Option<Arc<Notify>>>> = Arc::default();
+        let (l, n, g) = (log.clone(), notify.clone(), warm_gate.clone());
         let accept = tokio::spawn(async move {
             // Dropping the set (when this task is aborted) closes every connection.
             let mut connections = JoinSet::new();
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
-                connections.spawn(serve(stream, l.clone(), n.clone(), behaviour.clone()));
+                let (l, n, g) = (l.clone(), n.clone(), g.clone());
+                connections.spawn(serve(stream, l, n, behaviour.clone(), g));
             }
         });
-        Self { socket: socket.to_path_buf(), log, notify, accept }
+        Self { socket: socket.to_path_buf(), log, warm_gate, notify, accept }
     }
 
     /// Stops: the socket closes, open connections drop, the socket file goes.
@@ -104,6 +108,7 @@ async fn serve(
     log: Arc<Mutex<Vec<Request>>>,
     notify: Arc<Notify>,
     behaviour: Behaviour,
+    warm_gate: Arc<Mutex<Option<Arc<Notify>>>>,
 ) {
     let (read, mut write) = stream.into_split();
     let mut frames = FrameReader::new(BufReader::new(read), MAX_FRAME_BYTES);
@@ -157,7 +162,16 @@ async fn serve(
                 }
                 Reply::Frozen => {}
             },
-            Request::Warm { id, .. } => out.push(done(id, StopReason::Warmed)),
+            Request::Warm { id, .. } => match warm_gate.lock().unwrap().clone() {
+                None => out.push(done(id, StopReason::Warmed)),
+                Some(gate) => {
+                    let (id, events) = (id.clone(), events.clone());
+                    tokio::spawn(async move {
+                        gate.notified().await;
+                        let _ = events.send(done(&id, StopReason::Warmed));
+                    });
+                }
+            },
             Request::Cancel { id } => {
                 if held.lock().unwrap().remove(id) {
                     out.push(done(id, StopReason::Cancelled));

@@ -16,3 +16,4 @@ mod server;
 mod snapshots;
 mod speculative;
 mod typeahead;
+mod warm;
