@@ -408,7 +408,9 @@ impl Worker {
         let context = self.model.config().context_length();
         let max_new = params.max_tokens as usize;
         let warm = matches!(job.kind, JobKind::Warm(_));
-        let budget = context.checked_sub(if warm { 1 } else { max_new }).filter(|b| *b >= 4);
+        // A warm-up is cut to the budget of the request it prepares (its `max_tokens`), so that
+        // request finds exactly this prompt cached.
+        let budget = context.checked_sub(max_new).filter(|b| *b >= 4);
         let budget = budget.ok_or_else(|| JobError {
             code: ErrorCode::ContextOverflow,
             message: format!(

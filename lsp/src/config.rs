@@ -8,7 +8,7 @@ use serde_json::Value;
 
 /// `minConfidence`'s default, chosen by typing replay on held-out files (docs/lsp.md,
 /// "Confidence gate").
-pub const DEFAULT_MIN_CONFIDENCE: f64 = 0.2;
+pub const DEFAULT_MIN_CONFIDENCE: f64 = 0.4;
 
 /// The server's settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,8 +49,8 @@ pub struct Config {
     pub completion_timeout_ms: u32,
     /// Longest wait for one connection attempt (connect and `hello`), in ms (`connectTimeoutMs`).
     pub connect_timeout_ms: u32,
-    /// The least geometric-mean token probability a completion's line needs to be shown
-    /// (`minConfidence`, 0..=1; 0 shows everything): a first line below it suppresses the
+    /// The least geometric-mean probability of a line's tokens but its least likely one that
+    /// the line needs to be shown (`minConfidence`, 0..=1; 0 shows everything): a first line below it suppresses the
     /// completion (`low_confidence`), a later one cuts it there ([`crate::gate`]).
     pub min_confidence: f64,
     /// Drop degenerate output: repeated n-grams, a repeat of the line above, unbalanced closers

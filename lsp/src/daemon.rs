@@ -336,10 +336,11 @@ impl Daemon {
 
     /// Prefills `input` into the daemon's cache; returns when the daemon has done it (or gives
     /// up after a minute: nobody waits for it, but a frozen daemon must not keep it).
-    pub async fn warm(&self, input: FimInput) -> Result<(), DaemonError> {
+    pub async fn warm(&self, input: FimInput, max_tokens: u32) -> Result<(), DaemonError> {
         let conn = self.connection().await?;
         let id = format!("w{}", self.inner.next_id.fetch_add(1, Ordering::Relaxed));
-        match tokio::time::timeout(WARM_TIMEOUT, run_warm(&conn, id.clone(), input)).await {
+        let run = run_warm(&conn, id.clone(), input, max_tokens);
+        match tokio::time::timeout(WARM_TIMEOUT, run).await {
             Ok(result) => result,
             Err(_) => Err(DaemonError::Timeout { id, after: WARM_TIMEOUT }),
         }
@@ -505,11 +506,17 @@ impl Daemon {
 }
 
 /// Sends `warm` on `conn` and waits for its end.
-async fn run_warm(conn: &Conn, id: String, input: FimInput) -> Result<(), DaemonError> {
+async fn run_warm(
+    conn: &Conn,
+    id: String,
+    input: FimInput,
+    max_tokens: u32,
+) -> Result<(), DaemonError> {
     let mut call = Call::start(conn, id.clone());
     // A warm-up is never worth cancelling: what it evaluates stays useful in the cache.
     call.armed = false;
-    if conn.tx.send(Request::Warm { id: id.clone(), input }).is_err() {
+    let warm = Request::Warm { id: id.clone(), input, max_tokens: Some(max_tokens) };
+    if conn.tx.send(warm).is_err() {
         return Err(DaemonError::Disconnected(id));
     }
     loop {

@@ -3,10 +3,14 @@
 //! A first line the model was unsure of suppresses the completion ([`Reason::LowConfidence`]); a
 //! later one cuts the completion before it.
 //!
-//! **Threshold**: the least *geometric-mean token probability* a line must have, in `[0, 1]`:
-//! a line passes when `exp(logprob_sum / tokens) >= threshold` (the mean per-token log-prob is at
-//! least `ln threshold`). `0` turns the gate off: everything is shown. A line without tokens of its
-//! own (its bytes came with a token that started on the line before) passes.
+//! **Threshold**: the least geometric-mean probability of a line's tokens *but its least likely
+//! one*, in `[0, 1]`: a line passes when `exp((logprob_sum - logprob_min) / (tokens - 1)) >=
+//! threshold`. One uncertain choice (which of several right names, where a line turns) does not
+//! sink a line the model is otherwise sure of; a line it is unsure of throughout fails. On the
+//! calibration replay this kept more of the characters saved than the plain mean at every
+//! precision (docs/lsp.md, "Calibrating `minConfidence`"). `0` turns the gate off: everything is
+//! shown. A line of fewer than two tokens of its own (its bytes came with a token that started
+//! on the line before, or a single token) passes.
 //!
 //! **Lines**: the gate works on the lines of the daemon's text, before post-processing — line `i`
 //! of [`LineConfidence`]s is `text.split('\n')`'s line `i`. Post-processing only shortens lines
@@ -21,7 +25,17 @@ use crate::postprocess::Reason;
 
 /// Whether a line with confidence `line` passes `threshold` (see the module doc).
 pub fn passes(line: &LineConfidence, threshold: f64) -> bool {
-    threshold.is_nan() || threshold <= 0.0 || line.tokens == 0 || line.mean() >= threshold.ln()
+    if threshold.is_nan() || threshold <= 0.0 {
+        return true;
+    }
+    score(line).is_none_or(|score| score >= threshold.ln())
+}
+
+/// The mean log-probability of a line's tokens without its least likely one; `None` for a line
+/// of fewer than two tokens.
+pub fn score(line: &LineConfidence) -> Option<f64> {
+    (line.tokens >= 2)
+        .then(|| (line.logprob_sum - line.logprob_min) / f64::from(line.tokens - 1))
 }
 
 /// How many leading lines of the completion to keep, given the confidence of its lines:
@@ -54,21 +68,32 @@ pub fn gate_text<'a>(
 mod tests {
     use super::*;
 
+    /// A line of `tokens` tokens, each at log-probability `mean`.
     fn line(tokens: u32, mean: f64) -> LineConfidence {
-        LineConfidence { tokens, logprob_sum: mean * f64::from(tokens), logprob_min: mean * 2.0 }
+        LineConfidence { tokens, logprob_sum: mean * f64::from(tokens), logprob_min: mean }
     }
 
     #[test]
-    fn the_threshold_is_a_geometric_mean_probability() {
+    fn the_threshold_is_a_geometric_mean_probability_without_the_least_likely_token() {
         let half = line(4, 0.5f64.ln());
         assert!(passes(&half, 0.5));
         assert!(passes(&half, 0.4));
         assert!(!passes(&half, 0.6));
+        // Three tokens at 0.5 and one at 0.01: the one uncertain choice does not count.
+        let mut turn = line(3, 0.5f64.ln());
+        turn.add(0.01f64.ln());
+        assert!((score(&turn).unwrap() - 0.5f64.ln()).abs() < 1e-12);
+        assert!(passes(&turn, 0.5));
+        assert!(turn.mean() < 0.4f64.ln(), "the plain mean would fail it");
+        // Two uncertain tokens do.
+        turn.add(0.01f64.ln());
+        assert!(!passes(&turn, 0.3));
         assert!(passes(&line(3, -50.0), 0.0), "0 shows everything");
         assert!(passes(&line(3, -50.0), -1.0));
         assert!(passes(&LineConfidence::default(), 0.99), "a line without tokens passes");
-        assert!(!passes(&line(1, -1e-9), 1.0), "1 passes only certainty");
-        assert!(passes(&line(1, 0.0), 1.0));
+        assert!(passes(&line(1, -20.0), 0.99), "nor does one token say anything");
+        assert!(!passes(&line(2, -1e-9), 1.0), "1 passes only certainty");
+        assert!(passes(&line(2, 0.0), 1.0));
     }
 
     #[test]

@@ -667,7 +667,7 @@ impl Backend {
         if !config.enabled {
             return;
         }
-        let input = {
+        let prepared = {
             let docs = lock(&self.docs);
             let Some(open) = docs.get(uri) else { return };
             if !config.languages.contains(&open.doc.language_id) {
@@ -677,8 +677,10 @@ impl Backend {
             let context = self.context_docs(&docs, uri, &config);
             let context: Vec<ContextDoc<'_>> =
                 context.iter().map(|(p, t)| ContextDoc { path: p, text: t }).collect();
-            build(&open.doc, cursor, &context, &config, &Windows::default()).input
+            build(&open.doc, cursor, &context, &config, &Windows::default())
         };
+        // The completion asked there next has this prompt budget: cut the warm-up to it.
+        let (input, max_tokens) = (prepared.input, prepared.params.max_tokens);
         if !lock(&self.warming).insert(uri.clone()) {
             return;
         }
@@ -686,7 +688,7 @@ impl Backend {
         let client = self.client.clone();
         let (warming, uri) = (self.warming.clone(), uri.clone());
         tokio::spawn(async move {
-            let warmed = daemon.warm(input).await;
+            let warmed = daemon.warm(input, max_tokens).await;
             lock(&warming).remove(&uri);
             match warmed {
                 Ok(()) => {}

@@ -56,6 +56,11 @@ pub enum Request {
         /// The FIM input to prefill.
         #[serde(flatten)]
         input: FimInput,
+        /// The `max_tokens` of the `fim` expected to follow: the prompt is cut to the budget
+        /// that request will have, so it finds exactly this prompt cached (default: the
+        /// generation parameters' default).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_tokens: Option<u32>,
     },
     /// Stops request `id` between tokens or prefill chunks; it ends with `done` (`cancelled`).
     Cancel {

@@ -60,7 +60,7 @@ pub fn worker(conn: &Connection, args: &WorkerArgs) -> anyhow::Result<()> {
         let input =
             FimInput { prefix: prefix.into(), suffix: suffix.clone(), context_files: vec![] };
         match max_tokens {
-            None => Request::Warm { id, input },
+            None => Request::Warm { id, input, max_tokens: None },
             Some(max_tokens) => Request::Fim {
                 id,
                 input,

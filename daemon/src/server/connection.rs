@@ -301,7 +301,11 @@ impl Handler {
             Request::Generate { prompt, params, .. } => (JobKind::Generate { prompt }, params),
             Request::Complete { prompt, params, .. } => (JobKind::Complete { prompt }, params),
             Request::Fim { input, params, .. } => (JobKind::Fim(input), params),
-            Request::Warm { input, .. } => (JobKind::Warm(input), GenerationParams::default()),
+            Request::Warm { input, max_tokens, .. } => {
+                let defaults = GenerationParams::default();
+                let max_tokens = max_tokens.unwrap_or(defaults.max_tokens);
+                (JobKind::Warm(input), GenerationParams { max_tokens, ..defaults })
+            }
         };
         self.start_job(id, kind, params)
     }

@@ -222,13 +222,14 @@ fn stream_text(
 }
 
 /// Confidence lines for `text` with every token of line `i` at log-prob `logprobs[i]` (lines past
-/// the end of `logprobs` get its last value), one token per line.
+/// the end of `logprobs` get its last value), two tokens per line (the gate does not judge a line
+/// of one token).
 pub fn confidence(text: &str, logprobs: &[f64]) -> Vec<LineConfidence> {
     let last = logprobs.last().copied().unwrap_or(0.0);
     (0..text.split('\n').count())
         .map(|i| {
             let lp = logprobs.get(i).copied().unwrap_or(last);
-            LineConfidence { tokens: 1, logprob_sum: lp, logprob_min: lp }
+            LineConfidence { tokens: 2, logprob_sum: 2.0 * lp, logprob_min: lp }
         })
         .collect()
 }
