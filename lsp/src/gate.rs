@@ -34,8 +34,7 @@ pub fn passes(line: &LineConfidence, threshold: f64) -> bool {
 /// The mean log-probability of a line's tokens without its least likely one; `None` for a line
 /// of fewer than two tokens.
 pub fn score(line: &LineConfidence) -> Option<f64> {
-    (line.tokens >= 2)
-        .then(|| (line.logprob_sum - line.logprob_min) / f64::from(line.tokens - 1))
+    (line.tokens >= 2).then(|| (line.logprob_sum - line.logprob_min) / f64::from(line.tokens - 1))
 }
 
 /// How many leading lines of the completion to keep, given the confidence of its lines:
