@@ -318,6 +318,7 @@ fn main() -> Result<()> {
                 data,
                 run_dir: run_dir.clone(),
                 model: config.model,
+                shape: None,
                 train,
                 resume,
                 force,

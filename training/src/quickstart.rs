@@ -125,6 +125,7 @@ pub fn quickstart(opts: &QuickstartOptions) -> Result<QuickstartReport, Quicksta
             data: data.clone(),
             run_dir: run_dir.clone(),
             model: opts.config.model.clone(),
+            shape: None,
             train: opts.config.train.clone(),
             resume: false,
             force: true,

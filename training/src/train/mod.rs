@@ -61,8 +61,11 @@ pub struct TrainOptions {
     pub data: PathBuf,
     /// Run directory.
     pub run_dir: PathBuf,
-    /// Model preset name.
+    /// Model preset name (ignored when `shape` is given).
     pub model: String,
+    /// A model shape to train instead of the preset's, e.g. one chosen for a time budget; its
+    /// vocabulary size is replaced by the tokenizer's.
+    pub shape: Option<RawModelConfig>,
     /// Loop settings (ignored on resume: the run's own are used).
     pub train: TrainConfig,
     /// Continue the run in `run_dir` from its newest checkpoint.
@@ -259,8 +262,12 @@ fn resolve_run(
         return Ok(stored);
     }
     opts.train.validate().map_err(|e| invalid(&run_file, e))?;
-    let preset = ModelConfig::preset(&opts.model).map_err(|e| invalid(&run_file, e.to_string()))?;
-    let mut model = preset.to_raw();
+    let mut model = match &opts.shape {
+        Some(shape) => shape.clone(),
+        None => ModelConfig::preset(&opts.model)
+            .map_err(|e| invalid(&run_file, e.to_string()))?
+            .to_raw(),
+    };
     model.vocab_size = tokenizer.vocab_size();
     let spec = RunSpec {
         model,

@@ -35,6 +35,7 @@ fn options(data: &Path, run: &Path, train: TrainConfig) -> TrainOptions {
         data: data.to_path_buf(),
         run_dir: run.to_path_buf(),
         model: "tiny".into(),
+        shape: None,
         train,
         resume: false,
         force: false,
