@@ -1,5 +1,6 @@
 //! Fused CPU kernels with hand-written backward passes for the training path, as candle custom
-//! ops: RMSNorm, RoPE, causal softmax, SwiGLU, token cross-entropy, and the in-place AdamW step.
+//! ops: RMSNorm, RoPE, causal softmax, SwiGLU, token cross-entropy, the in-place AdamW step, and Muon's orthogonalised update (composed from
+//! candle matmuls: its cost is in them).
 //!
 //! candle's fused CPU ops (`rms_norm`, `rope_thd`, `softmax_last_dim`) have no backward pass, so a
 //! differentiable forward would otherwise compose each of them from 4–8 elementwise and broadcast
@@ -14,6 +15,7 @@ use candle_core::{DType, Tensor};
 
 mod adamw;
 mod cross_entropy;
+mod muon;
 mod norm;
 mod rope;
 mod softmax;
@@ -21,6 +23,7 @@ mod swiglu;
 
 pub use adamw::{AdamWStep, adamw, sum_squares};
 pub use cross_entropy::cross_entropy;
+pub use muon::{MuonStep, NEWTON_SCHULZ, NEWTON_SCHULZ_STEPS, muon, orthogonalize};
 pub use norm::rms_norm;
 pub use rope::rope;
 pub use softmax::causal_softmax;

@@ -13,6 +13,22 @@ pub enum Schedule {
     Wsd,
 }
 
+/// The rule that updates the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// AdamW for every tensor.
+    Adamw,
+    /// Muon (orthogonalised momentum) for the hidden matrices of the blocks, AdamW for the
+    /// embedding and the norms.
+    Muon,
+}
+
+/// What a run directory's `run.json` from before the `optimizer` key meant: AdamW.
+fn adamw() -> OptimizerKind {
+    OptimizerKind::Adamw
+}
+
 /// Hyper-parameters of the training loop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -37,7 +53,15 @@ pub struct TrainConfig {
     pub schedule: Schedule,
     /// Share of the steps spent decaying, for `wsd`.
     pub decay_fraction: f64,
-    /// AdamW weight decay, applied to matrices only (not norms).
+    /// `adamw`, or `muon` for the hidden matrices (AdamW for the rest). A config or `run.json`
+    /// without the key means `adamw`, what every run before the key trained with.
+    #[serde(default = "adamw")]
+    pub optimizer: OptimizerKind,
+    /// Muon's peak learning rate (follows the schedule in proportion to `lr`).
+    pub muon_lr: f64,
+    /// Muon's momentum coefficient (Nesterov).
+    pub muon_momentum: f64,
+    /// AdamW weight decay, applied to the matrices AdamW updates (not norms; not Muon's).
     pub weight_decay: f64,
     /// AdamW β₁.
     pub beta1: f64,
@@ -84,6 +108,9 @@ impl Default for TrainConfig {
             warmup_steps: 50,
             schedule: Schedule::Cosine,
             decay_fraction: 0.2,
+            optimizer: OptimizerKind::Adamw,
+            muon_lr: 0.02,
+            muon_momentum: 0.95,
             weight_decay: 0.1,
             beta1: 0.9,
             beta2: 0.95,
@@ -113,6 +140,7 @@ impl TrainConfig {
             ("grad_accum", self.grad_accum as f64),
             ("steps", self.steps as f64),
             ("lr", self.lr),
+            ("muon_lr", self.muon_lr),
             ("log_every", self.log_every as f64),
             ("checkpoint_every", self.checkpoint_every as f64),
             ("keep_checkpoints", self.keep_checkpoints as f64),
@@ -129,6 +157,7 @@ impl TrainConfig {
             ("decay_fraction", self.decay_fraction),
             ("beta1", self.beta1),
             ("beta2", self.beta2),
+            ("muon_momentum", self.muon_momentum),
         ];
         for (key, v) in fractions {
             if !(0.0..=1.0).contains(&v) {

@@ -10,7 +10,7 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::train::optim::AdamW;
+use crate::train::optim::Optimizer;
 
 /// Folder of the checkpoints inside a run directory.
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
@@ -46,7 +46,7 @@ fn step_dir_name(step: u64) -> String {
 pub fn save(
     run_dir: &Path,
     vars: &VarMap,
-    optimizer: &AdamW,
+    optimizer: &Optimizer,
     state: &LoopState,
     keep: usize,
 ) -> Result<PathBuf, Error> {
@@ -113,7 +113,7 @@ fn prune(root: &Path, keep: usize) -> Result<(), Error> {
 }
 
 /// Restores weights and optimiser state from `dir`; returns its loop state.
-pub fn load(dir: &Path, vars: &mut VarMap, optimizer: &mut AdamW) -> Result<LoopState, Error> {
+pub fn load(dir: &Path, vars: &mut VarMap, optimizer: &mut Optimizer) -> Result<LoopState, Error> {
     let state_path = dir.join(STATE);
     let text = fs::read(&state_path).map_err(io(&state_path))?;
     let state: LoopState = serde_json::from_slice(&text)

@@ -23,7 +23,7 @@ use m31r_model::tokenizer::Tokenizer;
 use m31r_model::transformer::Model;
 use serde::{Deserialize, Serialize};
 
-pub use crate::config::{Schedule, TrainConfig};
+pub use crate::config::{OptimizerKind, Schedule, TrainConfig};
 use crate::corpus::Corpus;
 use crate::error::{Error, invalid};
 use crate::fsutil::read_json;
@@ -33,7 +33,7 @@ use crate::split::Split;
 use crate::tok::load_tokenizer;
 use batch::{BatchSampler, Objective, Sequence};
 use checkpoint::LoopState;
-use optim::{AdamW, Grads};
+use optim::{Grads, Optimizer};
 
 /// What identifies a run: a run directory holding a different one is refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,7 +127,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary, Error> {
     }
     let device = device(&cfg.device)?;
     let (model, mut vars) = Model::init(&model_config, cfg.seed, &device)?;
-    let mut optimizer = AdamW::new(&vars, cfg.beta1, cfg.beta2, cfg.eps)?;
+    let mut optimizer = Optimizer::for_config(&vars, cfg)?;
     let mut state = LoopState { step: 0, tokens_seen: 0, clipped_steps: 0 };
     if opts.resume
         && let Some((_, dir)) = checkpoint::list(&opts.run_dir)?.pop()

@@ -1,42 +1,97 @@
-//! AdamW with decoupled weight decay on matrices only, global-norm clipping, and gradient
-//! accumulation by name. Its state (moments, step) is plain named tensors, so checkpoints can save
-//! and restore it exactly — candle-nn's optimiser keeps its state private.
+//! The optimiser: AdamW with decoupled weight decay on matrices only, optionally Muon for the
+//! hidden matrices of the transformer blocks (AdamW keeping the embedding and the norms, as
+//! nanochat and modded-nanogpt split them); global-norm clipping and gradient accumulation by name.
+//! Its state (moments, momentum buffers, step) is plain named tensors, so checkpoints can save and
+//! restore it exactly — candle-nn's optimiser keeps its state private.
 
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{Result, Tensor, Var};
 use candle_nn::VarMap;
-use m31r_kernels::train::{self as train_ops, AdamWStep};
+use m31r_kernels::train::{self as train_ops, AdamWStep, MuonStep};
 
-/// One trainable tensor and its moments.
+use crate::config::{OptimizerKind, TrainConfig};
+
+/// What updates one tensor, with its state.
+enum Rule {
+    /// AdamW moments.
+    AdamW { m: Tensor, v: Tensor },
+    /// Muon momentum buffer.
+    Muon { momentum: Tensor },
+}
+
+/// One trainable tensor and its state.
 struct Param {
     var: Var,
-    m: Tensor,
-    v: Tensor,
+    rule: Rule,
     decay: bool,
 }
 
-/// AdamW over the variables of a [`VarMap`].
-pub struct AdamW {
+/// Muon's settings, when it updates the hidden matrices.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MuonSettings {
+    /// Muon's peak learning rate; at each step it is scaled by the schedule as AdamW's is.
+    pub lr: f64,
+    /// AdamW's peak learning rate, the schedule's reference (Muon's rate at a step is
+    /// `lr × adamw_lr_now / base_lr`).
+    pub base_lr: f64,
+    /// Momentum coefficient.
+    pub momentum: f64,
+}
+
+/// Whether `name` is a hidden matrix of a transformer block (attention and feed-forward
+/// projections): the tensors Muon updates. The embedding (tied to the LM head) and the norms are
+/// not: an embedding row is a lookup, not a linear map, and norms are vectors.
+pub fn is_hidden_matrix(name: &str, rank: usize) -> bool {
+    rank == 2 && name.starts_with("model.layers.")
+}
+
+/// AdamW over the variables of a [`VarMap`], or Muon + AdamW (see the module docs).
+pub struct Optimizer {
     params: BTreeMap<String, Param>,
     beta1: f64,
     beta2: f64,
     eps: f64,
+    muon: Option<MuonSettings>,
     step: u64,
 }
 
-impl AdamW {
-    /// An optimiser for every variable of `vars`; rank ≥ 2 tensors get weight decay.
+impl Optimizer {
+    /// AdamW for every variable of `vars`; rank ≥ 2 tensors get weight decay.
     pub fn new(vars: &VarMap, beta1: f64, beta2: f64, eps: f64) -> Result<Self> {
+        Self::build(vars, beta1, beta2, eps, None)
+    }
+
+    /// The optimiser a training config asks for (`train.optimizer`).
+    pub fn for_config(vars: &VarMap, cfg: &TrainConfig) -> Result<Self> {
+        let muon = (cfg.optimizer == OptimizerKind::Muon).then_some(MuonSettings {
+            lr: cfg.muon_lr,
+            base_lr: cfg.lr,
+            momentum: cfg.muon_momentum,
+        });
+        Self::build(vars, cfg.beta1, cfg.beta2, cfg.eps, muon)
+    }
+
+    fn build(
+        vars: &VarMap,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        muon: Option<MuonSettings>,
+    ) -> Result<Self> {
         let data =
             vars.data().lock().map_err(|_| candle_core::Error::Msg("varmap poisoned".into()))?;
         let mut params = BTreeMap::new();
         for (name, var) in data.iter() {
-            // Two allocations: the moments are updated in place, so they must not share storage.
-            let (m, v) = (var.as_tensor().zeros_like()?, var.as_tensor().zeros_like()?);
-            params.insert(name.clone(), Param { var: var.clone(), m, v, decay: var.rank() >= 2 });
+            let rule = if muon.is_some() && is_hidden_matrix(name, var.rank()) {
+                Rule::Muon { momentum: var.as_tensor().zeros_like()? }
+            } else {
+                // Two allocations: the moments are updated in place, so they must not share storage.
+                Rule::AdamW { m: var.as_tensor().zeros_like()?, v: var.as_tensor().zeros_like()? }
+            };
+            params.insert(name.clone(), Param { var: var.clone(), rule, decay: var.rank() >= 2 });
         }
-        Ok(Self { params, beta1, beta2, eps, step: 0 })
+        Ok(Self { params, beta1, beta2, eps, muon, step: 0 })
     }
 
     /// Steps taken.
@@ -44,43 +99,78 @@ impl AdamW {
         self.step
     }
 
-    /// One update with learning rate `lr` and weight decay `wd`, from the gradients scaled by
-    /// [`Grads::scale`] (in place on CPU: see [`train_ops::adamw`]).
+    /// Names of the tensors Muon updates (empty for AdamW alone), in name order.
+    pub fn muon_params(&self) -> Vec<&str> {
+        self.params
+            .iter()
+            .filter(|(_, p)| matches!(p.rule, Rule::Muon { .. }))
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
+    /// One update with AdamW learning rate `lr` and weight decay `wd` (Muon's rate follows `lr`
+    /// in proportion; Muon matrices are not decayed), from the gradients scaled by
+    /// [`Grads::scale`] (AdamW in place on CPU: see [`train_ops::adamw`]).
     pub fn step(&mut self, grads: &Grads, lr: f64, wd: f64) -> Result<()> {
         self.step += 1;
         let corrections =
             (1.0 - self.beta1.powi(self.step as i32), 1.0 - self.beta2.powi(self.step as i32));
         for (name, p) in self.params.iter_mut() {
             let Some(g) = grads.get(name) else { continue };
-            let step = AdamWStep {
-                lr,
-                weight_decay: if p.decay { wd } else { 0.0 },
-                beta1: self.beta1,
-                beta2: self.beta2,
-                eps: self.eps,
-                corrections,
-                grad_scale: grads.scale,
-            };
-            if let Some((theta, m, v)) = train_ops::adamw(p.var.as_tensor(), &p.m, &p.v, g, &step)?
-            {
-                p.var.set(&theta)?;
-                (p.m, p.v) = (m, v);
+            match &mut p.rule {
+                Rule::AdamW { m, v } => {
+                    let step = AdamWStep {
+                        lr,
+                        weight_decay: if p.decay { wd } else { 0.0 },
+                        beta1: self.beta1,
+                        beta2: self.beta2,
+                        eps: self.eps,
+                        corrections,
+                        grad_scale: grads.scale,
+                    };
+                    if let Some((theta, new_m, new_v)) =
+                        train_ops::adamw(p.var.as_tensor(), m, v, g, &step)?
+                    {
+                        p.var.set(&theta)?;
+                        (*m, *v) = (new_m, new_v);
+                    }
+                }
+                Rule::Muon { momentum } => {
+                    let settings = self.muon.expect("Muon parameters imply Muon settings");
+                    let step = MuonStep {
+                        lr: settings.lr * lr / settings.base_lr,
+                        momentum: settings.momentum,
+                        weight_decay: 0.0,
+                        grad_scale: grads.scale,
+                    };
+                    let (theta, buffer) = train_ops::muon(p.var.as_tensor(), momentum, g, &step)?;
+                    p.var.set(&theta)?;
+                    *momentum = buffer;
+                }
             }
         }
         Ok(())
     }
 
-    /// Moments as named tensors (`m.<name>`, `v.<name>`), for checkpoints.
+    /// State as named tensors (`m.<name>`, `v.<name>` for AdamW, `momentum.<name>` for Muon),
+    /// for checkpoints.
     pub fn state(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         for (name, p) in &self.params {
-            out.insert(format!("m.{name}"), p.m.clone());
-            out.insert(format!("v.{name}"), p.v.clone());
+            match &p.rule {
+                Rule::AdamW { m, v } => {
+                    out.insert(format!("m.{name}"), m.clone());
+                    out.insert(format!("v.{name}"), v.clone());
+                }
+                Rule::Muon { momentum } => {
+                    out.insert(format!("momentum.{name}"), momentum.clone());
+                }
+            }
         }
         out
     }
 
-    /// Restores moments saved by [`AdamW::state`] and the step count.
+    /// Restores state saved by [`Optimizer::state`] and the step count.
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         for (name, p) in self.params.iter_mut() {
             let get = |k: String| {
@@ -89,13 +179,21 @@ impl AdamW {
                     .cloned()
                     .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state lacks {k}")))
             };
-            p.m = get(format!("m.{name}"))?;
-            p.v = get(format!("v.{name}"))?;
+            match &mut p.rule {
+                Rule::AdamW { m, v } => {
+                    *m = get(format!("m.{name}"))?;
+                    *v = get(format!("v.{name}"))?;
+                }
+                Rule::Muon { momentum } => *momentum = get(format!("momentum.{name}"))?,
+            }
         }
         self.step = step;
         Ok(())
     }
 }
+
+/// The former name of [`Optimizer`] (AdamW was the only rule).
+pub type AdamW = Optimizer;
 
 /// Gradients by variable name, summed over micro-batches, with a pending scale factor (clipping
 /// records it here and the optimiser applies it inside its update, saving a pass over memory).
@@ -190,7 +288,7 @@ mod tests {
         let vb = candle_nn::VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
         let w = vb.get_with_hints((2, 2), "w", candle_nn::Init::Const(1.0)).unwrap();
         let b = vb.get_with_hints(2, "b", candle_nn::Init::Const(1.0)).unwrap();
-        let mut opt = AdamW::new(&vars, 0.9, 0.95, 1e-8).unwrap();
+        let mut opt = Optimizer::new(&vars, 0.9, 0.95, 1e-8).unwrap();
         for _ in 0..300 {
             let loss = (w.sqr().unwrap().sum_all().unwrap() + b.sqr().unwrap().sum_all().unwrap())
                 .unwrap();
@@ -213,15 +311,59 @@ mod tests {
         let mut grads = Grads::default();
         grads.accumulate(&vars2, &zero.backward().unwrap()).unwrap();
         assert_eq!(grads.len(), 2);
-        let mut fresh = AdamW::new(&vars2, 0.9, 0.95, 1e-8).unwrap();
+        let mut fresh = Optimizer::new(&vars2, 0.9, 0.95, 1e-8).unwrap();
         fresh.step(&grads, 0.1, 0.5).unwrap();
         assert_eq!(b2.to_vec1::<f32>().unwrap(), vec![1.0, 1.0]);
         assert_eq!(w2.to_vec2::<f32>().unwrap(), vec![vec![0.95f32; 2]; 2]);
 
         // State round trip.
-        let mut restored = AdamW::new(&vars, 0.9, 0.95, 1e-8).unwrap();
+        let mut restored = Optimizer::new(&vars, 0.9, 0.95, 1e-8).unwrap();
         restored.load_state(&opt.state(), opt.steps()).unwrap();
         assert_eq!(restored.steps(), 300);
+    }
+
+    #[test]
+    fn muon_updates_block_matrices_and_adamw_the_rest_and_its_state_round_trips() {
+        let vars = VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu);
+        let init = candle_nn::Init::Randn { mean: 0.0, stdev: 1.0 };
+        let w = vb.get_with_hints((6, 4), "model.layers.0.mlp.up_proj.weight", init).unwrap();
+        let e = vb.get_with_hints((5, 4), "model.embed_tokens.weight", init).unwrap();
+        let n = vb.get_with_hints(4, "model.layers.0.input_layernorm.weight", init).unwrap();
+        let cfg = TrainConfig {
+            optimizer: OptimizerKind::Muon,
+            muon_lr: 0.05,
+            lr: 0.05,
+            ..TrainConfig::default()
+        };
+        let mut opt = Optimizer::for_config(&vars, &cfg).unwrap();
+        assert_eq!(opt.muon_params(), vec!["model.layers.0.mlp.up_proj.weight"]);
+        let total = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let before = total(&w);
+        for _ in 0..100 {
+            let loss = (w.sqr().unwrap().sum_all().unwrap()
+                + e.sqr().unwrap().sum_all().unwrap()
+                + n.sqr().unwrap().sum_all().unwrap())
+            .unwrap();
+            let mut grads = Grads::default();
+            grads.accumulate(&vars, &loss.backward().unwrap()).unwrap();
+            opt.step(&grads, 0.05, 0.0).unwrap();
+        }
+        // Orthogonalised steps of fixed size lr·√1.5 walk the matrix down to that scale.
+        assert!(total(&w) < 0.05 * before, "{} of {before}", total(&w));
+        assert!(total(&e) < 1.0 && total(&n) < 1.0);
+
+        let state = opt.state();
+        assert!(state.contains_key("momentum.model.layers.0.mlp.up_proj.weight"));
+        assert!(state.contains_key("m.model.embed_tokens.weight"));
+        assert!(!state.contains_key("m.model.layers.0.mlp.up_proj.weight"));
+        let mut restored = Optimizer::for_config(&vars, &cfg).unwrap();
+        restored.load_state(&state, opt.steps()).unwrap();
+        assert_eq!(restored.steps(), 100);
+        // AdamW state cannot stand in for Muon's: the error names the missing tensor.
+        let adamw_state = Optimizer::new(&vars, 0.9, 0.95, 1e-8).unwrap().state();
+        let err = restored.load_state(&adamw_state, 1).unwrap_err().to_string();
+        assert!(err.contains("momentum.model.layers.0.mlp.up_proj.weight"), "{err}");
     }
 
     #[test]
