@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
 # From a fresh clone to a completion in one command: build, then `m31r-train quickstart` (collect a
 # corpus from the local Cargo registry, or this repository when there is none; train the tokenizer,
-# shard, train the `tiny` model, evaluate it, export a release bundle carrying the eval), verify the
-# bundle's checksums, start m31rd on a private socket, complete inside examples/sample.rs, print
-# the timings and daemon status, stop the daemon. Everything stays under $M31R_WORK (the
-# subcommand alone would write to the per-user model directory).
+# shard, pick the model size and steps for the training budget by measuring candidate shapes on
+# this machine, train, evaluate, export a release bundle carrying the eval), verify the bundle's
+# checksums, start m31rd on a private socket, complete inside examples/sample.rs, print the
+# timings and daemon status, stop the daemon. Everything stays under $M31R_WORK (the subcommand
+# alone would write to the per-user model directory).
 #
-# Environment: M31R_STEPS (training steps, default 1000), M31R_WORK (default runs/quickstart),
-# M31R_EVAL_ITEMS (masked lines in the completion benchmark, default 100).
+# Environment: M31R_MINUTES (training budget in minutes, measuring included; default 6, the
+# CLI's DEFAULT_QUICKSTART_MINUTES), M31R_STEPS (instead: train the `tiny` preset for this many
+# steps, no sizing), M31R_WORK (default runs/quickstart), M31R_EVAL_ITEMS (masked lines in the
+# completion benchmark, default 100).
 # An existing bundle in $M31R_WORK/bundle is reused; delete it to retrain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-steps=${M31R_STEPS:-1000}
+if [ -n "${M31R_STEPS:-}" ]; then
+    length=(--steps "$M31R_STEPS")
+    what="tiny, $M31R_STEPS steps"
+else
+    length=(--minutes "${M31R_MINUTES:-6}")
+    what="sized for ${M31R_MINUTES:-6} min"
+fi
 work=${M31R_WORK:-runs/quickstart}
 bin=target/release
 
@@ -25,8 +34,8 @@ if [ ! -f "$work/bundle/checksum.txt" ]; then
     if [ ! -d "${CARGO_HOME:-$HOME/.cargo}/registry/src" ]; then
         inputs=(.)
     fi
-    step "m31r-train quickstart: corpus, tokenizer, prepare, train tiny ($steps steps), eval, export"
-    "$bin/m31r-train" quickstart "${inputs[@]}" --steps "$steps" --eval-items "${M31R_EVAL_ITEMS:-100}" \
+    step "m31r-train quickstart: corpus, tokenizer, prepare, train ($what), eval, export"
+    "$bin/m31r-train" quickstart "${inputs[@]}" "${length[@]}" --eval-items "${M31R_EVAL_ITEMS:-100}" \
         --work "$work/work" --out "$work/bundle" --force
 fi
 step "verify the bundle's checksums"

@@ -5,6 +5,7 @@
 //! [`tok::train_tokenizer`] (`tokenizer.json`, `tokenizer-report.json`) and
 //! [`shards::prepare`] (`shards/`), read back by [`shards::ShardSet`].
 
+pub mod budget;
 pub mod config;
 pub mod corpus;
 pub mod crates;

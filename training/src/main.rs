@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use m31r_train::budget::TimeBudget;
 use m31r_train::corpus::{CorpusOptions, build_corpus, default_registry_src};
 use m31r_train::eval::{EvalOptions, EvalReport, evaluate_bundle};
 use m31r_train::params::{ParamsQuery, params_report};
@@ -18,9 +19,11 @@ use m31r_train::{DataConfig, Progress, fetch};
 /// Default data directory, relative to the working directory.
 const DEFAULT_DATA: &str = "runs/data";
 
-/// Training steps of `quickstart` with the built-in tiny preset: about 10 minutes on 2 cores, so
-/// the whole quickstart takes about 15.
-const QUICKSTART_TINY_STEPS: u64 = 1000;
+/// Training budget of `quickstart` with the built-in tiny config, in minutes, measuring the
+/// candidate shapes included (see `m31r_train::budget`). The other stages (corpus, tokenizer,
+/// shards, eval, export) add about 3 minutes on 2 cores. The `quickstart` help text,
+/// scripts/quickstart.sh and README.md repeat this number.
+const DEFAULT_QUICKSTART_MINUTES: f64 = 6.0;
 
 /// M31R's training pipeline. The data stages run in order on one data directory:
 /// `corpus`, then `tokenizer`, then `prepare`.
@@ -191,9 +194,12 @@ enum Command {
         #[arg(long, value_name = "FILE.svg")]
         out: Option<PathBuf>,
     },
-    /// The whole pipeline for a first model: corpus → tokenizer → prepare → train (`tiny`) →
-    /// eval → export, about 15 minutes on 2 CPU cores. Ends with the eval table and the bundle's
-    /// path: the default model directory, which m31rd serves when no bundle is configured.
+    /// The whole pipeline for a first model: corpus → tokenizer → prepare → train → eval →
+    /// export. Training is sized to a time budget (--minutes, default 6): the model size and
+    /// the number of steps with the lowest predicted loss for the time, from the training speed
+    /// of candidate shapes measured on this machine; the other stages add about 3 minutes on 2
+    /// CPU cores. Ends with the eval table and the bundle's path: the default model directory,
+    /// which m31rd serves when no bundle is configured.
     Quickstart {
         /// Directories of Rust code [default: $CARGO_HOME/registry/src].
         dirs: Vec<PathBuf>,
@@ -211,9 +217,13 @@ enum Command {
         /// Training config: a TOML file or a shipped config name (tiny, small, cpu).
         #[arg(long, value_name = "FILE|PRESET", default_value = "tiny")]
         config: String,
-        /// Training steps [default: 1000 with the built-in tiny preset (about 10 minutes on 2
-        /// cores), else the config's train.steps].
-        #[arg(long)]
+        /// Training budget in minutes, measuring the candidate shapes included: picks the model
+        /// size (tiny's proportions, 0.5M–6M parameters) and the steps for it [default: 6 with
+        /// the built-in tiny config; other configs train their preset for their train.steps].
+        #[arg(long, value_name = "M", conflicts_with = "steps", value_parser = positive_minutes)]
+        minutes: Option<f64>,
+        /// Train the config's model preset for this many steps, without sizing.
+        #[arg(long, value_name = "N")]
         steps: Option<u64>,
         /// Masked lines in the eval's completion benchmark.
         #[arg(long, value_name = "N", default_value_t = 100)]
@@ -420,13 +430,17 @@ fn main() -> Result<()> {
             print!("{}", summary.table());
             println!("curves {}", svg.display());
         }
-        Command::Quickstart { dirs, out, work, force, config, steps, eval_items } => {
+        Command::Quickstart { dirs, out, work, force, config, minutes, steps, eval_items } => {
             let builtin_tiny = config == "tiny";
             let mut config = load_config(&config)?;
-            config.train.steps = match steps {
-                Some(n) => n,
-                None if builtin_tiny => QUICKSTART_TINY_STEPS,
-                None => config.train.steps,
+            let budget = match (minutes, steps) {
+                (Some(m), _) => Some(m),
+                (None, Some(n)) => {
+                    config.train.steps = n;
+                    None
+                }
+                (None, None) if builtin_tiny => Some(DEFAULT_QUICKSTART_MINUTES),
+                (None, None) => None,
             };
             let data_dir = m31r_model::bundle::m31r_data_dir();
             let no_home = || anyhow::anyhow!("no home directory: pass --out and --work");
@@ -451,6 +465,7 @@ fn main() -> Result<()> {
                 },
                 force,
                 config,
+                budget: budget.map(TimeBudget::minutes),
                 eval_items,
                 eval_max_bytes: 256 * 1024,
                 progress,
@@ -458,6 +473,9 @@ fn main() -> Result<()> {
             };
             let report = quickstart(&opts)?;
             println!();
+            if let Some(plan) = &report.plan {
+                println!("{}", plan.summary());
+            }
             print!("{}", report.eval.table());
             let stages: Vec<String> =
                 report.stages.iter().map(|(name, s)| format!("{name} {s:.0}s")).collect();
@@ -492,6 +510,14 @@ fn install_interrupt_handler() {
     }
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe { libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t) };
+}
+
+/// `--minutes`: a positive, finite number.
+fn positive_minutes(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(m) if m.is_finite() && m > 0.0 => Ok(m),
+        _ => Err(format!("{text:?} is not a positive number of minutes")),
+    }
 }
 
 fn load_config(spec: &str) -> Result<DataConfig> {

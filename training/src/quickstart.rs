@@ -5,10 +5,15 @@
 //! configured) whose metadata carries the eval results. The bundle is built beside its final
 //! place and moved in only when everything succeeded, so a failed or interrupted quickstart never
 //! leaves a half-written model behind nor loses the previous one.
+//!
+//! With a time budget the train stage first sizes the model ([`crate::budget`]): it measures the
+//! training speed of candidate shapes on this machine and trains the one, for the number of steps,
+//! with the lowest predicted loss in the time left.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::budget::{BudgetError, Plan, TimeBudget, plan};
 use crate::config::DataConfig;
 use crate::corpus::{CorpusOptions, build_corpus};
 use crate::eval::{EvalOptions, EvalReport, evaluate_bundle};
@@ -32,6 +37,9 @@ pub struct QuickstartOptions {
     pub force: bool,
     /// Corpus, tokenizer and training settings.
     pub config: DataConfig,
+    /// Size the model and its steps for this training-time budget (measuring included) instead
+    /// of training the config's preset for `config.train.steps`.
+    pub budget: Option<TimeBudget>,
     /// Masked lines in the completion benchmark of the eval.
     pub eval_items: usize,
     /// Test bytes scored for bits per byte.
@@ -47,6 +55,8 @@ pub struct QuickstartOptions {
 pub struct QuickstartReport {
     /// The bundle directory.
     pub bundle: PathBuf,
+    /// What the train stage chose for the budget, when there was one.
+    pub plan: Option<Plan>,
     /// The training run.
     pub train: TrainSummary,
     /// The eval of the bundle's checkpoint (also in its metadata).
@@ -85,6 +95,13 @@ pub fn quickstart(opts: &QuickstartOptions) -> Result<QuickstartReport, Quicksta
     if opts.inputs.is_empty() {
         return Err(QuickstartError::NoInputs);
     }
+    // Refused before the data stages spend minutes, not after.
+    if let Some(budget) = &opts.budget
+        && !(budget.minutes.is_finite() && budget.minutes > 0.0)
+    {
+        let source = Box::new(BudgetError::Minutes(budget.minutes));
+        return Err(QuickstartError::Stage { stage: "train", source });
+    }
     let data = opts.work.join("data");
     let run_dir = opts.work.join("run");
     let staging = opts.work.join("bundle-eval");
@@ -103,14 +120,14 @@ pub fn quickstart(opts: &QuickstartOptions) -> Result<QuickstartReport, Quicksta
         })?;
         Ok((info.table(), ()))
     })?;
-    stage.run("tokenizer", || {
+    let vocab_size = stage.run("tokenizer", || {
         let report = train_tokenizer(&TokenizerOptions {
             data: data.clone(),
             vocab_size: opts.config.vocab_size()?,
             max_train_bytes: opts.config.tokenizer.max_train_bytes,
             progress: opts.progress,
         })?;
-        Ok((report.table(), ()))
+        Ok((report.table(), report.vocab_size))
     })?;
     stage.run("prepare", || {
         let index = prepare(&PrepareOptions {
@@ -120,13 +137,27 @@ pub fn quickstart(opts: &QuickstartOptions) -> Result<QuickstartReport, Quicksta
         })?;
         Ok((index.table(), ()))
     })?;
-    let summary = stage.run("train", || {
+    let (plan, summary) = stage.run("train", || {
+        let plan = match &opts.budget {
+            Some(budget) => {
+                let plan = plan(budget, vocab_size, &opts.config.train, opts.log)?;
+                if opts.log {
+                    eprint!("{}", plan.table());
+                }
+                Some(plan)
+            }
+            None => None,
+        };
+        let mut train_config = opts.config.train.clone();
+        if let Some(plan) = &plan {
+            train_config.steps = plan.steps;
+        }
         let s = train(&TrainOptions {
             data: data.clone(),
             run_dir: run_dir.clone(),
             model: opts.config.model.clone(),
-            shape: None,
-            train: opts.config.train.clone(),
+            shape: plan.as_ref().map(|p| p.model.clone()),
+            train: train_config,
             resume: false,
             force: true,
             progress: opts.progress,
@@ -145,7 +176,7 @@ pub fn quickstart(opts: &QuickstartOptions) -> Result<QuickstartReport, Quicksta
             "steps {} · tokens {} · loss {:.4} · {:.0} tok/s\n",
             s.steps, s.tokens_seen, s.final_loss, s.tokens_per_s
         );
-        Ok((line, s))
+        Ok((line, (plan, s)))
     })?;
     let report = stage.run("eval", || {
         remove_if_exists(&staging)?;
@@ -173,7 +204,7 @@ pub fn quickstart(opts: &QuickstartOptions) -> Result<QuickstartReport, Quicksta
         replace_dir(&fresh, &opts.out)?;
         Ok((format!("bundle {}\n", opts.out.display()), ()))
     })?;
-    Ok(QuickstartReport { bundle: opts.out.clone(), train: summary, eval: report, stages })
+    Ok(QuickstartReport { bundle: opts.out.clone(), plan, train: summary, eval: report, stages })
 }
 
 type StageResult<T> = Result<(String, T), Box<dyn std::error::Error + Send + Sync>>;

@@ -1,6 +1,7 @@
 //! `m31r-train bench`: training throughput of the real training step (forward, loss, backward,
 //! clip, AdamW) on preset shapes, stated against this machine's f32 matmul throughput measured in
-//! the same run. Token ids are random: speed does not depend on what the tokens say.
+//! the same run; [`bench_config`] measures any model shape (the quickstart sizes its model with it).
+//! Token ids are random: speed does not depend on what the tokens say.
 
 use std::time::{Duration, Instant};
 
@@ -12,8 +13,8 @@ use m31r_model::transformer::Model;
 
 use super::batch::{Objective, Sequence};
 use super::micro_loss;
-use super::optim::{AdamW, Grads};
-use crate::config::TrainConfig;
+use super::optim::{Grads, Optimizer};
+use crate::config::{OptimizerKind, TrainConfig};
 use crate::error::Error;
 
 /// One shape to measure.
@@ -73,29 +74,75 @@ pub fn flops_per_token(config: &ModelConfig, seq_len: usize) -> f64 {
     6.0 * matmul_params as f64 + 12.0 * (config.n_layers() * d * seq_len) as f64
 }
 
+/// What one model measured at one batch shape (see [`bench_config`]).
+#[derive(Debug, Clone)]
+pub struct BenchMeasure {
+    /// Parameters of the model.
+    pub params: u64,
+    /// Model FLOPs per trained token, as [`flops_per_token`] counts them.
+    pub flops_per_token: f64,
+    /// Trained tokens per second (best timed step).
+    pub tokens_per_s: f64,
+    /// Mean time per timed step in forward + loss, backward, and gradient clip + optimizer step.
+    pub phases: [Duration; 3],
+}
+
 /// Measures the training step at `shape`.
 pub fn bench_shape(shape: &BenchShape) -> Result<BenchResult, Error> {
     let config = ModelConfig::preset(&shape.preset)
         .map_err(|e| Error::Invalid { path: shape.preset.clone().into(), reason: e.to_string() })?;
+    let train = TrainConfig {
+        batch_size: shape.batch_size,
+        seq_len: shape.seq_len,
+        optimizer: OptimizerKind::Adamw,
+        ..TrainConfig::default()
+    };
+    let m = bench_config(&config, &train, shape.steps)?;
+    Ok(BenchResult {
+        shape: shape.clone(),
+        params: m.params,
+        flops_per_token: m.flops_per_token,
+        tokens_per_s: m.tokens_per_s,
+        phases: m.phases,
+    })
+}
+
+/// Measures the training step of any model `config` as `train` runs it (`batch_size` random
+/// sequences of `seq_len` tokens, its optimizer): one warm-up step, then `steps` timed ones (at
+/// least one).
+pub fn bench_config(
+    config: &ModelConfig,
+    train: &TrainConfig,
+    steps: usize,
+) -> Result<BenchMeasure, Error> {
+    let (batch_size, seq_len) = (train.batch_size, train.seq_len);
+    if batch_size == 0 || seq_len == 0 || steps == 0 {
+        return Err(Error::Invalid {
+            path: "<bench>".into(),
+            reason: format!(
+                "batch size {batch_size}, sequence length {seq_len} and timed steps {steps} must \
+                 all be positive"
+            ),
+        });
+    }
     let device = Device::Cpu;
-    let (model, vars) = Model::init(&config, 7, &device)?;
-    let mut optimizer = AdamW::new(&vars, 0.9, 0.95, 1e-8)?;
-    let cfg = TrainConfig { seq_len: shape.seq_len, ..TrainConfig::default() };
+    let (model, vars) = Model::init(config, 7, &device)?;
+    let mut optimizer = Optimizer::for_config(&vars, train)?;
     let mut rng = Rng::new(11);
     let vocab = config.vocab_size() as u64;
-    let sequences: Vec<Sequence> = (0..shape.batch_size)
+    let sequences: Vec<Sequence> = (0..batch_size)
         .map(|_| Sequence {
-            ids: (0..=shape.seq_len).map(|_| rng.below(vocab) as u32).collect(),
-            mask: vec![true; shape.seq_len],
+            ids: (0..=seq_len).map(|_| rng.below(vocab) as u32).collect(),
+            mask: vec![true; seq_len],
             objective: Objective::Next,
         })
         .collect();
 
     let mut phases = [Duration::ZERO; 3];
     let mut best = Duration::MAX;
-    for step in 0..=shape.steps {
+    for step in 0..=steps {
         let t0 = Instant::now();
-        let (loss, _) = micro_loss(&model, &sequences, &cfg, &device)?;
+        let (loss, _) = micro_loss(&model, &sequences, train, &device)?;
         let t1 = Instant::now();
         let store = loss.backward()?;
         let t2 = Instant::now();
@@ -108,16 +155,16 @@ pub fn bench_shape(shape: &BenchShape) -> Result<BenchResult, Error> {
             continue; // warm-up: thread pools, allocator
         }
         for (p, d) in phases.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2]) {
-            *p += d / shape.steps as u32;
+            *p += d / steps as u32;
         }
         best = best.min(t3 - t0);
     }
-    let tokens = (shape.batch_size * shape.seq_len) as f64;
-    Ok(BenchResult {
-        shape: shape.clone(),
+    let tokens = (batch_size * seq_len) as f64;
+    Ok(BenchMeasure {
         params: config.param_count(),
-        flops_per_token: flops_per_token(&config, shape.seq_len),
-        tokens_per_s: tokens / best.as_secs_f64(),
+        flops_per_token: flops_per_token(config, seq_len),
+        // A step below the clock's resolution still gives a finite speed.
+        tokens_per_s: tokens / best.as_secs_f64().max(1e-9),
         phases,
     })
 }

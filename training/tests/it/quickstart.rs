@@ -1,10 +1,13 @@
 //! `quickstart`: the whole pipeline into a bundle that loads, carries its eval, and replaces an
-//! existing model only when asked; `export --eval-report` refuses a report of another checkpoint.
+//! existing model only when asked; sized for a time budget, it trains the shape and steps it
+//! chose; `export --eval-report` refuses a report of another checkpoint.
 
 use std::path::Path;
+use std::process::Command;
 
 use m31r_model::{Bundle, Precision};
 use m31r_train::Progress;
+use m31r_train::budget::{MIN_STEPS, TimeBudget};
 use m31r_train::export::{ExportOptions, export_with};
 use m31r_train::quickstart::{QuickstartError, QuickstartOptions, STAGES, quickstart};
 use m31r_train::train::TrainConfig;
@@ -31,6 +34,7 @@ fn options(tmp: &Path) -> QuickstartOptions {
         out: tmp.join("share").join("model"),
         force: false,
         config,
+        budget: None,
         eval_items: 3,
         eval_max_bytes: 4096,
         progress: Progress::hidden(),
@@ -124,4 +128,68 @@ fn export_refuses_an_eval_report_of_another_checkpoint() {
     let err = export(&tmp.path().join("nothing"));
     assert!(err.contains("nothing") && err.contains("run.json"), "{err}");
     assert!(!tmp.path().join("b").exists());
+}
+
+#[test]
+fn a_time_budget_trains_the_shape_and_steps_it_chose() {
+    let tmp = TempDir::new().unwrap();
+    // 10k parameters cannot hold the embedding at any width: that target is skipped. Six seconds
+    // give the 150k shape (≈ 10k tok/s in a debug build) several times the minimum steps.
+    let budget = TimeBudget { minutes: 0.1, ladder: vec![10_000, 150_000, 300_000] };
+    let opts = QuickstartOptions { budget: Some(budget), ..options(tmp.path()) };
+    let report = quickstart(&opts).expect("sized quickstart on the fixture");
+
+    let plan = report.plan.expect("a budget gives a plan");
+    assert_eq!(plan.rows.iter().map(|r| r.target_params).collect::<Vec<_>>(), [150_000, 300_000]);
+    assert!(plan.steps >= MIN_STEPS, "{}", plan.table());
+    assert!((plan.measure_s + plan.train_s - 6.0).abs() < 1e-9, "{}", plan.table());
+    assert!(plan.chosen_row().feasible());
+    // Trained exactly what was chosen: the steps, and the shape with the tokenizer's vocabulary.
+    assert_eq!(report.train.steps, plan.steps);
+    let bundle = Bundle::open(&opts.out).expect("the sized bundle loads");
+    assert_eq!(bundle.metadata().steps, plan.steps);
+    assert_eq!(bundle.config().to_raw(), plan.model);
+    assert_eq!(plan.model.vocab_size, 512);
+    assert!(plan.summary().starts_with(&format!("chose {} params", plan.chosen_row().params)));
+}
+
+#[test]
+fn a_bad_budget_is_refused_before_any_work() {
+    let tmp = TempDir::new().unwrap();
+    for minutes in [0.0, -2.0, f64::NAN] {
+        let budget = TimeBudget::minutes(minutes);
+        let opts = QuickstartOptions { budget: Some(budget), ..options(tmp.path()) };
+        let err = quickstart(&opts).unwrap_err().to_string();
+        assert!(err.contains(&format!("budget {minutes} min")) && err.contains("`train`"), "{err}");
+        assert!(!opts.work.exists());
+    }
+}
+
+#[test]
+fn the_cli_takes_minutes_or_steps_but_not_both() {
+    let tmp = TempDir::new().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_m31r-train"))
+            .arg("quickstart")
+            .args(args)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--minutes <M>") && help.contains("default: 6"), "{help}");
+    assert!(help.contains("--steps <N>") && !help.contains("1000"), "{help}");
+
+    for (args, says) in [
+        (&["--minutes", "5", "--steps", "10"][..], "cannot be used with"),
+        (&["--minutes", "0"][..], "not a positive number of minutes"),
+        (&["--minutes", "soon"][..], "not a positive number of minutes"),
+    ] {
+        let out = run(args);
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says) && stderr.contains("--minutes"), "{args:?}: {stderr}");
+    }
 }
