@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::eval::EvalReport;
 use crate::fsutil::read_json;
 use crate::train::checkpoint::{self, LoopState};
-use crate::train::{METRICS_FILE, RUN_FILE, RunSpec};
+use crate::train::{METRICS_FILE, RUN_FILE, RunSpec, read_run_spec};
 
 /// Optional outputs of [`export_with`].
 #[derive(Debug, Clone, Default)]
@@ -51,7 +51,7 @@ pub fn export_with(
             format!("is not a training run (no {RUN_FILE}); give the --run-dir `train` wrote"),
         ));
     }
-    let spec: RunSpec = read_json(&run_dir.join(RUN_FILE))?;
+    let spec = read_run_spec(&run_dir.join(RUN_FILE))?;
     let Some((_, ckpt)) = checkpoint::list(run_dir)?.pop() else {
         return Err(invalid(run_dir.to_path_buf(), "has no complete checkpoint to export".into()));
     };

@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use m31r_train::budget::TimeBudget;
+use m31r_train::config::OptimizerKind;
 use m31r_train::corpus::{CorpusOptions, build_corpus, default_registry_src};
 use m31r_train::eval::{EvalOptions, EvalReport, evaluate_bundle};
 use m31r_train::params::{ParamsQuery, params_report};
@@ -154,6 +155,9 @@ enum Command {
         /// Tokens per sequence [default: 256 for tiny, 512 for larger presets].
         #[arg(long)]
         seq_len: Option<usize>,
+        /// Optimizers to measure, a row each (`adamw`, `muon`).
+        #[arg(long, value_delimiter = ',', default_value = "adamw,muon", value_parser = parse_optimizer)]
+        optimizers: Vec<OptimizerKind>,
     },
     /// Evaluate a bundle on the test split: bits/byte beside xz -9 and zstd -19, and single-line
     /// completion (FIM and left to right) beside an n-gram baseline. See docs/eval.md.
@@ -242,6 +246,15 @@ enum Command {
         #[arg(long, value_name = "V")]
         vocab: Option<usize>,
     },
+}
+
+/// An optimizer name as `train.optimizer` spells it.
+fn parse_optimizer(name: &str) -> Result<OptimizerKind, String> {
+    match name {
+        "adamw" => Ok(OptimizerKind::Adamw),
+        "muon" => Ok(OptimizerKind::Muon),
+        other => Err(format!("unknown optimizer {other:?}: expected adamw or muon")),
+    }
 }
 
 fn main() -> Result<()> {
@@ -376,14 +389,16 @@ fn main() -> Result<()> {
                 println!("gguf {}", gguf.display());
             }
         }
-        Command::Bench { presets, steps, batch_size, seq_len } => {
+        Command::Bench { presets, steps, batch_size, seq_len, optimizers } => {
             let shapes: Vec<_> = presets
                 .iter()
-                .map(|p| {
+                .flat_map(|p| optimizers.iter().map(move |o| (p, o)))
+                .map(|(p, o)| {
                     let mut shape = BenchShape::default_for(p);
                     shape.steps = steps.unwrap_or(shape.steps);
                     shape.batch_size = batch_size.unwrap_or(shape.batch_size);
                     shape.seq_len = seq_len.unwrap_or(shape.seq_len);
+                    shape.optimizer = *o;
                     shape
                 })
                 .collect();

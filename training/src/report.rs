@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::Error;
-use crate::train::{METRICS_FILE, RUN_FILE, RunSpec};
+use crate::train::{METRICS_FILE, RUN_FILE, RunSpec, read_run_spec};
 
 /// Where `report` writes the picture unless told otherwise, inside the run directory.
 pub const DEFAULT_SVG: &str = "loss.svg";
@@ -180,9 +180,7 @@ impl RunSummary {
 /// and the picture's path.
 pub fn report(run_dir: &Path, out: Option<&Path>) -> Result<(RunSummary, PathBuf), Error> {
     let metrics = read_metrics(run_dir)?;
-    let spec: Option<RunSpec> = std::fs::read_to_string(run_dir.join(RUN_FILE))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok());
+    let spec = read_run_spec(&run_dir.join(RUN_FILE)).ok();
     let summary = RunSummary::new(&metrics, spec.as_ref());
     let title = format!("{} — {}", run_dir.display(), summary.model.as_deref().unwrap_or("run"));
     let svg = render_svg(&metrics, &title);

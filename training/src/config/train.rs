@@ -24,11 +24,6 @@ pub enum OptimizerKind {
     Muon,
 }
 
-/// What a run directory's `run.json` from before the `optimizer` key meant: AdamW.
-fn adamw() -> OptimizerKind {
-    OptimizerKind::Adamw
-}
-
 /// Hyper-parameters of the training loop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -53,9 +48,9 @@ pub struct TrainConfig {
     pub schedule: Schedule,
     /// Share of the steps spent decaying, for `wsd`.
     pub decay_fraction: f64,
-    /// `adamw`, or `muon` for the hidden matrices (AdamW for the rest). A config or `run.json`
-    /// without the key means `adamw`, what every run before the key trained with.
-    #[serde(default = "adamw")]
+    /// `muon` for the hidden matrices (AdamW for the rest; the default), or `adamw` for
+    /// everything. (A run directory's `run.json` written before the key existed is read as
+    /// `adamw`, which it trained with: see `train::read_run_spec`.)
     pub optimizer: OptimizerKind,
     /// Muon's peak learning rate (follows the schedule in proportion to `lr`).
     pub muon_lr: f64,
@@ -108,7 +103,7 @@ impl Default for TrainConfig {
             warmup_steps: 50,
             schedule: Schedule::Cosine,
             decay_fraction: 0.2,
-            optimizer: OptimizerKind::Adamw,
+            optimizer: OptimizerKind::Muon,
             muon_lr: 0.02,
             muon_momentum: 0.95,
             weight_decay: 0.1,

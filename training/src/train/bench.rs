@@ -28,6 +28,8 @@ pub struct BenchShape {
     pub seq_len: usize,
     /// Timed steps (after one warm-up step).
     pub steps: usize,
+    /// The optimizer stepping the weights.
+    pub optimizer: OptimizerKind,
 }
 
 impl BenchShape {
@@ -38,7 +40,13 @@ impl BenchShape {
             "tiny" => (8, 256, 5),
             _ => (2, 512, 2),
         };
-        Self { preset: preset.to_string(), batch_size, seq_len, steps }
+        Self {
+            preset: preset.to_string(),
+            batch_size,
+            seq_len,
+            steps,
+            optimizer: TrainConfig::default().optimizer,
+        }
     }
 }
 
@@ -94,7 +102,7 @@ pub fn bench_shape(shape: &BenchShape) -> Result<BenchResult, Error> {
     let train = TrainConfig {
         batch_size: shape.batch_size,
         seq_len: shape.seq_len,
-        optimizer: OptimizerKind::Adamw,
+        optimizer: shape.optimizer,
         ..TrainConfig::default()
     };
     let m = bench_config(&config, &train, shape.steps)?;
@@ -177,8 +185,9 @@ pub fn run(shapes: &[BenchShape]) -> Result<String, Error> {
         candle_core::utils::get_num_threads()
     );
     out.push_str(&format!(
-        "{:<7} {:>8} {:>10} {:>9} {:>9} {:>8} {:>10} {:>10} {:>10}\n",
+        "{:<7} {:>6} {:>8} {:>10} {:>9} {:>9} {:>8} {:>10} {:>10} {:>10}\n",
         "preset",
+        "optim",
         "params",
         "batch×seq",
         "tok/s",
@@ -192,8 +201,12 @@ pub fn run(shapes: &[BenchShape]) -> Result<String, Error> {
         let r = bench_shape(shape)?;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         out.push_str(&format!(
-            "{:<7} {:>7.1}M {:>10} {:>9.0} {:>9.1} {:>7.1}% {:>10.1} {:>10.1} {:>10.1}\n",
+            "{:<7} {:>6} {:>7.1}M {:>10} {:>9.0} {:>9.1} {:>7.1}% {:>10.1} {:>10.1} {:>10.1}\n",
             shape.preset,
+            match shape.optimizer {
+                OptimizerKind::Adamw => "adamw",
+                OptimizerKind::Muon => "muon",
+            },
             r.params as f64 / 1e6,
             format!("{}×{}", shape.batch_size, shape.seq_len),
             r.tokens_per_s,

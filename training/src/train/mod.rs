@@ -247,7 +247,7 @@ fn resolve_run(
 ) -> Result<RunSpec, Error> {
     let run_file = opts.run_dir.join(RUN_FILE);
     if opts.resume {
-        let stored: RunSpec = read_json(&run_file)?;
+        let stored = read_run_spec(&run_file)?;
         if stored.tokenizer_id != tokenizer_id || stored.dataset_id != dataset_id {
             return Err(invalid(
                 &run_file,
@@ -276,7 +276,7 @@ fn resolve_run(
         tokenizer_id: tokenizer_id.into(),
     };
     if run_file.exists() {
-        let stored: Result<RunSpec, _> = read_json(&run_file);
+        let stored = read_run_spec(&run_file);
         let same = stored.as_ref().is_ok_and(|s| *s == spec);
         if !opts.force {
             return Err(invalid(
@@ -296,6 +296,17 @@ fn resolve_run(
     let json = serde_json::to_vec_pretty(&spec).map_err(|e| invalid(&run_file, e.to_string()))?;
     crate::fsutil::write_atomic(&run_file, &json)?;
     Ok(spec)
+}
+
+/// Reads a run's `run.json`. One written before `train.optimizer` existed trained with AdamW, the
+/// only optimizer then, so a missing key is read as `adamw` (not as today's default) and such a
+/// run resumes as it began.
+pub fn read_run_spec(path: &Path) -> Result<RunSpec, Error> {
+    let mut value: serde_json::Value = read_json(path)?;
+    if let Some(train) = value.get_mut("train").and_then(|t| t.as_object_mut()) {
+        train.entry("optimizer").or_insert_with(|| serde_json::json!("adamw"));
+    }
+    serde_json::from_value(value).map_err(|e| invalid(path, e.to_string()))
 }
 
 fn device(name: &str) -> Result<Device, Error> {

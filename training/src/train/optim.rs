@@ -192,9 +192,6 @@ impl Optimizer {
     }
 }
 
-/// The former name of [`Optimizer`] (AdamW was the only rule).
-pub type AdamW = Optimizer;
-
 /// Gradients by variable name, summed over micro-batches, with a pending scale factor (clipping
 /// records it here and the optimiser applies it inside its update, saving a pass over memory).
 pub struct Grads {

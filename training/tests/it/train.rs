@@ -194,6 +194,16 @@ fn same_seed_same_curve_and_sigkill_resume_matches() {
     train(&options(&p.data(), &a, small(30))).unwrap();
     train(&options(&p.data(), &b, small(30))).unwrap();
     assert_eq!(curve(&a), curve(&b), "two runs with one seed differ");
+    // Runs train with Muon unless told otherwise; a run.json from before the key is AdamW's.
+    let spec = m31r_train::train::read_run_spec(&a.join("run.json")).unwrap();
+    assert_eq!(spec.train.optimizer, m31r_train::train::OptimizerKind::Muon);
+    let mut legacy: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(a.join("run.json")).unwrap()).unwrap();
+    legacy["train"].as_object_mut().unwrap().remove("optimizer");
+    let legacy_file = p.tmp.path().join("legacy-run.json");
+    fs::write(&legacy_file, legacy.to_string()).unwrap();
+    let spec = m31r_train::train::read_run_spec(&legacy_file).unwrap();
+    assert_eq!(spec.train.optimizer, m31r_train::train::OptimizerKind::Adamw);
 
     // The real binary, killed with SIGKILL after its first checkpoint, then resumed.
     let config = p.tmp.path().join("train.toml");
@@ -232,7 +242,7 @@ fn same_seed_same_curve_and_sigkill_resume_matches() {
 #[test]
 fn a_failed_checkpoint_write_leaves_the_previous_one_valid() {
     use m31r_train::train::checkpoint::{self, LoopState};
-    use m31r_train::train::optim::AdamW;
+    use m31r_train::train::optim::Optimizer;
     let p = pipeline();
     let run = p.tmp.path().join("run");
     train(&options(&p.data(), &run, small(10))).unwrap();
@@ -242,7 +252,7 @@ fn a_failed_checkpoint_write_leaves_the_previous_one_valid() {
         m31r_model::Tokenizer::from_file(p.data().join("tokenizer.json")).unwrap().vocab_size();
     let config = m31r_model::ModelConfig::new(&raw).unwrap();
     let (_, mut vars) = m31r_model::Model::init(&config, 1, &candle_core::Device::Cpu).unwrap();
-    let mut opt = AdamW::new(&vars, 0.9, 0.95, 1e-8).unwrap();
+    let mut opt = Optimizer::for_config(&vars, &small(10)).unwrap();
     // Something in the way of the temporary directory makes the write fail.
     fs::write(run.join("checkpoints/.step-00000020.tmp"), b"in the way").unwrap();
     let state = LoopState { step: 20, tokens_seen: 0, clipped_steps: 0 };
