@@ -110,12 +110,12 @@ pub struct EvalOptions {
 }
 
 impl EvalOptions {
-    /// The defaults: 200 lines, 256 KiB of test bytes, 4-gram on 4M train tokens.
+    /// The defaults: 400 lines, 256 KiB of test bytes, 4-gram on 4M train tokens.
     pub fn new(bundle: impl Into<PathBuf>, data: impl Into<PathBuf>) -> Self {
         Self {
             bundle: bundle.into(),
             data: data.into(),
-            items: 200,
+            items: 400,
             max_bytes: 256 * 1024,
             seed: 31,
             max_new_tokens: 64,
