@@ -448,8 +448,23 @@ impl QLinear {
     }
 }
 
+impl QLinear {
+    /// The training path's projection: on dense f32 CPU weights the kernels' [`linear`]
+    /// (GEMMs on their thread pool, backward included, no transposed copies), else [`Module::forward`].
+    ///
+    /// [`linear`]: m31r_kernels::train::linear
+    pub fn forward_train(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            QLinear::CpuF32(l) | QLinear::Dense(l) if l.bias().is_none() => {
+                m31r_kernels::train::linear(x, l.weight())
+            }
+            _ => self.forward(x),
+        }
+    }
+}
+
 impl Module for QLinear {
-    /// The differentiable projection (training) and the generic one: candle's matmul.
+    /// The generic projection: candle's matmul.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             QLinear::CpuF32(l) | QLinear::Dense(l) => l.forward(x),

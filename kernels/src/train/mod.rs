@@ -15,6 +15,7 @@ use candle_core::{DType, Tensor};
 
 mod adamw;
 mod cross_entropy;
+mod linear;
 mod muon;
 mod norm;
 mod rope;
@@ -23,6 +24,7 @@ mod swiglu;
 
 pub use adamw::{AdamWStep, adamw, sum_squares};
 pub use cross_entropy::cross_entropy;
+pub use linear::linear;
 pub use muon::{MuonStep, NEWTON_SCHULZ, NEWTON_SCHULZ_STEPS, muon, orthogonalize};
 pub use norm::rms_norm;
 pub use rope::rope;

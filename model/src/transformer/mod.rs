@@ -74,7 +74,7 @@ impl Path {
     /// kernels ([`QLinear::forward_infer`]) otherwise.
     fn project(self, linear: &QLinear, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Path::Train => linear.forward(x)?,
+            Path::Train => linear.forward_train(x)?,
             Path::Infer(_) => linear.forward_infer(x)?,
         })
     }
@@ -87,7 +87,7 @@ impl Path {
     ) -> Result<[Tensor; N]> {
         let ys = match self {
             Path::Train => {
-                linears.iter().map(|l| l.forward(x)).collect::<candle_core::Result<_>>()?
+                linears.iter().map(|l| l.forward_train(x)).collect::<candle_core::Result<_>>()?
             }
             Path::Infer(_) => QLinear::forward_infer_many(&linears, x)?,
         };
@@ -298,7 +298,7 @@ impl Model {
         for layer in &self.layers {
             x = layer.forward(&x, &self.rope, Path::Train, None)?;
         }
-        Ok(self.lm_head.forward(&self.norm.forward_train(&x)?)?)
+        Ok(self.lm_head.forward_train(&self.norm.forward_train(&x)?)?)
     }
 
     /// Inference forward of one chunk `(1, seq)` of ids that continue the sequence in `cache`;

@@ -1,0 +1,240 @@
+//! The training path's projections, `y = x Wᵀ`, and their backward pass (`dx = dy W`,
+//! `dW = dyᵀ x`) on the kernels' thread pool.
+//!
+//! candle's matmul runs the `gemm` crate on rayon's threads while every other kernel of the
+//! training step runs on this crate's pool, so the two sets of threads took turns spinning
+//! against each other; and its backward transposes `W` and `x` into fresh copies first. Here all
+//! three products read their operands in place through `gemm`'s strides: blocks of the output
+//! are shared out over the pool, each one a single-threaded GEMM. The blocking depends only on
+//! the shapes and the pool's size, never on the load, so results are bit-identical run to run.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+
+use super::fused;
+use crate::pool::{self, Out};
+use crate::storage::data;
+
+/// `x Wᵀ` for `x` `(.., k)` and `w` `(n, k)`: a linear layer without bias, differentiable in both.
+/// Composed candle ops off the CPU or for other dtypes (the reference of the tests).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !(fused(x) && fused(w)) {
+        return x.broadcast_matmul(&w.t()?);
+    }
+    x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
+}
+
+/// A row-major matrix operand of [`gemm_pool`], read through strides: element (i, j) is at
+/// `ptr + i·row + j·col`.
+#[derive(Clone, Copy)]
+struct Operand {
+    ptr: *const f32,
+    row: isize,
+    col: isize,
+}
+
+/// `c = a · b` for `a` (m × k) and `b` (k × n), `c` m × n row-major: blocks of `c`'s rows (or
+/// columns, when it is wider than tall) over the pool, each a single-threaded GEMM.
+fn gemm_pool(m: usize, n: usize, k: usize, a: Operand, b: Operand, c: &mut [f32]) {
+    debug_assert_eq!(c.len(), m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c.fill(0.0);
+        return;
+    }
+    let out = Out::new(c);
+    // Blocks of a multiple of 16 along the split side (the micro-kernels' width), two per thread
+    // so a slow thread is absorbed; small products run on this thread.
+    let by_rows = m >= n;
+    let side = if by_rows { m } else { n };
+    let blocks = pool::max_threads() * 2;
+    let width = side.div_ceil(blocks).div_ceil(16) * 16;
+    let inline = m * n * k < 1 << 16;
+    // Addresses and strides as plain numbers: the closure runs on the pool's threads.
+    let (a_ptr, b_ptr) = (a.ptr as usize, b.ptr as usize);
+    let (a_row, a_col, b_row, b_col) = (a.row, a.col, b.row, b.col);
+    pool::run(side.div_ceil(width), inline, |range| {
+        for block in range {
+            let first = block * width;
+            let len = width.min(side - first);
+            let (rows, cols) = if by_rows { (len, n) } else { (m, len) };
+            // SAFETY: `c` is m × n row-major and this block owns rows (or columns) first..first +
+            // len of it; `a` and `b` are read within the extents their strides describe, which
+            // the callers derive from contiguous tensors of the matching shapes.
+            unsafe {
+                let (a_ptr, b_ptr) = (a_ptr as *const f32, b_ptr as *const f32);
+                let (a_at, b_at, c_at) = if by_rows {
+                    (a_ptr.offset(first as isize * a_row), b_ptr, out.as_mut_ptr().add(first * n))
+                } else {
+                    (a_ptr, b_ptr.offset(first as isize * b_col), out.as_mut_ptr().add(first))
+                };
+                gemm::gemm(
+                    rows,
+                    cols,
+                    k,
+                    c_at,
+                    1,
+                    n as isize,
+                    false,
+                    a_at,
+                    a_col,
+                    a_row,
+                    b_at,
+                    b_col,
+                    b_row,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    });
+}
+
+/// Rows and width of a contiguous `(.., k)` input.
+fn rows_of(layout: &Layout) -> Result<(usize, usize)> {
+    let k =
+        *layout.dims().last().ok_or_else(|| candle_core::Error::Msg("linear: a scalar".into()))?;
+    Ok((layout.shape().elem_count() / k.max(1), k))
+}
+
+struct Linear;
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "m31r-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (data(s1, l1, self.name())?, data(s2, l2, self.name())?);
+        let (m, k) = rows_of(l1)?;
+        let (n, wk) = l2.shape().dims2()?;
+        if wk != k {
+            candle_core::bail!("linear: input {:?} against weight {:?}", l1.dims(), l2.dims());
+        }
+        let mut y = vec![0f32; m * n];
+        // x (m × k) row-major; Wᵀ (k × n): element (i, j) is W[j][i].
+        let a = Operand { ptr: x.as_ptr(), row: k as isize, col: 1 };
+        let b = Operand { ptr: w.as_ptr(), row: 1, col: k as isize };
+        gemm_pool(m, n, k, a, b, &mut y);
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().expect("rows_of checked the rank") = n;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = dy.apply_op2_no_bwd(w, &InputGrad)?;
+        let dw = dy.apply_op2_no_bwd(x, &WeightGrad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `dx = dy W`: `(.., n)` times `(n, k)`.
+struct InputGrad;
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "m31r-linear-dx"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (dy, w) = (data(s1, l1, self.name())?, data(s2, l2, self.name())?);
+        let (m, n) = rows_of(l1)?;
+        let (wn, k) = l2.shape().dims2()?;
+        if wn != n {
+            candle_core::bail!(
+                "linear dx: gradient {:?} against weight {:?}",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let mut dx = vec![0f32; m * k];
+        let a = Operand { ptr: dy.as_ptr(), row: n as isize, col: 1 };
+        let b = Operand { ptr: w.as_ptr(), row: k as isize, col: 1 };
+        gemm_pool(m, k, n, a, b, &mut dx);
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().expect("rows_of checked the rank") = k;
+        Ok((CpuStorage::F32(dx), Shape::from(dims)))
+    }
+}
+
+/// `dW = dyᵀ x`: `(.., n)` and `(.., k)` with the same rows, giving `(n, k)`.
+struct WeightGrad;
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "m31r-linear-dw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (dy, x) = (data(s1, l1, self.name())?, data(s2, l2, self.name())?);
+        let ((m, n), (xm, k)) = (rows_of(l1)?, rows_of(l2)?);
+        if xm != m {
+            candle_core::bail!("linear dW: gradient {:?} against input {:?}", l1.dims(), l2.dims());
+        }
+        let mut dw = vec![0f32; n * k];
+        // dyᵀ (n × m): element (i, j) is dy[j][i].
+        let a = Operand { ptr: dy.as_ptr(), row: 1, col: n as isize };
+        let b = Operand { ptr: x.as_ptr(), row: k as isize, col: 1 };
+        gemm_pool(n, k, m, a, b, &mut dw);
+        Ok((CpuStorage::F32(dw), Shape::from((n, k))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The kernel against candle's matmul in f64.
+
+    use super::*;
+    use crate::testing::{check, random};
+
+    #[test]
+    fn linear_matches_composed_in_value_and_gradients() {
+        // A batch of sequences (split by rows), a wide output (split by columns), odd sizes, and
+        // one too small for the pool.
+        for (x_shape, n) in [(vec![4, 70, 48], 40), (vec![9, 33], 200), (vec![3, 5], 7)] {
+            let k = *x_shape.last().unwrap();
+            let x = random(&x_shape, 1, 1.0);
+            let w = random(&[n, k], 2, 0.3);
+            check(&[x, w], |t| linear(&t[0], &t[1]).unwrap(), 2e-5);
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_run() {
+        let x = random(&[2, 300, 64], 3, 1.0);
+        let w = random(&[96, 64], 4, 0.2);
+        let a = linear(&x, &w).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = linear(&x, &w).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a, b);
+    }
+}
