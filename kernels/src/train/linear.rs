@@ -1,5 +1,6 @@
 //! The training path's projections, `y = x Wᵀ`, and their backward pass (`dx = dy W`,
-//! `dW = dyᵀ x`) on the kernels' thread pool.
+//! `dW = dyᵀ x`), and the batched products of attention (`q kᵀ`, `p v` per sequence and head),
+//! on the kernels' thread pool.
 //!
 //! candle's matmul runs the `gemm` crate on rayon's threads while every other kernel of the
 //! training step runs on this crate's pool, so the two sets of threads took turns spinning
@@ -210,6 +211,128 @@ impl CustomOp2 for WeightGrad {
     }
 }
 
+/// `a · b` (or `a · bᵀ` when `transpose_b`) for every matrix of a batch: `a` `(.., m, k)`, `b`
+/// `(.., k, n)` (or `(.., n, k)`), the leading dimensions equal; differentiable in both. The
+/// batch is shared out over the pool, one single-threaded GEMM per matrix. Composed candle ops
+/// off the CPU or for other dtypes.
+pub fn batched_matmul(a: &Tensor, b: &Tensor, transpose_b: bool) -> Result<Tensor> {
+    if !(fused(a) && fused(b)) {
+        return if transpose_b { a.matmul(&b.t()?) } else { a.matmul(b) };
+    }
+    a.contiguous()?.apply_op2(&b.contiguous()?, Batched { ta: false, tb: transpose_b })
+}
+
+/// `op(a) · op(b)` per batch matrix, where `op` transposes when its flag is set.
+struct Batched {
+    ta: bool,
+    tb: bool,
+}
+
+/// Batch size and the last two dimensions of a contiguous tensor of rank ≥ 2.
+fn matrices(layout: &Layout) -> Result<(usize, usize, usize)> {
+    let dims = layout.dims();
+    if dims.len() < 2 {
+        candle_core::bail!("batched matmul: {dims:?} is not a batch of matrices");
+    }
+    let (r, c) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    Ok((dims[..dims.len() - 2].iter().product(), r, c))
+}
+
+impl CustomOp2 for Batched {
+    fn name(&self) -> &'static str {
+        "m31r-batched-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (data(s1, l1, self.name())?, data(s2, l2, self.name())?);
+        let ((batch, ar, ac), (b_batch, br, bc)) = (matrices(l1)?, matrices(l2)?);
+        let (m, k) = if self.ta { (ac, ar) } else { (ar, ac) };
+        let (kb, n) = if self.tb { (bc, br) } else { (br, bc) };
+        if batch != b_batch
+            || k != kb
+            || l1.dims()[..l1.dims().len() - 2] != l2.dims()[..l2.dims().len() - 2]
+        {
+            candle_core::bail!(
+                "batched matmul: {:?}{} against {:?}{}",
+                l1.dims(),
+                if self.ta { "ᵀ" } else { "" },
+                l2.dims(),
+                if self.tb { "ᵀ" } else { "" }
+            );
+        }
+        // Row-major (r × c) storage read as op(·): element (i, j) at i·row + j·col.
+        let strides = |t: bool, c: usize| if t { (1, c as isize) } else { (c as isize, 1) };
+        let ((a_row, a_col), (b_row, b_col)) = (strides(self.ta, ac), strides(self.tb, bc));
+        let mut y = vec![0f32; batch * m * n];
+        let out = Out::new(&mut y);
+        let (a_ptr, b_ptr) = (a.as_ptr() as usize, b.as_ptr() as usize);
+        let inline = batch * m * n * k < 1 << 16;
+        pool::run(batch, inline, |range| {
+            for i in range {
+                // SAFETY: matrix i of each operand is the i-th block of ar·ac (bc·br) values,
+                // read within its extent; this item alone writes matrix i of the output.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        out.as_mut_ptr().add(i * m * n),
+                        1,
+                        n as isize,
+                        false,
+                        (a_ptr as *const f32).add(i * ar * ac),
+                        a_col,
+                        a_row,
+                        (b_ptr as *const f32).add(i * br * bc),
+                        b_col,
+                        b_row,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        });
+        let mut dims = l1.dims().to_vec();
+        let rank = dims.len();
+        (dims[rank - 2], dims[rank - 1]) = (m, n);
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _c: &Tensor,
+        dc: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // C = op(A)·op(B): dop(A) = dC·op(B)ᵀ and dop(B) = op(A)ᵀ·dC, each transposed back when
+        // the operand was read transposed.
+        let dc = dc.contiguous()?;
+        let (ta, tb) = (self.ta, self.tb);
+        let da = if ta {
+            b.apply_op2_no_bwd(&dc, &Batched { ta: tb, tb: true })?
+        } else {
+            dc.apply_op2_no_bwd(b, &Batched { ta: false, tb: !tb })?
+        };
+        let db = if tb {
+            dc.apply_op2_no_bwd(a, &Batched { ta: true, tb: ta })?
+        } else {
+            a.apply_op2_no_bwd(&dc, &Batched { ta: !ta, tb: false })?
+        };
+        Ok((Some(da), Some(db)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The kernel against candle's matmul in f64.
@@ -227,6 +350,37 @@ mod tests {
             let w = random(&[n, k], 2, 0.3);
             check(&[x, w], |t| linear(&t[0], &t[1]).unwrap(), 2e-5);
         }
+    }
+
+    #[test]
+    fn batched_matmul_matches_composed_in_value_and_gradients() {
+        for transpose_b in [false, true] {
+            let a = random(&[2, 3, 37, 16], 5, 1.0);
+            let b = if transpose_b {
+                random(&[2, 3, 29, 16], 6, 1.0)
+            } else {
+                random(&[2, 3, 16, 29], 6, 1.0)
+            };
+            check(&[a, b], |t| batched_matmul(&t[0], &t[1], transpose_b).unwrap(), 2e-5);
+        }
+        // The backward of a transposed first operand, through the op's own backward rules.
+        let a = random(&[4, 16, 9], 7, 1.0);
+        let b = random(&[4, 16, 11], 8, 1.0);
+        check(
+            &[a, b],
+            |t| {
+                if crate::train::fused(&t[0]) {
+                    t[0].apply_op2(&t[1], Batched { ta: true, tb: false }).unwrap()
+                } else {
+                    t[0].transpose(1, 2).unwrap().matmul(&t[1]).unwrap()
+                }
+            },
+            2e-5,
+        );
+        let err = batched_matmul(&random(&[2, 4, 5], 1, 1.0), &random(&[3, 5, 4], 2, 1.0), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[2, 4, 5]") && err.contains("[3, 5, 4]"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 use candle_core::{DType, Tensor};
 
 mod adamw;
+mod attention;
 mod cross_entropy;
 mod linear;
 mod muon;
@@ -23,8 +24,9 @@ mod softmax;
 mod swiglu;
 
 pub use adamw::{AdamWStep, adamw, sum_squares};
+pub use attention::causal_attention;
 pub use cross_entropy::cross_entropy;
-pub use linear::linear;
+pub use linear::{batched_matmul, linear};
 pub use muon::{MuonStep, NEWTON_SCHULZ, NEWTON_SCHULZ_STEPS, muon, orthogonalize};
 pub use norm::rms_norm;
 pub use rope::rope;

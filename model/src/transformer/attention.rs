@@ -154,10 +154,16 @@ pub(super) fn plain_attention(
     let q = q.transpose(1, 2)?.contiguous()?;
     let k = repeat_kv(&k.transpose(1, 2)?, n_heads / n_kv_heads)?;
     let v = repeat_kv(&v.transpose(1, 2)?, n_heads / n_kv_heads)?;
+    if differentiable {
+        // Training: one (sequence, head) at a time on the kernels' pool, no score tensors.
+        if start == 0 && kv_len == seq {
+            return Ok(train::causal_attention(&q, &k, &v, scale)?.transpose(1, 2)?);
+        }
+        let probs = train::causal_softmax(&train::batched_matmul(&q, &k, true)?, scale)?;
+        return Ok(train::batched_matmul(&probs, &v, false)?.transpose(1, 2)?);
+    }
     let scores = q.matmul(&k.t()?)?;
-    let probs = if differentiable {
-        train::causal_softmax(&scores, scale)?
-    } else {
+    let probs = {
         let scores = (scores * scale)?;
         let mask = causal_mask(seq, kv_len, start, q.dtype(), q.device())?;
         candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?
