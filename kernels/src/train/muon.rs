@@ -1,6 +1,7 @@
 //! Muon's update for one hidden matrix: Nesterov momentum, orthogonalised by a quintic
 //! Newton–Schulz iteration (Keller Jordan's Muon, as modded-nanogpt and nanochat use it for the
-//! 2-D weights of the transformer blocks), then scaled for the matrix's aspect ratio.
+//! 2-D weights of the transformer blocks), then scaled for the matrix's aspect ratio. Its cost is
+//! the iteration's matrix products, run on the kernels' pool.
 
 use candle_core::{Result, Tensor};
 
@@ -36,9 +37,10 @@ pub fn orthogonalize(g: &Tensor) -> Result<Tensor> {
     let mut x = x.broadcast_div(&(norm + 1e-7)?)?;
     let (a, b, c) = NEWTON_SCHULZ;
     for _ in 0..NEWTON_SCHULZ_STEPS {
-        let gram = x.matmul(&x.t()?)?;
-        let poly = ((&gram * b)? + (gram.matmul(&gram)? * c)?)?;
-        x = ((&x * a)? + poly.matmul(&x)?)?;
+        // The products on the kernels' pool (candle's matmul would run them on rayon's threads).
+        let gram = super::linear(&x, &x)?;
+        let poly = ((&gram * b)? + (super::batched_matmul(&gram, &gram, false)? * c)?)?;
+        x = ((&x * a)? + super::batched_matmul(&poly, &x, false)?)?;
     }
     if tall { x.t()?.contiguous() } else { Ok(x) }
 }
