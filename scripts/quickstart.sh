@@ -7,7 +7,7 @@
 # timings and daemon status, stop the daemon. Everything stays under $M31R_WORK (the subcommand
 # alone would write to the per-user model directory).
 #
-# Environment: M31R_MINUTES (training budget in minutes, measuring included; default 9, the
+# Environment: M31R_MINUTES (training budget in minutes, measuring included; default 10, the
 # CLI's DEFAULT_QUICKSTART_MINUTES), M31R_STEPS (instead: train the `tiny` preset for this many
 # steps, no sizing), M31R_WORK (default runs/quickstart), M31R_EVAL_ITEMS (masked lines in the
 # completion benchmark, default 100).
@@ -18,8 +18,8 @@ if [ -n "${M31R_STEPS:-}" ]; then
     length=(--steps "$M31R_STEPS")
     what="tiny, $M31R_STEPS steps"
 else
-    length=(--minutes "${M31R_MINUTES:-9}")
-    what="sized for ${M31R_MINUTES:-9} min"
+    length=(--minutes "${M31R_MINUTES:-10}")
+    what="sized for ${M31R_MINUTES:-10} min"
 fi
 work=${M31R_WORK:-runs/quickstart}
 bin=target/release

@@ -33,7 +33,7 @@ pub const MIN_STEPS: u64 = 50;
 pub const STEP_TIME_SHARE: f64 = 0.92;
 
 /// Timed steps per candidate, after one warm-up step; the fastest one counts.
-pub const TIMED_STEPS: usize = 2;
+pub const TIMED_STEPS: usize = 3;
 
 /// A loss fit of the form L(N, D) = E + A/N^α + B/D^β, N parameters and D training tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]

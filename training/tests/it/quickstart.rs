@@ -179,7 +179,7 @@ fn the_cli_takes_minutes_or_steps_but_not_both() {
     let out = run(&["--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    assert!(help.contains("--minutes <M>") && help.contains("default: 9"), "{help}");
+    assert!(help.contains("--minutes <M>") && help.contains("default: 10"), "{help}");
     assert!(help.contains("--steps <N>") && !help.contains("1000"), "{help}");
 
     for (args, says) in [
