@@ -273,20 +273,37 @@ impl CustomOp2 for Batched {
         let out = Out::new(&mut y);
         let (a_ptr, b_ptr) = (a.as_ptr() as usize, b.as_ptr() as usize);
         let inline = batch * m * n * k < 1 << 16;
-        pool::run(batch, inline, |range| {
-            for i in range {
+        // Items are (matrix, block of output rows): whole matrices when the batch alone keeps
+        // every thread busy, else row blocks (a multiple of 16) so that a lone matrix (Muon's
+        // Newton–Schulz products) is shared out too.
+        let wanted = pool::max_threads() * 2;
+        let block = if batch >= wanted {
+            m
+        } else {
+            m.div_ceil(wanted.div_ceil(batch)).div_ceil(16).max(1) * 16
+        }
+        .min(m.max(1));
+        let per_matrix = m.div_ceil(block).max(1);
+        pool::run(batch * per_matrix, inline, |range| {
+            for item in range {
+                let (i, first) = (item / per_matrix, (item % per_matrix) * block);
+                let rows = block.min(m - first);
+                if rows == 0 {
+                    continue;
+                }
                 // SAFETY: matrix i of each operand is the i-th block of ar·ac (bc·br) values,
-                // read within its extent; this item alone writes matrix i of the output.
+                // read within its extent (rows first.. of op(a) start first·a_row in); this item
+                // alone writes rows first..first + rows of matrix i of the output.
                 unsafe {
                     gemm::gemm(
-                        m,
+                        rows,
                         n,
                         k,
-                        out.as_mut_ptr().add(i * m * n),
+                        out.as_mut_ptr().add(i * m * n + first * n),
                         1,
                         n as isize,
                         false,
-                        (a_ptr as *const f32).add(i * ar * ac),
+                        (a_ptr as *const f32).add(i * ar * ac).offset(first as isize * a_row),
                         a_col,
                         a_row,
                         (b_ptr as *const f32).add(i * br * bc),
@@ -377,6 +394,10 @@ mod tests {
             },
             2e-5,
         );
+        // A lone matrix, shared out by row blocks.
+        let a = random(&[70, 24], 9, 1.0);
+        let b = random(&[24, 33], 10, 1.0);
+        check(&[a, b], |t| batched_matmul(&t[0], &t[1], false).unwrap(), 2e-5);
         let err = batched_matmul(&random(&[2, 4, 5], 1, 1.0), &random(&[3, 5, 4], 2, 1.0), false)
             .unwrap_err()
             .to_string();
