@@ -146,7 +146,9 @@ enum Command {
     /// Measure training throughput (tokens/s, achieved GFLOP/s as a share of this machine's f32
     /// matmul throughput, measured in the same run) of the real training step on preset shapes.
     Bench {
-        /// Presets to measure.
+        /// Presets to measure; `sized:N` measures the shape the quickstart's sizing solves for a
+        /// target of N parameters (e.g. `sized:1500000`, the 160×4 model the 10-minute budget
+        /// picked here).
         #[arg(long, value_delimiter = ',', default_value = "tiny,small")]
         presets: Vec<String>,
         /// Timed steps per preset [default: 5 for tiny, 2 for larger presets].
