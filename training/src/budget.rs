@@ -189,6 +189,25 @@ pub fn candidates(ladder: &[u64], vocab_size: usize) -> Result<Vec<Candidate>, B
     Ok(out)
 }
 
+/// Prefix of a bench row naming a sizing candidate instead of a preset: `sized:1500000` is the
+/// candidate for 1.5M parameters with `tiny`'s vocabulary (`m31r-train bench --presets`).
+pub const SIZED_PREFIX: &str = "sized:";
+
+/// The model a `sized:N` name stands for, or `None` when `name` lacks [`SIZED_PREFIX`]; the error
+/// names the value at fault.
+pub fn sized_config(name: &str) -> Option<Result<ModelConfig, String>> {
+    let target = name.strip_prefix(SIZED_PREFIX)?;
+    let Ok(params) = target.parse::<u64>() else {
+        return Some(Err(format!("{name}: {target:?} is not a parameter count")));
+    };
+    let vocab = Preset::ALL[0].spec.vocab_size;
+    Some(
+        candidates(&[params], vocab)
+            .map(|c| c[0].config.clone())
+            .map_err(|e| format!("{name}: {e}")),
+    )
+}
+
 /// The embedding share of the candidate with `target_params` parameters and a vocabulary of
 /// `vocab_size`: `tiny`'s 0.15 at its 2M and 2048, scaled by (2M / target)^(2/3) so that width
 /// and depth both grow as the cube root of the parameters and the candidates keep `tiny`'s
@@ -455,6 +474,20 @@ impl Plan {
         );
         let _ = writeln!(out, "{}", self.summary());
         out
+    }
+}
+
+#[cfg(test)]
+mod sized_tests {
+    use super::*;
+
+    #[test]
+    fn sized_names_are_the_sizing_candidates_and_bad_ones_are_named() {
+        let c = sized_config("sized:1500000").unwrap().unwrap();
+        assert_eq!(c, candidates(&[1_500_000], 2048).unwrap()[0].config);
+        assert!(sized_config("tiny").is_none());
+        let err = sized_config("sized:lots").unwrap().unwrap_err();
+        assert!(err.contains("lots"), "{err}");
     }
 }
 

@@ -399,14 +399,20 @@ fn main() -> Result<()> {
                 .iter()
                 .flat_map(|p| optimizers.iter().map(move |o| (p, o)))
                 .map(|(p, o)| {
-                    let mut shape = BenchShape::default_for(p);
+                    // A sizing candidate runs at tiny's batch; its model replaces the preset's.
+                    let sized = m31r_train::budget::sized_config(p).transpose()?;
+                    let mut shape =
+                        BenchShape::default_for(if sized.is_some() { "tiny" } else { p });
+                    shape.preset = p.clone();
+                    shape.config = sized;
                     shape.steps = steps.unwrap_or(shape.steps);
                     shape.batch_size = batch_size.unwrap_or(shape.batch_size);
                     shape.seq_len = seq_len.unwrap_or(shape.seq_len);
                     shape.optimizer = *o;
-                    shape
+                    Ok(shape)
                 })
-                .collect();
+                .collect::<Result<_, String>>()
+                .map_err(anyhow::Error::msg)?;
             print!("{}", m31r_train::train::bench::run(&shapes).context("training bench")?);
         }
         Command::Eval {

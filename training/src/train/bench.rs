@@ -20,9 +20,10 @@ use crate::error::Error;
 /// One shape to measure.
 #[derive(Debug, Clone)]
 pub struct BenchShape {
-    /// Model preset name (`tiny`, `small`, ...), or a sizing candidate (`sized:1500000`, see
-    /// [`SIZED_PREFIX`]).
+    /// Model preset name (`tiny`, `small`, ...), or the row's name when `config` is given.
     pub preset: String,
+    /// A model to measure instead of the preset's (e.g. a shape of the quickstart's sizing).
+    pub config: Option<ModelConfig>,
     /// Sequences per step.
     pub batch_size: usize,
     /// Tokens per sequence.
@@ -39,11 +40,11 @@ impl BenchShape {
     pub fn default_for(preset: &str) -> Self {
         let (batch_size, seq_len, steps) = match preset {
             "tiny" => (8, 256, 5),
-            sized if sized.starts_with(SIZED_PREFIX) => (8, 256, 5),
             _ => (2, 512, 2),
         };
         Self {
             preset: preset.to_string(),
+            config: None,
             batch_size,
             seq_len,
             steps,
@@ -97,28 +98,15 @@ pub struct BenchMeasure {
     pub phases: [Duration; 3],
 }
 
-/// Prefix of a [`BenchShape::preset`] naming a shape of the quickstart's sizing rather than a
-/// preset: `sized:1500000` is the candidate for 1.5M parameters (see [`crate::budget`]).
-pub const SIZED_PREFIX: &str = "sized:";
-
-/// The model a bench row names: a preset, or [`SIZED_PREFIX`] and a parameter target, solved as
-/// the quickstart's sizing solves its candidates (with `tiny`'s vocabulary).
-fn shape_config(name: &str) -> Result<ModelConfig, Error> {
-    let invalid = |reason: String| Error::Invalid { path: name.into(), reason };
-    let Some(target) = name.strip_prefix(SIZED_PREFIX) else {
-        return ModelConfig::preset(name).map_err(|e| invalid(e.to_string()));
-    };
-    let target: u64 =
-        target.parse().map_err(|_| invalid(format!("{target:?} is not a parameter count")))?;
-    let vocab = m31r_model::config::Preset::ALL[0].spec.vocab_size;
-    let candidates =
-        crate::budget::candidates(&[target], vocab).map_err(|e| invalid(e.to_string()))?;
-    Ok(candidates[0].config.clone())
-}
-
 /// Measures the training step at `shape`.
 pub fn bench_shape(shape: &BenchShape) -> Result<BenchResult, Error> {
-    let config = shape_config(&shape.preset)?;
+    let config = match &shape.config {
+        Some(config) => config.clone(),
+        None => ModelConfig::preset(&shape.preset).map_err(|e| Error::Invalid {
+            path: shape.preset.clone().into(),
+            reason: e.to_string(),
+        })?,
+    };
     let train = TrainConfig {
         batch_size: shape.batch_size,
         seq_len: shape.seq_len,
@@ -243,17 +231,6 @@ pub fn run(shapes: &[BenchShape]) -> Result<String, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sized_shapes_are_the_sizing_candidates_and_bad_names_are_named() {
-        let c = shape_config("sized:1500000").unwrap();
-        let expected = crate::budget::candidates(&[1_500_000], 2048).unwrap();
-        assert_eq!(c, expected[0].config);
-        assert_eq!(shape_config("tiny").unwrap(), ModelConfig::preset("tiny").unwrap());
-        let err = shape_config("sized:lots").unwrap_err().to_string();
-        assert!(err.contains("lots"), "{err}");
-        assert!(shape_config("huge").unwrap_err().to_string().contains("huge"));
-    }
 
     #[test]
     fn flops_count_matches_a_hand_count() {
