@@ -9,6 +9,50 @@ use crate::pool::{self, Out};
 /// large blocks, but more than one per thread to absorb a slow thread.
 const GEMM_BLOCKS_PER_THREAD: usize = 2;
 
+/// `c = alpha · a · b`, single-threaded, overwriting `c` (m × n, rows `c_row` apart): `a` (m × k)
+/// and `b` (k × n) are read through (row, column) strides, so transposed operands need no copy.
+/// The one call into the `gemm` crate that the training kernels and [`matmul_t`] share.
+///
+/// # Safety
+/// The operands must hold every element their strides reach, and `c` every element of its m
+/// rows of n; no other thread may write those elements of `c` meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_into(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    c_row: usize,
+    a: *const f32,
+    (a_row, a_col): (usize, usize),
+    b: *const f32,
+    (b_row, b_col): (usize, usize),
+    alpha: f32,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            c_row as isize,
+            false,
+            a,
+            a_col as isize,
+            a_row as isize,
+            b,
+            b_col as isize,
+            b_row as isize,
+            0.0,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// `y = x Wᵀ` for a CPU f32 input `(.., k)` of any length and a dense f32 weight `w` `(n, k)`
 /// given as rows: blocks of output columns are shared out over the kernels' thread pool, each one
 /// a single-threaded GEMM. (candle's own matmul runs GEMM on rayon's threads, which would compete
@@ -34,26 +78,15 @@ pub fn matmul_t(x: &Tensor, w: &[f32], n: usize) -> Result<Tensor> {
             // m × k row-major; rows first.. of w are the columns of Wᵀ (k × cols, read with
             // column stride k). All in bounds.
             unsafe {
-                gemm::gemm(
-                    m,
-                    cols,
-                    k,
+                gemm_into(
+                    (m, cols, k),
                     out.as_mut_ptr().add(first),
-                    1,
-                    n as isize,
-                    false,
+                    n,
                     xs.as_ptr(),
-                    1,
-                    k as isize,
+                    (k, 1),
                     w.as_ptr().add(first * k),
-                    k as isize,
-                    1,
-                    0.0,
+                    (1, k),
                     1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
             }
         }

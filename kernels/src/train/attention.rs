@@ -14,6 +14,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::fused;
+use crate::gemm::gemm_into;
 use crate::pool::{self, Out};
 use crate::storage::data;
 
@@ -39,48 +40,6 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
 
 struct Attention {
     scale: f32,
-}
-
-/// `c (m × n) = a · b` with `a`, `b` read through (row, column) strides, single-threaded.
-///
-/// # Safety
-/// The operands must hold the elements their strides reach; `c` must hold `m · n` values.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm1(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: *mut f32,
-    a: *const f32,
-    (a_row, a_col): (usize, usize),
-    b: *const f32,
-    (b_row, b_col): (usize, usize),
-    alpha: f32,
-) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c,
-            1,
-            n as isize,
-            false,
-            a,
-            a_col as isize,
-            a_row as isize,
-            b,
-            b_col as isize,
-            b_row as isize,
-            0.0,
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
 }
 
 /// Row `i` of the causal softmax of `scores` (`t × t`, row-major) in place: entries `0..=i` of
@@ -113,7 +72,7 @@ unsafe fn probabilities(
     p: &mut [f32],
 ) {
     // SAFETY: S = q kᵀ reads q (t × d) and k (t × d) as kᵀ (d × t); p holds t · t values.
-    unsafe { gemm1(t, t, d, p.as_mut_ptr(), q, (d, 1), k, (1, d), scale) };
+    unsafe { gemm_into((t, t, d), p.as_mut_ptr(), t, q, (d, 1), k, (1, d), scale) };
     causal_softmax_rows(p, t);
 }
 
@@ -151,7 +110,16 @@ impl CustomOp3 for Attention {
                         (vp as *const f32).add(at),
                     );
                     probabilities(q, k, t, d, scale, &mut p);
-                    gemm1(t, d, t, out.as_mut_ptr().add(at), p.as_ptr(), (t, 1), v, (d, 1), 1.0);
+                    gemm_into(
+                        (t, d, t),
+                        out.as_mut_ptr().add(at),
+                        d,
+                        p.as_ptr(),
+                        (t, 1),
+                        v,
+                        (d, 1),
+                        1.0,
+                    );
                 }
             }
         });
@@ -222,9 +190,9 @@ impl candle_core::CustomOp2 for AttentionBwd {
                     );
                     probabilities(q, k, t, d, scale, &mut p);
                     // dV = Pᵀ dO.
-                    gemm1(t, d, t, dv, p.as_ptr(), (1, t), d_o, (d, 1), 1.0);
+                    gemm_into((t, d, t), dv, d, p.as_ptr(), (1, t), d_o, (d, 1), 1.0);
                     // dP = dO vᵀ.
-                    gemm1(t, t, d, dp.as_mut_ptr(), d_o, (d, 1), v, (1, d), 1.0);
+                    gemm_into((t, t, d), dp.as_mut_ptr(), t, d_o, (d, 1), v, (1, d), 1.0);
                     // dS = P ∘ (dP − rowsum(P ∘ dP)), in place of dP (masked entries: P = 0).
                     for (prow, dprow) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
                         let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
@@ -233,8 +201,8 @@ impl candle_core::CustomOp2 for AttentionBwd {
                         }
                     }
                     // dQ = dS k·scale, dK = dSᵀ q·scale.
-                    gemm1(t, d, t, dq, dp.as_ptr(), (t, 1), k, (d, 1), scale);
-                    gemm1(t, d, t, dk, dp.as_ptr(), (1, t), q, (d, 1), scale);
+                    gemm_into((t, d, t), dq, d, dp.as_ptr(), (t, 1), k, (d, 1), scale);
+                    gemm_into((t, d, t), dk, d, dp.as_ptr(), (1, t), q, (d, 1), scale);
                 }
             }
         });

@@ -12,6 +12,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::fused;
+use crate::gemm::gemm_into;
 use crate::pool::{self, Out};
 use crate::storage::data;
 
@@ -29,8 +30,8 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 #[derive(Clone, Copy)]
 struct Operand {
     ptr: *const f32,
-    row: isize,
-    col: isize,
+    row: usize,
+    col: usize,
 }
 
 /// `c = a · b` for `a` (m × k) and `b` (k × n), `c` m × n row-major: blocks of `c`'s rows (or
@@ -66,30 +67,19 @@ fn gemm_pool(m: usize, n: usize, k: usize, a: Operand, b: Operand, c: &mut [f32]
             unsafe {
                 let (a_ptr, b_ptr) = (a_ptr as *const f32, b_ptr as *const f32);
                 let (a_at, b_at, c_at) = if by_rows {
-                    (a_ptr.offset(first as isize * a_row), b_ptr, out.as_mut_ptr().add(first * n))
+                    (a_ptr.add(first * a_row), b_ptr, out.as_mut_ptr().add(first * n))
                 } else {
-                    (a_ptr, b_ptr.offset(first as isize * b_col), out.as_mut_ptr().add(first))
+                    (a_ptr, b_ptr.add(first * b_col), out.as_mut_ptr().add(first))
                 };
-                gemm::gemm(
-                    rows,
-                    cols,
-                    k,
+                gemm_into(
+                    (rows, cols, k),
                     c_at,
-                    1,
-                    n as isize,
-                    false,
+                    n,
                     a_at,
-                    a_col,
-                    a_row,
+                    (a_row, a_col),
                     b_at,
-                    b_col,
-                    b_row,
-                    0.0,
+                    (b_row, b_col),
                     1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
                 );
             }
         }
@@ -125,8 +115,8 @@ impl CustomOp2 for Linear {
         }
         let mut y = vec![0f32; m * n];
         // x (m × k) row-major; Wᵀ (k × n): element (i, j) is W[j][i].
-        let a = Operand { ptr: x.as_ptr(), row: k as isize, col: 1 };
-        let b = Operand { ptr: w.as_ptr(), row: 1, col: k as isize };
+        let a = Operand { ptr: x.as_ptr(), row: k, col: 1 };
+        let b = Operand { ptr: w.as_ptr(), row: 1, col: k };
         gemm_pool(m, n, k, a, b, &mut y);
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().expect("rows_of checked the rank") = n;
@@ -173,8 +163,8 @@ impl CustomOp2 for InputGrad {
             );
         }
         let mut dx = vec![0f32; m * k];
-        let a = Operand { ptr: dy.as_ptr(), row: n as isize, col: 1 };
-        let b = Operand { ptr: w.as_ptr(), row: k as isize, col: 1 };
+        let a = Operand { ptr: dy.as_ptr(), row: n, col: 1 };
+        let b = Operand { ptr: w.as_ptr(), row: k, col: 1 };
         gemm_pool(m, k, n, a, b, &mut dx);
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().expect("rows_of checked the rank") = k;
@@ -204,8 +194,8 @@ impl CustomOp2 for WeightGrad {
         }
         let mut dw = vec![0f32; n * k];
         // dyᵀ (n × m): element (i, j) is dy[j][i].
-        let a = Operand { ptr: dy.as_ptr(), row: 1, col: n as isize };
-        let b = Operand { ptr: x.as_ptr(), row: k as isize, col: 1 };
+        let a = Operand { ptr: dy.as_ptr(), row: 1, col: n };
+        let b = Operand { ptr: x.as_ptr(), row: k, col: 1 };
         gemm_pool(n, k, m, a, b, &mut dw);
         Ok((CpuStorage::F32(dw), Shape::from((n, k))))
     }
@@ -267,7 +257,7 @@ impl CustomOp2 for Batched {
             );
         }
         // Row-major (r × c) storage read as op(·): element (i, j) at i·row + j·col.
-        let strides = |t: bool, c: usize| if t { (1, c as isize) } else { (c as isize, 1) };
+        let strides = |t: bool, c: usize| if t { (1, c) } else { (c, 1) };
         let ((a_row, a_col), (b_row, b_col)) = (strides(self.ta, ac), strides(self.tb, bc));
         let mut y = vec![0f32; batch * m * n];
         let out = Out::new(&mut y);
@@ -295,26 +285,15 @@ impl CustomOp2 for Batched {
                 // read within its extent (rows first.. of op(a) start first·a_row in); this item
                 // alone writes rows first..first + rows of matrix i of the output.
                 unsafe {
-                    gemm::gemm(
-                        rows,
-                        n,
-                        k,
+                    gemm_into(
+                        (rows, n, k),
                         out.as_mut_ptr().add(i * m * n + first * n),
-                        1,
-                        n as isize,
-                        false,
-                        (a_ptr as *const f32).add(i * ar * ac).offset(first as isize * a_row),
-                        a_col,
-                        a_row,
+                        n,
+                        (a_ptr as *const f32).add(i * ar * ac + first * a_row),
+                        (a_row, a_col),
                         (b_ptr as *const f32).add(i * br * bc),
-                        b_col,
-                        b_row,
-                        0.0,
+                        (b_row, b_col),
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
                     );
                 }
             }
