@@ -9,11 +9,19 @@ For each bundle that `m31r bench` measured, loads `<bundle>.gguf` with llama-cpp
 3. prints one table: M31R and llama.cpp side by side, each beside the physical bounds that
    `m31r bench` measured in the same run (f32 matmul FLOP/s, memory bandwidth).
 
-Usage: llamacpp_bench.py RESULTS.json [--threads N] [--reps N]
+With --load N (issue 18) it then measures llama.cpp's keystroke step and decode per token five
+times quiet and five times with N CPU-bound competitor processes (the busy loop `m31r bench
+--load` uses), and prints its worst loaded run over its quiet median beside M31R's, which the
+same `m31r bench --load N` wrote to RESULTS.json earlier in the run.
+
+Usage: llamacpp_bench.py RESULTS.json [--threads N] [--reps N] [--load N [--load-reps R]]
 """
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
 import sys
 import time
 
@@ -82,13 +90,72 @@ def bench(llm, ids, prefill_n, decode_ctx, decode_steps, reps):
         prefill = min(prefill, time.perf_counter() - t)
     decode = float("inf")
     for _ in range(reps):
-        llm.reset()
-        llm.eval(ids[:decode_ctx])
+        decode = min(decode, decode_ms(llm, ids, decode_ctx, decode_steps))
+    return prefill_n / prefill, decode
+
+
+def decode_ms(llm, ids, ctx, steps):
+    """Mean ms per single-token step over `steps` steps after `ctx` tokens of context."""
+    llm.reset()
+    llm.eval(ids[:ctx])
+    t = time.perf_counter()
+    for tok in ids[ctx : ctx + steps]:
+        llm.eval([tok])
+    return (time.perf_counter() - t) / steps * 1e3
+
+
+def keystroke_ms(llm, ids, ctx, keystrokes):
+    """Median ms of `keystrokes` single-token steps at `ctx` tokens of cached context: what a
+    keystroke costs llama.cpp's forward (M31R's keystroke also encodes the prompt and samples)."""
+    llm.reset()
+    llm.eval(ids[:ctx])
+    times = []
+    for tok in ids[ctx : ctx + keystrokes]:
         t = time.perf_counter()
-        for tok in ids[decode_ctx : decode_ctx + decode_steps]:
-            llm.eval([tok])
-        decode = min(decode, (time.perf_counter() - t) / decode_steps)
-    return prefill_n / prefill, decode * 1e3
+        llm.eval([tok])
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+# The same busy loop as `m31r bench --load` (cli/src/bench/mod.rs, `Load::LOOP`): it polls
+# this script's pid and ends once the script is gone.
+LOOP = 'parent=$1; while kill -0 "$parent" 2>/dev/null; do i=0; while [ $i -lt 5000 ]; do i=$((i+1)); done; done'
+
+
+def start_load(n):
+    return [subprocess.Popen(["sh", "-c", LOOP, "sh", str(os.getpid())],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL) for _ in range(n)]
+
+
+def stop_load(procs):
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.wait()
+
+
+def load_rows(llm, r, ids, reps, load):
+    """llama.cpp's keystroke step and decode per token, `reps` runs quiet and then `reps` runs
+    with `load` competitor processes; each run as M31R's bench worker measures them."""
+    steps = max(8, r["decode_tokens"] - 1)
+    decode_ctx = max(1, int(r["decode_context"] - steps / 2))
+    steps = min(steps, r["context"] - decode_ctx - 1)
+    key_ctx = min(r["keystroke"]["prompt_tokens"], r["context"] - 16)
+    runs = {}
+    for phase in ("quiet", "loaded"):
+        procs = start_load(load) if phase == "loaded" else []
+        try:
+            runs[phase] = [(keystroke_ms(llm, ids, key_ctx, 12), decode_ms(llm, ids, decode_ctx, steps))
+                           for _ in range(reps)]
+        finally:
+            stop_load(procs)
+    return runs
+
+
+def ratio_line(what, quiet, loaded):
+    q, w = statistics.median(quiet), max(loaded)
+    return f"{what:<28} {q:>8.1f} ms {statistics.median(loaded):>8.1f} ms {w:>8.1f} ms {w / q:>6.1f}×"
 
 
 def main():
@@ -96,13 +163,17 @@ def main():
     ap.add_argument("results")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--load", type=int, default=0,
+                    help="also measure with N CPU-bound competitor processes (issue 18): llama.cpp's "
+                         "worst loaded run over its quiet median, beside M31R's from RESULTS.json")
+    ap.add_argument("--load-reps", type=int, default=5, help="runs quiet and loaded with --load")
     args = ap.parse_args()
     doc = json.load(open(args.results))
     threads = args.threads or doc["threads"]
     gflops, bw = doc["matmul_gflops"], doc["bandwidth_gbs"]
     print(f"llama-cpp-python {llama_cpp.__version__}, {threads} threads; machine (measured by "
           f"m31r bench in this run): f32 matmul {gflops:.1f} GFLOP/s, memory {bw:.1f} GB/s")
-    rows, all_ok = [], True
+    rows, all_ok, load_tables = [], True, []
     for run in doc["runs"]:
         r, bundle = run["report"], run["bundle"]
         cases = json.load(open(bundle + ".parity.json"))
@@ -121,6 +192,8 @@ def main():
         decode_ctx = max(1, int(r["decode_context"] - steps / 2))
         steps = min(steps, r["context"] - decode_ctx - 1)
         tps, ms = bench(llm, ids, prefill_n, decode_ctx, steps, args.reps)
+        if args.load:
+            load_tables.append((run, load_rows(llm, r, ids, args.load_reps, args.load)))
         del llm
         ours_tps = prefill_n * 1e3 / r["prefill"]["prefill_ms"]
         prefill_bound = gflops * 1e9 / (2 * r["params"])
@@ -136,6 +209,25 @@ def main():
     print("prefill bound = f32 matmul FLOP/s ÷ (2·params) (attention not counted); decode bound = "
           "(weight bytes at the precision + f16 KV bytes at the decode context) ÷ memory bandwidth. "
           "Both keep the KV cache in f16.")
+    if load_tables:
+        print()
+        print(f"under load: {args.load} CPU-bound competitor processes; {args.load_reps} quiet and "
+              f"{args.load_reps} loaded runs of each engine (M31R's from RESULTS.json, measured by "
+              "m31r bench earlier in this run)")
+        print(f"{'':<28} {'quiet med':>11} {'loaded med':>11} {'loaded WORST':>11} {'worst/quiet':>7}")
+        for run, runs in load_tables:
+            print(run["name"])
+            for i, what in ((0, "keystroke"), (1, "decode per token")):
+                print("  " + ratio_line(f"llama.cpp {what}", [x[i] for x in runs["quiet"]],
+                                        [x[i] for x in runs["loaded"]]))
+                if run.get("loaded_runs"):
+                    get = (lambda rep: rep["keystroke"]["first_ms"]) if i == 0 else \
+                          (lambda rep: rep["decode_ms_per_token"])
+                    print("  " + ratio_line(f"M31R {what}", [get(x) for x in run["quiet_runs"]],
+                                            [get(x) for x in run["loaded_runs"]]))
+        print("keystroke: llama.cpp's is one single-token step at M31R's keystroke context (median of "
+              "12); M31R's is submit to first event. worst/quiet = the worst loaded run over the "
+              "quiet median.")
     if not all_ok:
         print("PARITY MISMATCH: the numbers above may not compare the same model", file=sys.stderr)
         sys.exit(1)

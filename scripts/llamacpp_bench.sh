@@ -9,8 +9,9 @@
 # Usage: scripts/llamacpp_bench.sh [OUT_DIR] [extra m31r bench flags, e.g. --quick, --load N]
 #
 # With --load N (issue 18), `m31r bench` measures each model quiet and with N CPU-bound
-# competitor processes, and llama.cpp is measured again with the same N competitors running
-# (shell busy loops started and stopped here), in the same run.
+# competitor processes, and then llama.cpp is measured the same way (the same busy loops,
+# started and stopped by llamacpp_bench.py), in the same run: each engine's worst loaded run
+# over its quiet median, side by side.
 # Env: M31R_LLAMACPP_VENV (default ~/.cache/m31r/llamacpp-venv), THREADS (default: all cores),
 #      PRESETS (default tiny,small), PRECISIONS (default f32,f16,q8_0,q4_0).
 set -euo pipefail
@@ -39,19 +40,4 @@ mkdir -p "$out"
 RAYON_NUM_THREADS=$threads target/release/m31r bench \
     --presets "${PRESETS:-tiny,small}" --precisions "${PRECISIONS:-f32,f16,q8_0,q4_0}" \
     --keep "$out" --gguf --json "$out/m31r.json" "$@"
-"$venv/bin/python" scripts/llamacpp_bench.py "$out/m31r.json" --threads "$threads"
-if [ "$load" -gt 0 ]; then
-    competitors=()
-    stop_load() { [ ${#competitors[@]} -gt 0 ] && kill "${competitors[@]}" 2>/dev/null; wait 2>/dev/null || true; }
-    trap stop_load EXIT INT TERM
-    for _ in $(seq "$load"); do
-        sh -c 'parent=$PPID; while kill -0 "$parent" 2>/dev/null; do i=0; while [ $i -lt 5000 ]; do i=$((i+1)); done; done' &
-        competitors+=($!)
-    done
-    echo
-    echo "llama.cpp with $load CPU-bound competitor processes running (M31R's columns below are its"
-    echo "quiet first run; its loaded figures are in the load tables of m31r bench above):"
-    "$venv/bin/python" scripts/llamacpp_bench.py "$out/m31r.json" --threads "$threads" --reps 5
-    stop_load
-    competitors=()
-fi
+"$venv/bin/python" scripts/llamacpp_bench.py "$out/m31r.json" --threads "$threads" --load "$load"
