@@ -13,7 +13,11 @@ use m31r_model::config::{ModelConfig, Preset, RawModelConfig};
 use m31r_model::params::SolverSpec;
 
 use crate::config::TrainConfig;
-use crate::error::Error;
+use m31r_model::tokenizer::Tokenizer;
+
+use crate::error::{Error, require_stage};
+use crate::tok::TOKENIZER_FILE;
+use crate::train::TrainOptions;
 use crate::train::bench::bench_config;
 
 /// Parameter targets of the candidate shapes, smallest first; 2M solves to the `tiny` shape (see
@@ -110,6 +114,9 @@ pub enum BudgetError {
         /// The error.
         source: Error,
     },
+    /// The data directory's tokenizer, whose vocabulary the candidates take, cannot be read.
+    #[error("sizing needs the tokenizer of the data directory: {0}")]
+    Tokenizer(Error),
     /// Even the fastest candidate cannot run [`MIN_STEPS`] steps in the time left.
     #[error(
         "a training budget of {minutes} min is too short: after {measure_s:.1} s of measuring, \
@@ -410,6 +417,26 @@ pub fn plan(
     })?;
     let tokens_per_step = (train.batch_size * train.grad_accum * train.seq_len) as u64;
     choose(budget.minutes, started.elapsed().as_secs_f64(), tokens_per_step, &measured)
+}
+
+/// Sizes the run `opts` describes for `budget` (`m31r-train train --minutes`): measures the
+/// candidates at the run's batch shape with the vocabulary of the tokenizer in its data
+/// directory, then sets the run's shape and steps to the plan's, which it returns. Nothing else
+/// of the run changes (its schedule's warm-up and decay are in steps of the new total).
+pub fn size_run(
+    opts: &mut TrainOptions,
+    budget: &TimeBudget,
+    log: bool,
+) -> Result<Plan, BudgetError> {
+    let path = opts.data.join(TOKENIZER_FILE);
+    require_stage(&path, &opts.data, TOKENIZER_FILE, "tokenizer")
+        .map_err(BudgetError::Tokenizer)?;
+    let tokenizer =
+        Tokenizer::from_file(&path).map_err(|e| BudgetError::Tokenizer(Error::from(e)))?;
+    let plan = plan(budget, tokenizer.vocab_size(), &opts.train, log)?;
+    opts.train.steps = plan.steps;
+    opts.shape = Some(plan.model.clone());
+    Ok(plan)
 }
 
 impl Plan {

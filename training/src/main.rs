@@ -107,6 +107,21 @@ enum Command {
         /// Override train.steps.
         #[arg(long)]
         steps: Option<u64>,
+        /// Size the run to a training budget of M minutes, measuring included: as `quickstart
+        /// --minutes` does, measures the training step of candidate shapes at the config's batch
+        /// shape and trains the one with the lowest predicted loss for the time, for as many
+        /// steps as fit (instead of the config's model and steps). Prints what it chose and why.
+        #[arg(long, value_name = "M", conflicts_with_all = ["steps", "resume"], value_parser = positive_minutes)]
+        minutes: Option<f64>,
+        /// Parameter targets of the candidate shapes for --minutes, comma-separated (tests).
+        #[arg(
+            long,
+            value_name = "N,N,...",
+            value_delimiter = ',',
+            requires = "minutes",
+            hide = true
+        )]
+        ladder: Option<Vec<u64>>,
         /// Override train.lr.
         #[arg(long)]
         lr: Option<f64>,
@@ -329,6 +344,8 @@ fn main() -> Result<()> {
             resume,
             force,
             steps,
+            minutes,
+            ladder,
             lr,
             batch_size,
             seq_len,
@@ -342,7 +359,7 @@ fn main() -> Result<()> {
             train.seq_len = seq_len.unwrap_or(train.seq_len);
             train.seed = seed.unwrap_or(train.seed);
             install_interrupt_handler();
-            let opts = TrainOptions {
+            let mut opts = TrainOptions {
                 data,
                 run_dir: run_dir.clone(),
                 model: config.model,
@@ -351,6 +368,19 @@ fn main() -> Result<()> {
                 resume,
                 force,
                 progress,
+            };
+            let plan = match minutes {
+                Some(minutes) => {
+                    let budget = match ladder {
+                        Some(ladder) => TimeBudget { minutes, ladder },
+                        None => TimeBudget::minutes(minutes),
+                    };
+                    let plan = m31r_train::budget::size_run(&mut opts, &budget, true)
+                        .with_context(|| format!("sizing training run {}", run_dir.display()))?;
+                    eprint!("{}", plan.table());
+                    Some(plan)
+                }
+                None => None,
             };
             let s = m31r_train::train::train(&opts)
                 .with_context(|| format!("training run {}", run_dir.display()))?;
@@ -364,6 +394,9 @@ fn main() -> Result<()> {
             );
             if let Some((loss, bpb)) = s.validation {
                 println!("validation loss {loss:.4} nats/token · {bpb:.4} bits/byte");
+            }
+            if let Some(plan) = plan {
+                println!("{}", plan.summary());
             }
         }
         Command::Export { run_dir, data, out, quantize, gguf, eval_report } => {

@@ -298,3 +298,63 @@ fn bad_input_is_refused_with_a_clear_error() {
         train(&options(&p.data(), &p.tmp.path().join("other"), small(5))).unwrap_err().to_string();
     assert!(err.contains("tokenizer"), "{err}");
 }
+
+#[test]
+fn train_minutes_sizes_the_run_and_trains_what_it_chose() {
+    let p = pipeline();
+    let run = p.tmp.path().join("run");
+    let config = crate::common::fixtures().join("test.toml");
+    let m31r_train = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_m31r-train"))
+            .args(["train", "--data", p.data().to_str().unwrap(), "--run-dir"])
+            .arg(&run)
+            .args(["--config", config.to_str().unwrap(), "--batch-size", "4", "--seq-len", "64"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // 10k parameters cannot hold the embedding at any width: that target is skipped.
+    let out = m31r_train(&["--minutes", "0.1", "--ladder", "10000,150000,300000"]);
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("sizing for 0.1 min") && stderr.contains("at 4×64 tokens"), "{stderr}");
+    // It trained the steps and the shape it chose, and said so.
+    let chose = stdout.lines().find(|l| l.starts_with("chose ")).expect("the choice is printed");
+    let steps: u64 =
+        chose.split(" for ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(steps >= m31r_train::budget::MIN_STEPS, "{chose}");
+    assert!(stdout.starts_with(&format!("steps {steps} ·")), "{stdout}");
+    let spec: serde_json::Value =
+        serde_json::from_slice(&fs::read(run.join("run.json")).unwrap()).unwrap();
+    assert_eq!(spec["train"]["steps"], steps);
+    assert_eq!(spec["model"]["vocab_size"], 512);
+    let shape = format!("({}×{})", spec["model"]["d_model"], spec["model"]["n_layers"]);
+    assert!(chose.contains(&shape), "{chose} vs {shape}");
+
+    // A budget replaces the step count and cannot resize a run being resumed.
+    for (extra, says) in [
+        (&["--minutes", "1", "--steps", "10"][..], "cannot be used with"),
+        (&["--minutes", "1", "--resume"][..], "cannot be used with"),
+        (&["--ladder", "150000"][..], "--minutes"),
+        (&["--minutes", "0"][..], "not a positive number of minutes"),
+    ] {
+        let out = m31r_train(extra);
+        assert!(!out.status.success(), "{extra:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{extra:?}: {stderr}");
+    }
+    // Sizing needs the tokenizer: the error names the data directory and the stage to run.
+    let empty = p.tmp.path().join("empty");
+    fs::create_dir_all(&empty).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_m31r-train"))
+        .args(["train", "--data", empty.to_str().unwrap(), "--minutes", "1", "--run-dir"])
+        .arg(p.tmp.path().join("run2"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("empty") && stderr.contains("tokenizer"),
+        "{stderr}"
+    );
+}
