@@ -67,6 +67,8 @@ enum Command {
 }
 
 fn main() {
+    // SAFETY: the first statement of main: no other thread exists yet.
+    unsafe { m31r_model::machine::park_idle_candle_threads() };
     if let Err(e) = run() {
         eprintln!("m31r: {e:#}");
         std::process::exit(1);

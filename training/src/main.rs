@@ -278,6 +278,8 @@ fn parse_optimizer(name: &str) -> Result<OptimizerKind, String> {
 }
 
 fn main() -> Result<()> {
+    // SAFETY: the first statement of main: no other thread exists yet.
+    unsafe { m31r_model::machine::park_idle_candle_threads() };
     let cli = Cli::parse();
     m31r_model::machine::keep_freed_memory();
     let progress = Progress::stderr();

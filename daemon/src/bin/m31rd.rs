@@ -76,6 +76,8 @@ struct Args {
 }
 
 fn main() {
+    // SAFETY: the first statement of main: no other thread exists yet.
+    unsafe { m31r_model::machine::park_idle_candle_threads() };
     if let Err(e) = run() {
         eprintln!("m31rd: {e:#}");
         std::process::exit(1);
