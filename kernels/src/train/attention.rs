@@ -48,12 +48,7 @@ fn causal_softmax_rows(scores: &mut [f32], t: usize) {
     for (i, row) in scores.chunks_exact_mut(t).enumerate() {
         let (seen, masked) = row.split_at_mut(i + 1);
         let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for x in seen.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
+        let inv = 1.0 / crate::vec::exp_shifted(seen, max);
         seen.iter_mut().for_each(|x| *x *= inv);
         masked.fill(0.0);
     }

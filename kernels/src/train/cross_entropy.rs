@@ -30,10 +30,12 @@ struct CrossEntropy {
     targets: Arc<Vec<u32>>,
 }
 
-/// `log Σ exp(row)`, computed stably.
-fn log_sum_exp(row: &[f32]) -> f32 {
+/// `exp(row − max(row))` into `out` (the row's length), with the vector `exp`; returns the row's
+/// max and the sum of `out`: `log Σ exp(row)` is `max + ln(sum)`, and `out / sum` its softmax.
+fn exp_from_max(row: &[f32], out: &mut [f32]) -> (f32, f32) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+    out.copy_from_slice(row);
+    (max, crate::vec::exp_shifted(out, max))
 }
 
 impl CustomOp1 for CrossEntropy {
@@ -50,9 +52,11 @@ impl CustomOp1 for CrossEntropy {
         pool::row_blocks(n, |_, rows| {
             // SAFETY: blocks are disjoint rows.
             let nll = unsafe { out.part(rows.clone()) };
+            let mut scratch = vec![0f32; vocab];
             for (r, v) in rows.zip(nll) {
                 let row = &logits[r * vocab..][..vocab];
-                *v = log_sum_exp(row) - row[self.targets[r] as usize];
+                let (max, sum) = exp_from_max(row, &mut scratch);
+                *v = max + sum.ln() - row[self.targets[r] as usize];
             }
         });
         Ok((CpuStorage::F32(nll), Shape::from(n)))
@@ -91,10 +95,9 @@ impl CustomOp2 for CrossEntropyBwd {
             for (r, dr) in rows.clone().zip(d.chunks_exact_mut(vocab)) {
                 // d nll / d logits = softmax − one_hot(target), scaled by the incoming gradient.
                 let row = &logits[r * vocab..][..vocab];
-                let lse = log_sum_exp(row);
-                for (dv, lv) in dr.iter_mut().zip(row) {
-                    *dv = g[r] * (lv - lse).exp();
-                }
+                let (_, sum) = exp_from_max(row, dr);
+                let scale = g[r] / sum;
+                dr.iter_mut().for_each(|dv| *dv *= scale);
                 dr[self.targets[r] as usize] -= g[r];
             }
         });
