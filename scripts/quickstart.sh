@@ -10,7 +10,7 @@
 # Environment: M31R_MINUTES (training budget in minutes, measuring included; default 10, the
 # CLI's DEFAULT_QUICKSTART_MINUTES), M31R_STEPS (instead: train the `tiny` preset for this many
 # steps, no sizing), M31R_WORK (default runs/quickstart), M31R_EVAL_ITEMS (masked lines in the
-# completion benchmark, default 100).
+# completion benchmark, default 400).
 # An existing bundle in $M31R_WORK/bundle is reused; delete it to retrain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +35,7 @@ if [ ! -f "$work/bundle/checksum.txt" ]; then
         inputs=(.)
     fi
     step "m31r-train quickstart: corpus, tokenizer, prepare, train ($what), eval, export"
-    "$bin/m31r-train" quickstart "${inputs[@]}" "${length[@]}" --eval-items "${M31R_EVAL_ITEMS:-100}" \
+    "$bin/m31r-train" quickstart "${inputs[@]}" "${length[@]}" --eval-items "${M31R_EVAL_ITEMS:-400}" \
         --work "$work/work" --out "$work/bundle" --force
 fi
 step "verify the bundle's checksums"

@@ -96,6 +96,16 @@ pub struct BenchMeasure {
     pub tokens_per_s: f64,
     /// Mean time per timed step in forward + loss, backward, and gradient clip + optimizer step.
     pub phases: [Duration; 3],
+    /// Tokens per step.
+    pub tokens_per_step: usize,
+}
+
+impl BenchMeasure {
+    /// Trained tokens per second over the mean timed step (what a run of many steps sees).
+    pub fn mean_tokens_per_s(&self) -> f64 {
+        let step = self.phases.iter().sum::<Duration>().as_secs_f64();
+        self.tokens_per_step as f64 / step.max(1e-9)
+    }
 }
 
 /// Measures the training step at `shape`.
@@ -182,6 +192,7 @@ pub fn bench_config(
         // A step below the clock's resolution still gives a finite speed.
         tokens_per_s: tokens / best.as_secs_f64().max(1e-9),
         phases,
+        tokens_per_step: batch_size * seq_len,
     })
 }
 
