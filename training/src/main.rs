@@ -22,11 +22,11 @@ const DEFAULT_DATA: &str = "runs/data";
 
 /// Training budget of `quickstart` with the built-in tiny config, in minutes, measuring the
 /// candidate shapes included (see `m31r_train::budget`). On 2 idle cores a fresh clone's release
-/// build took 3 min 34 s – 3 min 45 s and the other stages (corpus, tokenizer, shards, eval,
-/// export) about 35 s; training ended 10–25 % inside its budget (the speeds measured over a few
-/// steps came out below the training's), and the whole of scripts/quickstart.sh took 11 min 34 s
-/// with a 9-minute budget, so 10 keeps it within 15 minutes. The `quickstart` help text,
-/// scripts/quickstart.sh and README.md repeat this number.
+/// build took 3 min 34 s – 3 min 45 s and the other stages (corpus, tokenizer, shards, a
+/// 400-line eval, export, the daemon check) about 50 s; with a 10-minute budget the whole of
+/// scripts/quickstart.sh took 13 min 23 s (training ended 54 s inside its budget; see
+/// `STEP_TIME_SHARE` there), within the 15 minutes it is meant to fit. The `quickstart` help
+/// text, scripts/quickstart.sh and README.md repeat this number.
 const DEFAULT_QUICKSTART_MINUTES: f64 = 10.0;
 
 /// M31R's training pipeline. The data stages run in order on one data directory:
