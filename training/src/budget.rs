@@ -11,10 +11,9 @@ use std::time::Instant;
 
 use m31r_model::config::{ModelConfig, Preset, RawModelConfig};
 use m31r_model::params::SolverSpec;
-
-use crate::config::TrainConfig;
 use m31r_model::tokenizer::Tokenizer;
 
+use crate::config::TrainConfig;
 use crate::error::{Error, require_stage};
 use crate::tok::TOKENIZER_FILE;
 use crate::train::TrainOptions;
