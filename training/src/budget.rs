@@ -36,7 +36,10 @@ pub const MIN_STEPS: u64 = 50;
 /// transforms, validation passes, checkpoints, logs). Calibrated on the 10-minute quickstart of
 /// a fresh clone (2026-11-29): its 1.0M-parameter run trained at 0.87 of the bench's best-step
 /// speed overall and overran its 600 s by 34 s at the 0.92 used before; at 0.85 of the mean
-/// timed step it ends within the budget.
+/// timed step it ends within the budget. It is generous for long runs: the 2-hour CPU recipe
+/// (3.0M parameters, 12452 steps) ran at 0.95 of the mean timed step with about 15 s of
+/// validation and checkpoints, and ended 12 minutes inside its 120. A fixed reserve plus a
+/// larger share would fit both budgets; it has not been measured on both yet.
 pub const STEP_TIME_SHARE: f64 = 0.85;
 
 /// Timed steps per candidate, after one warm-up step; their mean speed counts.
