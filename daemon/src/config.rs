@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::engine::EngineConfig;
 use crate::server::ConnectionLimits;
 
-use m31r_model::ModelConfig;
 pub use m31r_model::Precision;
+use m31r_model::{DeviceSpec, ModelConfig};
 use m31r_protocol::socket::default_socket_path;
 
 /// Everything `m31rd` can be configured with.
@@ -28,6 +28,10 @@ pub struct DaemonConfig {
     /// own. A dense bundle served quantized is quantized at start-up; a quantized bundle is
     /// served only at its own precision.
     pub precision: Option<Precision>,
+    /// Device the model runs on: `cpu` (default) or `cuda[:N]` (a binary built with the `cuda`
+    /// feature, see scripts/cuda-build.sh).
+    #[serde(default)]
+    pub device: DeviceSpec,
     /// Memory budget in MiB for the weights plus the prefix cache; a model that would exceed it
     /// is refused at start-up with the quantized variants that fit. 0 = no limit.
     pub memory_budget_mb: usize,
@@ -113,6 +117,7 @@ impl Default for DaemonConfig {
             bundle: None,
             socket: None,
             precision: None,
+            device: DeviceSpec::Cpu,
             // The serving spec's ceiling (8 GB of accelerator memory), applied to RAM on a CPU.
             memory_budget_mb: 8192,
             threads: 0,
@@ -137,6 +142,7 @@ const ENV_KEYS: &[&str] = &[
     "bundle",
     "socket",
     "precision",
+    "device",
     "memory_budget_mb",
     "threads",
     "queue_len",
@@ -297,6 +303,21 @@ mod tests {
         assert!(err.to_string().contains("enable"), "{err}");
         let err = resolve("[daemon.http]\nbind = \"localhost\"\n").unwrap_err();
         assert!(err.to_string().contains("bind"), "{err}");
+    }
+
+    #[test]
+    fn device_defaults_to_the_cpu_and_takes_cuda_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("m31r.toml");
+        std::fs::write(&file, "[daemon]\n").unwrap();
+        let c = DaemonConfig::resolve(Some(&file), Flags { threads: None }).unwrap();
+        assert_eq!(c.device, DeviceSpec::Cpu);
+        std::fs::write(&file, "[daemon]\ndevice = \"cuda:1\"\n").unwrap();
+        let c = DaemonConfig::resolve(Some(&file), Flags { threads: None }).unwrap();
+        assert_eq!(c.device, DeviceSpec::Cuda(1));
+        std::fs::write(&file, "[daemon]\ndevice = \"gpu\"\n").unwrap();
+        let err = DaemonConfig::resolve(Some(&file), Flags { threads: None }).unwrap_err();
+        assert!(err.to_string().contains("\"gpu\""), "{err}");
     }
 
     #[test]

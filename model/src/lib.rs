@@ -5,6 +5,7 @@
 pub mod bundle;
 pub mod config;
 pub mod demo;
+pub mod device;
 pub mod fim;
 pub mod gguf;
 pub mod machine;
@@ -20,6 +21,7 @@ pub mod weights;
 
 pub use bundle::{Bundle, BundleError, BundleInfo, BundleMetadata, write_bundle};
 pub use config::{ConfigError, ModelConfig, Preset, RawModelConfig};
+pub use device::{DeviceError, DeviceSpec};
 pub use params::{ParamTable, SolverSpec, solve};
 pub use quant::Precision;
 pub use sampling::{Sampler, SamplingParams};

@@ -454,11 +454,18 @@ impl QLinear {
     ///
     /// [`linear`]: m31r_kernels::train::linear
     pub fn forward_train(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_train_in(x, x.dtype())
+    }
+
+    /// [`QLinear::forward_train`] computed in `compute`: `x` and the weight are cast to it (a
+    /// no-op where they are in it already), so the weight's gradient comes back in its own dtype.
+    pub fn forward_train_in(&self, x: &Tensor, compute: DType) -> candle_core::Result<Tensor> {
+        let x = x.to_dtype(compute)?;
         match self {
             QLinear::CpuF32(l) | QLinear::Dense(l) if l.bias().is_none() => {
-                m31r_kernels::train::linear(x, l.weight())
+                m31r_kernels::train::linear(&x, &l.weight().to_dtype(compute)?)
             }
-            _ => self.forward(x),
+            _ => self.forward(&x),
         }
     }
 }

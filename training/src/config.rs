@@ -13,7 +13,7 @@ use crate::error::{Error, Result, invalid, io_err};
 
 pub mod train;
 
-pub use train::{OptimizerKind, Schedule, TrainConfig};
+pub use train::{OptimizerKind, Schedule, TrainConfig, TrainPrecision};
 
 /// The shipped configs, embedded so the binary works from any directory: one per model preset
 /// it is named after, plus `cpu` (the tiny shape trained for the best model a 2-core CPU makes in

@@ -77,6 +77,9 @@ pub enum Error {
     /// The model could not be built.
     #[error(transparent)]
     Model(#[from] m31r_model::ModelError),
+    /// `train.device` cannot be opened: the binary lacks CUDA or the machine the GPU.
+    #[error("train.{0}")]
+    Device(#[from] m31r_model::DeviceError),
     /// A run directory has no training metrics to report on.
     #[error(
         "{}: no training metrics (metrics.jsonl is missing or has no step logged); \

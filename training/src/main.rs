@@ -209,6 +209,9 @@ enum Command {
         /// Write the JSON report here.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+        /// Device: cpu, cuda or cuda:N (a CUDA build, see scripts/cuda-build.sh).
+        #[arg(long, default_value = "cpu")]
+        device: m31r_model::DeviceSpec,
     },
     /// Draw a run's training and validation curves (SVG) and print its summary.
     Report {
@@ -461,8 +464,10 @@ fn main() -> Result<()> {
             ngram_order,
             ngram_tokens,
             out,
+            device,
         } => {
             let opts = EvalOptions {
+                device,
                 items,
                 max_bytes,
                 seed,

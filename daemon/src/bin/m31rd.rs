@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use candle_core::Device;
 use clap::Parser;
 use m31r_daemon::config::{DaemonConfig, check_memory_budget};
 use m31r_daemon::engine::Engine;
@@ -42,6 +41,10 @@ struct Args {
     #[arg(long, value_parser = ["f32", "f16", "q8_0", "q4_0", "q4_k"])]
     #[serde(skip_serializing_if = "Option::is_none")]
     precision: Option<String>,
+    /// Device: cpu, cuda or cuda:N (needs a binary built with the `cuda` feature) [default: cpu].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<String>,
     /// Compute threads (0 = all cores): a cap; fewer are used while other processes keep the
     /// cores busy (M31R_ADAPTIVE_THREADS=0: always this many).
     #[arg(long)]
@@ -148,6 +151,7 @@ fn run() -> anyhow::Result<()> {
         );
     };
 
+    let device = config.device.open()?;
     let started = Instant::now();
     let bundle = Bundle::open(&bundle_dir)
         .with_context(|| format!("cannot load bundle {}", bundle_dir.display()))?;
@@ -161,7 +165,7 @@ fn run() -> anyhow::Result<()> {
     .map_err(anyhow::Error::msg)
     .with_context(|| format!("refusing to serve {}", bundle_dir.display()))?;
     let model = bundle
-        .model_at(precision, &Device::Cpu)
+        .model_at(precision, &device)
         .with_context(|| format!("cannot build the model from {}", bundle_dir.display()))?;
     let info = ModelInfo {
         version: bundle.metadata().model_version.clone(),

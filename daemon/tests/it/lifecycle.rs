@@ -127,3 +127,34 @@ fn print_config_shows_resolved_layers_and_rejects_unknown_keys() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("queue_length"));
 }
+
+#[test]
+fn a_gpu_device_is_refused_naming_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("m31r.toml");
+    std::fs::write(&file, "[daemon]\n").unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_m31rd"))
+            .args(args)
+            .arg("--config")
+            .arg(&file)
+            .arg("--bundle")
+            .arg(dir.path())
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // Refused before the bundle is read: a CPU build names the missing feature, a CUDA build on
+    // a machine without a GPU names the device.
+    for err in [run(&["--device", "cuda"], &[]), run(&[], &[("M31R_DEVICE", "cuda:0")])] {
+        assert!(err.contains("cuda:0"), "{err}");
+        assert!(
+            err.contains("built without CUDA support") || err.contains("no usable CUDA device"),
+            "{err}"
+        );
+    }
+    let err = run(&["--device", "tpu"], &[]);
+    assert!(err.contains("\"tpu\"") && err.contains("cuda:N"), "{err}");
+}

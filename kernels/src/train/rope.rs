@@ -11,6 +11,8 @@ use crate::storage::data;
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if !fused(x) {
         let (_, seq, _, dim) = x.dims4()?;
+        // The tables may be f32 under a bf16 `x` (mixed precision): rotate in `x`'s dtype.
+        let (cos, sin) = (&cos.to_dtype(x.dtype())?, &sin.to_dtype(x.dtype())?);
         let cos = Tensor::cat(&[cos, cos], D::Minus1)?.reshape((1, seq, 1, dim))?;
         let sin = Tensor::cat(&[sin, sin], D::Minus1)?.reshape((1, seq, 1, dim))?;
         let first = x.narrow(D::Minus1, 0, dim / 2)?;

@@ -1,6 +1,6 @@
 //! Scaled causal softmax of attention scores, and its backward pass.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 
 use super::fused;
 use crate::pool::{self, Out};
@@ -14,6 +14,11 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
     let (seq, kv_len) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
     if kv_len < seq {
         candle_core::bail!("causal_softmax: {seq} queries but only {kv_len} keys");
+    }
+    if matches!(scores.dtype(), DType::BF16 | DType::F16) {
+        // Half-precision scores (mixed precision) are normalised in f32, as under an autocast:
+        // exponentials of bf16 logits lose the small probabilities. On a CPU this is the kernel.
+        return causal_softmax(&scores.to_dtype(DType::F32)?, scale)?.to_dtype(scores.dtype());
     }
     if !fused(scores) {
         let start = kv_len - seq;

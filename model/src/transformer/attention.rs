@@ -89,7 +89,7 @@ impl Attention {
         let k = k.reshape((batch, seq, self.n_kv_heads, self.head_dim))?;
         let v = v.reshape((batch, seq, self.n_kv_heads, self.head_dim))?;
         let (q, k) = match path {
-            Path::Train => (rope.apply_train(&q, start)?, rope.apply_train(&k, start)?),
+            Path::Train(_) => (rope.apply_train(&q, start)?, rope.apply_train(&k, start)?),
             Path::Infer(_) => (rope.apply_fused(&q, start)?, rope.apply_fused(&k, start)?),
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
@@ -131,7 +131,7 @@ impl Attention {
             Path::Infer(AttentionKernel::Plain) => {
                 plain_attention(&q, &k, &v, scale, start, false)?
             }
-            Path::Train => plain_attention(&q, &k, &v, scale, start, true)?,
+            Path::Train(_) => plain_attention(&q, &k, &v, scale, start, true)?,
         };
         path.project(&self.o_proj, &y.reshape((batch, seq, self.n_heads * self.head_dim))?)
     }

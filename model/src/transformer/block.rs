@@ -103,12 +103,15 @@ impl Block {
         cache: Option<(&KvCache, usize)>,
     ) -> Result<Tensor> {
         let norm = |n: &RmsNorm, x: &Tensor| match path {
-            Path::Train => n.forward_train(x),
+            Path::Train(_) => n.forward_train(x),
             Path::Infer(_) => n.forward_fused(x),
         };
-        let h =
-            (x + self.self_attn.forward(&norm(&self.input_layernorm, x)?, rope, path, cache)?)?;
-        Ok((&h + self.mlp.forward(&norm(&self.post_attention_layernorm, &h)?, path)?)?)
+        // Under mixed precision the sublayers return the compute dtype; the residual stream
+        // keeps the weights' (a no-op cast otherwise).
+        let attn = self.self_attn.forward(&norm(&self.input_layernorm, x)?, rope, path, cache)?;
+        let h = (x + attn.to_dtype(x.dtype())?)?;
+        let mlp = self.mlp.forward(&norm(&self.post_attention_layernorm, &h)?, path)?;
+        Ok((&h + mlp.to_dtype(h.dtype())?)?)
     }
 
     /// [`Block::forward`] for one token on plain slices (the CPU decode step, see

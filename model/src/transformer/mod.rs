@@ -65,7 +65,9 @@ pub enum AttentionKernel {
 /// Whether the ops on a path must be differentiable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
-    Train,
+    /// The differentiable forward, its projections, attention and SwiGLU computed in this dtype
+    /// (the weights' own, or bf16 for mixed precision: see [`Model::forward_train_in`]).
+    Train(DType),
     Infer(AttentionKernel),
 }
 
@@ -74,7 +76,7 @@ impl Path {
     /// kernels ([`QLinear::forward_infer`]) otherwise.
     fn project(self, linear: &QLinear, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Path::Train => linear.forward_train(x)?,
+            Path::Train(compute) => linear.forward_train_in(x, compute)?,
             Path::Infer(_) => linear.forward_infer(x)?,
         })
     }
@@ -86,8 +88,13 @@ impl Path {
         x: &Tensor,
     ) -> Result<[Tensor; N]> {
         let ys = match self {
-            Path::Train => {
-                linears.iter().map(|l| l.forward_train(x)).collect::<candle_core::Result<_>>()?
+            Path::Train(compute) => {
+                // One cast of the shared input, not one per projection.
+                let x = x.to_dtype(compute)?;
+                linears
+                    .iter()
+                    .map(|l| l.forward_train_in(&x, compute))
+                    .collect::<candle_core::Result<_>>()?
             }
             Path::Infer(_) => QLinear::forward_infer_many(&linears, x)?,
         };
@@ -292,13 +299,25 @@ impl Model {
     /// Differentiable forward over a batch `(batch, seq)` of token ids from position 0; returns
     /// logits `(batch, seq, vocab)`. Uses only ops with a backward pass.
     pub fn forward_train(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward_train_in(ids, self.dtype())
+    }
+
+    /// [`Model::forward_train`] in mixed precision: the projections (LM head included), attention
+    /// and SwiGLU run in `compute` (bf16 on a GPU), on copies of the weights cast per call, while
+    /// the weights themselves, the residual stream, the norms, the softmax and the returned logits
+    /// stay in the weights' dtype (f32), as under an autocast. Gradients flow back through the
+    /// casts, so they arrive in the weights' dtype and an f32 optimizer keeps f32 master weights
+    /// and moments. `compute` equal to the weights' dtype is [`Model::forward_train`].
+    pub fn forward_train_in(&self, ids: &Tensor, compute: DType) -> Result<Tensor> {
         let (_, seq) = ids.dims2()?;
         self.check_len(seq)?;
+        let path = Path::Train(compute);
         let mut x = self.embed_tokens.forward(ids)?;
         for layer in &self.layers {
-            x = layer.forward(&x, &self.rope, Path::Train, None)?;
+            x = layer.forward(&x, &self.rope, path, None)?;
         }
-        Ok(self.lm_head.forward_train(&self.norm.forward_train(&x)?)?)
+        let logits = path.project(&self.lm_head, &self.norm.forward_train(&x)?)?;
+        Ok(logits.to_dtype(x.dtype())?)
     }
 
     /// Inference forward of one chunk `(1, seq)` of ids that continue the sequence in `cache`;

@@ -24,6 +24,30 @@ pub enum OptimizerKind {
     Muon,
 }
 
+/// Arithmetic of the training step (`train.precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainPrecision {
+    /// f32 throughout (the CPU's: it has no fast bf16 arithmetic).
+    #[default]
+    F32,
+    /// Mixed precision: bf16 matmuls, attention and SwiGLU over f32 master weights, f32
+    /// optimizer moments, and an f32 residual stream, norms, softmax and loss
+    /// ([`m31r_model::Model::forward_train_in`]). bf16 has f32's exponent range, so no loss
+    /// scaling is needed. For GPUs; correct but slow on a CPU.
+    Bf16,
+}
+
+impl TrainPrecision {
+    /// The dtype the forward's matmuls run in.
+    pub fn compute_dtype(self) -> candle_core::DType {
+        match self {
+            TrainPrecision::F32 => candle_core::DType::F32,
+            TrainPrecision::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
 /// Hyper-parameters of the training loop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -86,8 +110,10 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Checkpoints kept; older ones are pruned after a newer one is complete.
     pub keep_checkpoints: usize,
-    /// `cpu`, or `cuda` (needs `--features cuda`).
+    /// `cpu`, or `cuda[:N]` (a binary built with the `cuda` feature: scripts/cuda-build.sh).
     pub device: String,
+    /// `f32`, or `bf16` mixed precision (see [`TrainPrecision`]).
+    pub precision: TrainPrecision,
 }
 
 impl Default for TrainConfig {
@@ -122,6 +148,7 @@ impl Default for TrainConfig {
             checkpoint_every: 200,
             keep_checkpoints: 3,
             device: "cpu".into(),
+            precision: TrainPrecision::F32,
         }
     }
 }
@@ -173,8 +200,8 @@ impl TrainConfig {
                 return Err(format!("train.{key} = {v} must be ≥ 0"));
             }
         }
-        if !matches!(self.device.as_str(), "cpu" | "cuda") {
-            return Err(format!("train.device = {:?}: expected \"cpu\" or \"cuda\"", self.device));
+        if let Err(e) = self.device.parse::<m31r_model::DeviceSpec>() {
+            return Err(format!("train.{e}"));
         }
         Ok(())
     }

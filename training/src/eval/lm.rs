@@ -2,6 +2,8 @@
 //! predictor over the inference forward with a KV cache (for the completion benchmark), the same
 //! forward and cache the daemon decodes with.
 
+use std::time::Instant;
+
 use candle_core::{D, DType, IndexOp, Tensor};
 use m31r_model::transformer::{KvCache, Model};
 
@@ -51,12 +53,27 @@ pub fn document_nats(model: &Model, eot: u32, doc: &[u32]) -> Result<f64, EvalEr
 pub struct ModelPredictor<'a> {
     model: &'a Model,
     cache: KvCache,
+    /// Time spent in prompts and in single-token steps, each ending with the argmax on the host.
+    pub speed: DecodeSpeed,
+}
+
+/// Where a predictor's time went: prompt processing (prefill) and one-token decode steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DecodeSpeed {
+    /// Prompt tokens processed.
+    pub prefill_tokens: u64,
+    /// Seconds spent on them.
+    pub prefill_s: f64,
+    /// Tokens decoded one at a time.
+    pub decode_tokens: u64,
+    /// Seconds spent on them.
+    pub decode_s: f64,
 }
 
 impl<'a> ModelPredictor<'a> {
     /// A predictor with a cache sized for `capacity` tokens (it grows on demand).
     pub fn new(model: &'a Model, capacity: usize) -> Result<Self, EvalError> {
-        Ok(Self { model, cache: model.new_cache(capacity)? })
+        Ok(Self { model, cache: model.new_cache(capacity)?, speed: DecodeSpeed::default() })
     }
 
     fn argmax(logits: &Tensor) -> Result<u32, EvalError> {
@@ -68,6 +85,7 @@ impl Predictor for ModelPredictor<'_> {
     type Error = EvalError;
 
     fn start(&mut self, prompt: &[u32]) -> Result<u32, EvalError> {
+        let t = Instant::now();
         self.cache.clear();
         let mut last = None;
         for chunk in prompt.chunks(CHUNK) {
@@ -76,12 +94,19 @@ impl Predictor for ModelPredictor<'_> {
             last = Some(logits.i((0, chunk.len() - 1))?);
         }
         let last = last.ok_or_else(|| EvalError::Usage("empty prompt".into()))?;
-        Self::argmax(&last)
+        let next = Self::argmax(&last)?;
+        self.speed.prefill_tokens += prompt.len() as u64;
+        self.speed.prefill_s += t.elapsed().as_secs_f64();
+        Ok(next)
     }
 
     fn push(&mut self, token: u32) -> Result<u32, EvalError> {
+        let t = Instant::now();
         let ids = Tensor::new(&[token], self.model.device())?.unsqueeze(0)?;
         let logits = self.model.forward(&ids, &mut self.cache)?;
-        Self::argmax(&logits.i((0, 0))?)
+        let next = Self::argmax(&logits.i((0, 0))?)?;
+        self.speed.decode_tokens += 1;
+        self.speed.decode_s += t.elapsed().as_secs_f64();
+        Ok(next)
     }
 }

@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use m31r_model::bundle::{Bundle, BundleError, sha256_hex};
 use m31r_model::fim::{FimBudget, FimError, serving_prompt};
 use m31r_model::tokenizer::{Tokenizer, TokenizerError};
@@ -28,7 +28,7 @@ use crate::split::Split;
 use crate::tok::load_tokenizer;
 use compress::CompressorResult;
 use fim::{Score, ScoreSum, complete_line, sample_items};
-use lm::{ModelPredictor, document_nats};
+use lm::{DecodeSpeed, ModelPredictor, document_nats};
 use ngram::{NgramModel, NgramPredictor};
 
 /// Why an evaluation could not run; names the bundle, data directory or file at fault.
@@ -107,6 +107,8 @@ pub struct EvalOptions {
     pub examples: usize,
     /// Progress bars.
     pub progress: Progress,
+    /// Device the model runs on (`cuda` needs a CUDA build).
+    pub device: m31r_model::DeviceSpec,
 }
 
 impl EvalOptions {
@@ -124,6 +126,7 @@ impl EvalOptions {
             ngram_max_tokens: 4_000_000,
             examples: 5,
             progress: Progress::hidden(),
+            device: m31r_model::DeviceSpec::Cpu,
         }
     }
 }
@@ -260,6 +263,16 @@ pub struct EvalTimings {
     pub completion_s: f64,
     /// Everything, loading included.
     pub total_s: f64,
+    /// The model's decode speed in the completion benchmark: milliseconds per single-token step
+    /// (forward, greedy pick, copy to the host), over `decode_tokens` steps.
+    #[serde(default)]
+    pub decode_ms_per_token: f64,
+    /// Single-token steps timed.
+    #[serde(default)]
+    pub decode_tokens: u64,
+    /// Prompt tokens per second in the completion benchmark (chunks of up to 256 tokens).
+    #[serde(default)]
+    pub prefill_tokens_per_s: f64,
 }
 
 /// Everything `eval` measured; serialised as the JSON report.
@@ -380,6 +393,12 @@ impl EvalReport {
                 s.edit_similarity
             );
         }
+        let t = &self.timings;
+        let _ = writeln!(
+            out,
+            "\nmodel speed: decode {:.2} ms/token ({} steps), prompts {:.0} tokens/s",
+            t.decode_ms_per_token, t.decode_tokens, t.prefill_tokens_per_s
+        );
         out
     }
 }
@@ -441,7 +460,8 @@ pub fn evaluate_bundle(opts: &EvalOptions) -> Result<EvalReport, EvalError> {
             opts.max_new_tokens, opts.max_prompt_tokens
         )));
     }
-    let model = bundle.model(DType::F32, &Device::Cpu)?;
+    let device = opts.device.open().map_err(|e| EvalError::Usage(e.to_string()))?;
+    let model = bundle.model(DType::F32, &device)?;
 
     // Bits per byte: whole documents in sha256 order (a sample that favours no crate) until the
     // byte cap is reached; the compressors see exactly these bytes, concatenated.
@@ -487,7 +507,8 @@ pub fn evaluate_bundle(opts: &EvalOptions) -> Result<EvalReport, EvalError> {
     let ngram_train_s = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
-    let completion = completion_benchmark(opts, &tokenizer, &model, &ngram, &docs, &texts, budget)?;
+    let (completion, speed) =
+        completion_benchmark(opts, &tokenizer, &model, &ngram, &docs, &texts, budget)?;
     let completion_s = t.elapsed().as_secs_f64();
 
     let meta = bundle.metadata();
@@ -532,6 +553,9 @@ pub fn evaluate_bundle(opts: &EvalOptions) -> Result<EvalReport, EvalError> {
             ngram_train_s,
             completion_s,
             total_s: started.elapsed().as_secs_f64(),
+            decode_ms_per_token: 1e3 * speed.decode_s / speed.decode_tokens.max(1) as f64,
+            decode_tokens: speed.decode_tokens,
+            prefill_tokens_per_s: speed.prefill_tokens as f64 / speed.prefill_s.max(1e-9),
         },
     })
 }
@@ -570,7 +594,7 @@ fn completion_benchmark(
     docs: &[&ManifestEntry],
     texts: &[&str],
     budget: usize,
-) -> Result<CompletionReport, EvalError> {
+) -> Result<(CompletionReport, DecodeSpeed), EvalError> {
     let (items, candidates) = sample_items(texts, opts.items, opts.seed);
     let fim_budget = FimBudget { max_prompt_tokens: budget, ..FimBudget::default() };
     let mut model_predictor = ModelPredictor::new(model, budget + opts.max_new_tokens)?;
@@ -603,14 +627,15 @@ fn completion_benchmark(
         bar.inc(1);
     }
     bar.finish_and_clear();
-    Ok(CompletionReport {
+    let report = CompletionReport {
         candidate_lines: candidates as u64,
         items: items.len() as u64,
         model_fim: fim_sum.score(),
         model_left_to_right: l2r_sum.score(),
         ngram: ngram_sum.score(),
         examples,
-    })
+    };
+    Ok((report, model_predictor.speed))
 }
 
 /// The prefix-only prompt as the daemon builds it for a plain completion: the encoded prefix,

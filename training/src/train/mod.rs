@@ -23,7 +23,7 @@ use m31r_model::tokenizer::Tokenizer;
 use m31r_model::transformer::Model;
 use serde::{Deserialize, Serialize};
 
-pub use crate::config::{OptimizerKind, Schedule, TrainConfig};
+pub use crate::config::{OptimizerKind, Schedule, TrainConfig, TrainPrecision};
 use crate::corpus::Corpus;
 use crate::error::{Error, invalid};
 use crate::fsutil::read_json;
@@ -309,11 +309,10 @@ pub fn read_run_spec(path: &Path) -> Result<RunSpec, Error> {
     serde_json::from_value(value).map_err(|e| invalid(path, e.to_string()))
 }
 
+/// Opens `train.device` (validated with the config): an error says whether the binary lacks
+/// CUDA or the machine lacks the GPU.
 fn device(name: &str) -> Result<Device, Error> {
-    match name {
-        "cuda" => Device::new_cuda(0).map_err(Error::Candle),
-        _ => Ok(Device::Cpu),
-    }
+    Ok(name.parse::<m31r_model::DeviceSpec>()?.open()?)
 }
 
 /// Per-objective sums of token losses and counts.
@@ -381,7 +380,7 @@ pub(crate) fn micro_loss(
         weights.extend(s.mask.iter().map(|&m| if m { w as f32 } else { 0.0 }));
     }
     let input = Tensor::from_vec(inputs, (b, t), device)?;
-    let logits = model.forward_train(&input)?;
+    let logits = model.forward_train_in(&input, cfg.precision.compute_dtype())?;
     let vocab = logits.dim(D::Minus1)?;
     let nll = m31r_kernels::train::cross_entropy(&logits.reshape((b * t, vocab))?, &targets)?
         .reshape((b, t))?;

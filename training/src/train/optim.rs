@@ -170,14 +170,16 @@ impl Optimizer {
         out
     }
 
-    /// Restores state saved by [`Optimizer::state`] and the step count.
+    /// Restores state saved by [`Optimizer::state`] and the step count; each tensor moves to its
+    /// parameter's device (checkpoints are read on the CPU).
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         for (name, p) in self.params.iter_mut() {
+            let device = p.var.device().clone();
             let get = |k: String| {
                 state
                     .get(&k)
-                    .cloned()
-                    .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state lacks {k}")))
+                    .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state lacks {k}")))?
+                    .to_device(&device)
             };
             match &mut p.rule {
                 Rule::AdamW { m, v } => {

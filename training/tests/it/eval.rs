@@ -186,10 +186,18 @@ fn eval_runs_end_to_end_and_its_json_has_every_field() {
         timings
         timings.bits_per_byte_s
         timings.completion_s
+        timings.decode_ms_per_token
+        timings.decode_tokens
         timings.ngram_train_s
+        timings.prefill_tokens_per_s
         timings.total_s
     "#]]
     .assert_eq(&(keys.join("\n") + "\n"));
+    // Every prompt is timed; single-token steps (none when each line ends at its first token,
+    // as this untrained fixture's do) have a speed exactly when there are some.
+    let t = &report.timings;
+    assert!(t.prefill_tokens_per_s > 0.0, "{t:?}");
+    assert_eq!(t.decode_tokens > 0, t.decode_ms_per_token > 0.0, "{t:?}");
 
     // The numbers are what they claim to be.
     let b = &report.bits_per_byte;
