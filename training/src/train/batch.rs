@@ -3,10 +3,12 @@
 //! batch time.
 //!
 //! - **Next token**: a random window of `seq_len + 1` tokens.
-//! - **FIM**: a next-token window whose longest document segment is decoded, cut at two random
-//!   character positions into prefix/middle/suffix, each tokenised separately and laid out PSM or
-//!   SPM (`m31r_model::fim`); the sequence is then cut or padded with `<|fim_pad|>` back to its
-//!   length. Special tokens are never split: segments are delimited by `<|endoftext|>` ids and only
+//! - **FIM**: a next-token window whose longest document segment is decoded, cut into
+//!   prefix/middle/suffix, each tokenised separately and laid out PSM or SPM (`m31r_model::fim`);
+//!   the sequence is then cut or padded with `<|fim_pad|>` back to its length. The middle is cut
+//!   at two random character positions ([`FimSpan::Chars`]), or, for a share `fim_line_share` of
+//!   the samples (none by default), as the editor asks for it: the rest of one line, from its
+//!   start or from a point inside it ([`FimSpan::Line`]). Special tokens are never split: segments are delimited by `<|endoftext|>` ids and only
 //!   ordinary text is decoded.
 //! - **CoT**: `<|cot|>` + a comment block (`//` or `///` lines explaining what follows) + the code
 //!   it introduces, taken from a random document, packed up to the sequence length. This teaches the
@@ -102,7 +104,10 @@ impl<'a> BatchSampler<'a> {
         let base = self.next_token(rng);
         if rng.next_f64() < c.fim_rate {
             let mode = if rng.next_f64() < c.spm_share { FimMode::Spm } else { FimMode::Psm };
-            if let Some(seq) = self.fim(&base.ids, mode, rng) {
+            // No draw at a share of 0, so runs from before the key see the batches they saw.
+            let line = c.fim_line_share > 0.0 && rng.next_f64() < c.fim_line_share;
+            let span = if line { FimSpan::Line } else { FimSpan::Chars };
+            if let Some(seq) = self.fim(&base.ids, mode, span, rng) {
                 return seq;
             }
         }
@@ -128,9 +133,10 @@ impl<'a> BatchSampler<'a> {
     }
 
     /// Applies FIM to the longest `<|endoftext|>`-free segment of `ids`.
-    fn fim(&self, ids: &[u32], mode: FimMode, rng: &mut Rng) -> Option<Sequence> {
+    fn fim(&self, ids: &[u32], mode: FimMode, span: FimSpan, rng: &mut Rng) -> Option<Sequence> {
         let (a, b) = (rng.next_u64(), rng.next_u64());
-        let (out, _) = fim_transform(self.tokenizer, ids, self.shards.end_of_text(), mode, a, b)?;
+        let eot = self.shards.end_of_text();
+        let (out, _) = fim_transform(self.tokenizer, ids, eot, mode, span, a, b)?;
         Some(self.fit(out, Objective::Fim))
     }
 
@@ -172,28 +178,59 @@ impl<'a> BatchSampler<'a> {
     }
 }
 
+/// Where a FIM sample's middle is cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FimSpan {
+    /// Between two random character positions of the segment: any length, any boundary.
+    Chars,
+    /// The rest of one random line that has a letter or digit: from its start (indentation
+    /// included) or from a random character inside it, to its end without the `\n`. That is the
+    /// editor's request (complete the line at the cursor) and what `m31r-train eval` masks.
+    Line,
+}
+
 /// The FIM transform of a window: its longest `eot`-free segment is decoded (fragments of
-/// characters cut by the window edges dropped), split at the character positions picked by `a` and
-/// `b` into prefix, middle and suffix, each encoded separately and laid out in `mode`; the layout
-/// replaces the segment and its trailing separator. Returns the new ids (not yet fitted to the
-/// window length) and the segment's text, which the layout's pieces reassemble exactly.
+/// characters cut by the window edges dropped), split into prefix, middle and suffix at the
+/// positions `span` picks with `a` and `b`, each encoded separately and laid out in `mode`; the
+/// layout replaces the segment and its trailing separator. Returns the new ids (not yet fitted to
+/// the window length) and the segment's text, which the layout's pieces reassemble exactly.
 pub fn fim_transform(
     tokenizer: &Tokenizer,
     ids: &[u32],
     eot: u32,
     mode: FimMode,
+    span: FimSpan,
     a: u64,
     b: u64,
 ) -> Option<(Vec<u32>, String)> {
     let (start, end) = longest_segment(ids, eot);
     let text = tokenizer.decode(&ids[start..end]).ok()?;
     let text = text.trim_matches('\u{FFFD}');
-    let chars: Vec<usize> = text.char_indices().map(|(i, _)| i).chain([text.len()]).collect();
-    if chars.len() < 3 {
-        return None;
-    }
-    let pick = |r: u64| chars[(r % chars.len() as u64) as usize];
-    let (i, j) = (pick(a).min(pick(b)), pick(a).max(pick(b)));
+    let (i, j) = match span {
+        FimSpan::Chars => {
+            let chars: Vec<usize> =
+                text.char_indices().map(|(i, _)| i).chain([text.len()]).collect();
+            if chars.len() < 3 {
+                return None;
+            }
+            let pick = |r: u64| chars[(r % chars.len() as u64) as usize];
+            (pick(a).min(pick(b)), pick(a).max(pick(b)))
+        }
+        FimSpan::Line => {
+            let lines = code_lines(text);
+            if lines.is_empty() {
+                return None;
+            }
+            let (first, last) = lines[(a % lines.len() as u64) as usize];
+            let from = if b.is_multiple_of(2) {
+                first
+            } else {
+                let inside: Vec<usize> = text[first..last].char_indices().map(|(i, _)| i).collect();
+                first + inside[((b / 2) % inside.len() as u64) as usize]
+            };
+            (from, last)
+        }
+    };
     let encode = |s: &str| tokenizer.encode(s).ok();
     let (p, m, s) = (encode(&text[..i])?, encode(&text[i..j])?, encode(&text[j..])?);
     let layout = training_sequence(tokenizer.special_ids(), mode, &p, &m, &s);
@@ -202,6 +239,22 @@ pub fn fim_transform(
     out.extend(layout);
     out.extend_from_slice(&ids[after..]);
     Some((out, text.to_string()))
+}
+
+/// `[start, end)` byte ranges of the lines of `text` with an ASCII letter or digit, without their
+/// line ending.
+fn code_lines(text: &str) -> Vec<(usize, usize)> {
+    let mut lines = Vec::new();
+    let mut start = 0;
+    for line in text.split_inclusive('\n') {
+        let body = line.strip_suffix('\n').unwrap_or(line);
+        let body = body.strip_suffix('\r').unwrap_or(body);
+        if body.bytes().any(|c| c.is_ascii_alphanumeric()) {
+            lines.push((start, start + body.len()));
+        }
+        start += line.len();
+    }
+    lines
 }
 
 /// `[start, end)` of the longest run of ids without `eot`.

@@ -299,12 +299,15 @@ fn resolve_run(
 }
 
 /// Reads a run's `run.json`. One written before `train.optimizer` existed trained with AdamW, the
-/// only optimizer then, so a missing key is read as `adamw` (not as today's default) and such a
-/// run resumes as it began.
+/// only optimizer then, so a missing key is read as `adamw` (not as today's default); one written
+/// before `train.fim_line_share` cut every FIM middle at random characters, so that key is read
+/// as 0. Such a run resumes as it began.
 pub fn read_run_spec(path: &Path) -> Result<RunSpec, Error> {
     let mut value: serde_json::Value = read_json(path)?;
     if let Some(train) = value.get_mut("train").and_then(|t| t.as_object_mut()) {
         train.entry("optimizer").or_insert_with(|| serde_json::json!("adamw"));
+        // Before `fim_line_share`, every FIM middle was cut at random characters.
+        train.entry("fim_line_share").or_insert_with(|| serde_json::json!(0.0));
     }
     serde_json::from_value(value).map_err(|e| invalid(path, e.to_string()))
 }

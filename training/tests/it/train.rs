@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use m31r_model::fim::FimMode;
 use m31r_model::rng::Rng;
-use m31r_train::train::batch::{BatchSampler, Objective, fim_transform};
+use m31r_train::train::batch::{BatchSampler, FimSpan, Objective, fim_transform};
 use m31r_train::train::{TrainConfig, TrainOptions, train};
 use m31r_train::{Progress, ShardSet, Split};
 
@@ -148,6 +148,37 @@ fn batches_are_tagged_and_honour_the_shares() {
 }
 
 #[test]
+fn a_line_share_of_one_gives_every_fim_sample_a_one_line_middle() {
+    let p = pipeline();
+    let shards = ShardSet::open(&p.data(), Split::Train).unwrap();
+    let tokenizer = m31r_model::Tokenizer::from_file(p.data().join("tokenizer.json")).unwrap();
+    let special = *tokenizer.special_ids();
+    let cfg = TrainConfig {
+        seq_len: 128,
+        batch_size: 8,
+        cot_share: 0.0,
+        fim_rate: 1.0,
+        spm_share: 0.0,
+        fim_line_share: 1.0,
+        ..TrainConfig::default()
+    };
+    let sampler = BatchSampler::new(&shards, &tokenizer, &cfg);
+    let mut checked = 0;
+    for step in 0..20 {
+        for s in sampler.micro_batch(step, 0) {
+            let Some(m) = s.ids.iter().position(|&t| t == special.fim_middle) else { continue };
+            // PSM: the middle follows <|fim_middle|> up to the separator (or the window's end).
+            let rest = &s.ids[m + 1..];
+            let end = rest.iter().position(|&t| special.contains(t)).unwrap_or(rest.len());
+            let middle = tokenizer.decode(&rest[..end]).unwrap();
+            assert!(!middle.contains('\n'), "step {step}: middle {middle:?}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 100, "only {checked} FIM samples");
+}
+
+#[test]
 fn the_fim_transform_reassembles_the_text_and_keeps_specials_whole() {
     let p = pipeline();
     let shards = ShardSet::open(&p.data(), Split::Train).unwrap();
@@ -155,12 +186,14 @@ fn the_fim_transform_reassembles_the_text_and_keeps_specials_whole() {
     let sp = *tokenizer.special_ids();
     let eot = shards.end_of_text();
     let mut rng = Rng::new(5);
+    let mut line_cases = 0;
     for case in 0..200 {
         let start = rng.below(shards.len() - 200);
         let window = shards.tokens(start..start + 200);
         let mode = if case % 2 == 0 { FimMode::Psm } else { FimMode::Spm };
+        let span = if case % 4 < 2 { FimSpan::Chars } else { FimSpan::Line };
         let Some((out, text)) =
-            fim_transform(&tokenizer, &window, eot, mode, rng.next_u64(), rng.next_u64())
+            fim_transform(&tokenizer, &window, eot, mode, span, rng.next_u64(), rng.next_u64())
         else {
             continue;
         };
@@ -179,11 +212,23 @@ fn the_fim_transform_reassembles_the_text_and_keeps_specials_whole() {
             FimMode::Spm => format!("{}{}", dec(&out[fm + 1..end]), dec(&out[fs + 1..fm])),
         };
         assert_eq!(rebuilt, text, "case {case}");
+        if (mode, span) == (FimMode::Psm, FimSpan::Line) {
+            // The rest of one line: no line break in the middle, and the suffix starts with one
+            // (or the segment ends there).
+            let (middle, suffix) = (dec(&out[fm + 1..end]), dec(&out[fs + 1..fm]));
+            assert!(!middle.is_empty() && !middle.contains('\n'), "case {case}: {middle:?}");
+            assert!(
+                suffix.is_empty() || suffix.starts_with('\n') || suffix.starts_with("\r\n"),
+                "case {case}: suffix {suffix:?}"
+            );
+            line_cases += 1;
+        }
         // Every special id in the output is one the layout placed or an original separator.
         let specials = out.iter().filter(|&&t| sp.contains(t)).count();
         let separators = window.iter().filter(|&&t| t == eot).count();
         assert!(specials <= separators + 4, "case {case}: stray special ids");
     }
+    assert!(line_cases >= 20, "only {line_cases} line-shaped PSM cases were checked");
 }
 
 #[test]
@@ -200,10 +245,12 @@ fn same_seed_same_curve_and_sigkill_resume_matches() {
     let mut legacy: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(a.join("run.json")).unwrap()).unwrap();
     legacy["train"].as_object_mut().unwrap().remove("optimizer");
+    legacy["train"].as_object_mut().unwrap().remove("fim_line_share");
     let legacy_file = p.tmp.path().join("legacy-run.json");
     fs::write(&legacy_file, legacy.to_string()).unwrap();
     let spec = m31r_train::train::read_run_spec(&legacy_file).unwrap();
     assert_eq!(spec.train.optimizer, m31r_train::train::OptimizerKind::Adamw);
+    assert_eq!(spec.train.fim_line_share, 0.0, "old runs cut FIM middles at random characters");
 
     // The real binary, killed with SIGKILL after its first checkpoint, then resumed.
     let config = p.tmp.path().join("train.toml");
