@@ -6,12 +6,13 @@
 #   bash scripts/gpu-train.sh run CARRY OUT         # there: prepare, train, eval, export into OUT
 #   bash scripts/gpu-train.sh unpack OUT BUNDLE     # here: reassemble the returned bundle
 #
-# pack: CARRY (default runs/gpu/carry) gets bin/m31r-train.xz (target/cuda/, from
-#   scripts/cuda-build.sh, stripped) and data.tar.xz: the data directory DATA (default
+# pack: CARRY (default runs/gpu/carry) gets bin/m31r-train.xz and bin/m31r.xz (target/cuda/,
+#   from scripts/cuda-build.sh, stripped) and data.tar.xz: the data directory DATA (default
 #   runs/gpu/data) without its shards, which `run` rebuilds (u16 shards hardly compress; the
 #   corpus text does, 6-7 times).
 # run: unpacks, runs `prepare`, times a few training steps, sizes the run to TRAIN_SECONDS,
-#   trains with checkpoints, exports a quantized bundle, then evaluates the f32 one;
+#   trains with checkpoints, exports a quantized bundle, then evaluates the f32 one and runs
+#   `m31r bench` on it (the serving engine's keystroke latency and decode speed on the device);
 #   every stage's output and a log go to OUT (at most 8 files of at most 15 MiB: the bundle is
 #   split). A stage that fails stops the run with what was done so far in OUT.
 # unpack: joins the bundle's parts and checks the bundle's checksums (`m31r-train` verifies
@@ -19,10 +20,11 @@
 #
 # Environment for `run` (defaults for an H100/H200 and the `small` preset):
 #   CONFIG=small  DEVICE=cuda  PRECISION=bf16  TRAIN_SECONDS=330  EVAL_ITEMS=400  EVAL_SECONDS=150
-#   QUANTIZE=q4_k  BIN=(CARRY/bin/m31r-train.xz, unpacked)  WORK=(a new temporary directory)
+#   BENCH_SECONDS=90  QUANTIZE=q4_k  WORK=(a new temporary directory)
+#   BIN, CLI_BIN=(m31r-train and m31r from CARRY/bin, unpacked)
 #   STOP_AFTER=calibrate: stop after timing the step. With the same WORK, a later `run` reuses
 #   the prepared data and the timing.
-# The same script runs on a CPU (DEVICE=cpu PRECISION=f32 CONFIG=tiny BIN=target/release/m31r-train)
+# The same script runs on a CPU (DEVICE=cpu CONFIG=tiny BIN=target/release/m31r-train CLI_BIN=...)
 # up to the device boundary: that is how it is tested.
 set -euo pipefail
 
@@ -33,16 +35,17 @@ die() { log "error: $*"; exit 1; }
 
 pack() {
     local data="${1:-$root/runs/gpu/data}" carry="${2:-$root/runs/gpu/carry}"
-    local bin="${BIN:-$root/target/cuda/m31r-train}"
-    [ -x "$bin" ] || die "no CUDA binary at $bin: run scripts/cuda-build.sh first"
+    local bin="${BIN:-$root/target/cuda/m31r-train}" cli="${CLI_BIN:-$root/target/cuda/m31r}"
+    [ -x "$bin" ] && [ -x "$cli" ] || die "no CUDA binaries at $bin and $cli: run scripts/cuda-build.sh first"
     [ -f "$data/documents.bin" ] && [ -f "$data/tokenizer.json" ] ||
         die "$data is not a data directory with a tokenizer (corpus, then tokenizer --config small)"
     rm -rf "$carry"
     mkdir -p "$carry/bin"
-    # Stripped, the CUDA binary is about 67 MB, most of it candle's kernels; xz takes it to 9.
+    # Stripped, a CUDA binary is about 67 MB, most of it candle's kernels; xz takes it to 9.
     cp "$bin" "$carry/bin/m31r-train"
-    strip "$carry/bin/m31r-train"
-    xz -T0 -6 "$carry/bin/m31r-train"
+    cp "$cli" "$carry/bin/m31r"
+    strip "$carry/bin/m31r-train" "$carry/bin/m31r"
+    xz -T0 -6 "$carry/bin/m31r-train" "$carry/bin/m31r"
     log "packing $data (without shards) with xz"
     tar -C "$data" --exclude=./shards -cf - . | xz -T0 -6 >"$carry/data.tar.xz"
     du -ab "$carry" | sort -n | tail -n 4 >&2
@@ -71,13 +74,17 @@ run() {
     local config="${CONFIG:-small}" device="${DEVICE:-cuda}" precision="${PRECISION:-bf16}"
     local train_seconds="${TRAIN_SECONDS:-330}" items="${EVAL_ITEMS:-400}" quantize="${QUANTIZE:-q4_k}"
     local work="${WORK:-$(mktemp -d)}"
-    local bin="${BIN:-$work/m31r-train}"
+    local bin="${BIN:-$work/m31r-train}" cli="${CLI_BIN:-$work/m31r}"
     mkdir -p "$out" "$work"
     LOG="$out/gpu-train.log"
     : >"$LOG"
     if [ -z "${BIN:-}" ]; then
         xz -dc "$carry/bin/m31r-train.xz" >"$bin"
         chmod +x "$bin"
+    fi
+    if [ -z "${CLI_BIN:-}" ]; then
+        xz -dc "$carry/bin/m31r.xz" >"$cli"
+        chmod +x "$cli"
     fi
     log "config $config, device $device, precision $precision, $train_seconds s of training, work $work"
     if [ "$device" != cpu ]; then
@@ -162,6 +169,9 @@ r=[json.loads(l).get("tokens_per_s") for l in sys.stdin]; print(int(min(x for x 
     timeout "${EVAL_SECONDS:-150}" "$bin" eval --bundle "$work/bundle-plain" --data "$data" \
         --items "$items" --device "$device" --out "$out/eval.json" 2>>"$LOG" | tee -a "$LOG" >&2 ||
         log "eval failed or ran out of its ${EVAL_SECONDS:-150} s (see above)"
+    # The serving engine on the device: start-up, cold prefill, keystroke latency, decode.
+    timeout "${BENCH_SECONDS:-90}" "$cli" bench --bundle "$work/bundle-plain" --device "$device" \
+        --quick 2>&1 | tee -a "$LOG" >&2 || log "m31r bench failed or ran out of its ${BENCH_SECONDS:-90} s"
     ls -l "$out" | tee -a "$LOG" >&2
     log "done"
 }

@@ -21,6 +21,10 @@ pub struct Connection {
     /// Compute threads for the in-process engine (0 = all cores).
     #[arg(long, global = true, value_name = "N", default_value_t = 0)]
     pub threads: usize,
+    /// Device of the in-process engine: cpu, cuda or cuda:N (a binary built with the `cuda`
+    /// feature, see docs/gpu.md).
+    #[arg(long, global = true, value_name = "DEVICE", default_value = "cpu")]
+    pub device: m31r_model::DeviceSpec,
 }
 
 /// The socket `m31rd` would listen on: `--socket`, else the daemon's own resolution
@@ -49,7 +53,7 @@ pub fn open(conn: &Connection, quiet: bool) -> anyhow::Result<Target> {
     let Some(bundle) = &conn.bundle else {
         return Target::connect(&socket_path(conn));
     };
-    let target = Target::load(bundle)?;
+    let target = Target::load(bundle, conn.device)?;
     if let (Target::Local(local), false) = (&target, quiet) {
         eprintln!(
             "m31r: loaded {} ({} parameters) in {:.0} ms",

@@ -7,9 +7,8 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use candle_core::Device;
 use m31r_daemon::engine::{Engine, EngineConfig, Job, JobKind};
-use m31r_model::{Bundle, ModelConfig, Tokenizer};
+use m31r_model::{Bundle, DeviceSpec, ModelConfig, Tokenizer};
 use m31r_protocol::{
     Client, DaemonStatus, ErrorCode, Event, GenerationParams, ModelInfo, PROTOCOL_VERSION, Request,
 };
@@ -86,13 +85,14 @@ impl Target {
         })))
     }
 
-    /// Loads the bundle in `dir` (at its own precision, CPU) and starts an engine on it.
-    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+    /// Loads the bundle in `dir` (at its own precision) on `device` and starts an engine on it.
+    pub fn load(dir: &Path, device: DeviceSpec) -> anyhow::Result<Self> {
+        let device = device.open()?;
         let started = Instant::now();
         let bundle =
             Bundle::open(dir).with_context(|| format!("cannot load bundle {}", dir.display()))?;
         let model = bundle
-            .model_at(bundle.precision(), &Device::Cpu)
+            .model_at(bundle.precision(), &device)
             .with_context(|| format!("cannot build the model from bundle {}", dir.display()))?;
         let load = started.elapsed();
         let config = bundle.config().clone();

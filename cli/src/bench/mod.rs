@@ -165,7 +165,17 @@ pub fn run(conn: &Connection, args: &BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let reps = if args.quick { 2 } else { 4 };
     let threads = rayon_threads();
-    println!("m31r bench: engine in-process, on CPU, {threads} threads");
+    // Refuse a device this binary or machine lacks before measuring anything.
+    conn.device.open()?;
+    if conn.device.is_cuda() {
+        println!(
+            "m31r bench: engine in-process, on {} (the bounds below are this machine's CPU's, \
+             not the GPU's)",
+            conn.device
+        );
+    } else {
+        println!("m31r bench: engine in-process, on CPU, {threads} threads");
+    }
     let machine = Machine {
         gflops: m31r_model::machine::matmul_gflops(reps)?,
         bandwidth_gbs: m31r_model::machine::memory_bandwidth_gbs(reps),
@@ -246,7 +256,7 @@ pub fn run(conn: &Connection, args: &BenchArgs) -> anyhow::Result<()> {
     let mut reports = Vec::new();
     for (name, dir) in &bundles {
         let quiet = (0..repeat)
-            .map(|_| spawn_worker(dir, &text_path, args))
+            .map(|_| spawn_worker(dir, &text_path, args, conn.device))
             .collect::<anyhow::Result<Vec<_>>>()?;
         report::print_report(name, &quiet[0], &machine, conn.bundle.is_none());
         let mut entry = serde_json::json!({ "name": name, "bundle": dir, "report": quiet[0] });
@@ -257,7 +267,7 @@ pub fn run(conn: &Connection, args: &BenchArgs) -> anyhow::Result<()> {
         if args.load > 0 {
             let load = Load::start(args.load)?;
             let loaded = (0..repeat)
-                .map(|_| spawn_worker(dir, &text_path, args))
+                .map(|_| spawn_worker(dir, &text_path, args, conn.device))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             drop(load);
             report::print_load(args.load, &quiet, &loaded);
@@ -337,7 +347,12 @@ impl Drop for Load {
     }
 }
 
-fn spawn_worker(bundle: &Path, text: &Path, args: &BenchArgs) -> anyhow::Result<Report> {
+fn spawn_worker(
+    bundle: &Path,
+    text: &Path,
+    args: &BenchArgs,
+    device: m31r_model::DeviceSpec,
+) -> anyhow::Result<Report> {
     let exe = match &args.worker_exe {
         Some(exe) => exe.clone(),
         None => std::env::current_exe().context("cannot find the m31r executable to re-run")?,
@@ -350,7 +365,9 @@ fn spawn_worker(bundle: &Path, text: &Path, args: &BenchArgs) -> anyhow::Result<
         .arg("--text")
         .arg(text)
         .arg("--prompt-tokens")
-        .arg(args.prompt_tokens.to_string());
+        .arg(args.prompt_tokens.to_string())
+        .arg("--device")
+        .arg(device.to_string());
     if args.quick {
         command.arg("--quick");
     }

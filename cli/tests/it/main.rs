@@ -5,5 +5,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod bench_replay;
+mod device;
 mod example_config;
 mod protocol_doc;
