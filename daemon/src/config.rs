@@ -56,6 +56,10 @@ pub struct DaemonConfig {
     pub max_cache_entries: usize,
     /// Token healing of `complete` and `fim` prompts that end inside a token (docs/protocol.md).
     pub token_healing: bool,
+    /// Recall: what followed earlier occurrences of the last tokens in the prompt, mixed into
+    /// the model's next-token distribution (docs/eval.md, "Recall"); `off` or
+    /// `ORDER,WEIGHT,HALF`.
+    pub recall: m31r_model::recall::RecallParams,
     /// Log file; default stderr.
     pub log_file: Option<PathBuf>,
     /// Log filter (`tracing` syntax), e.g. `info` or `m31r_daemon=debug`.
@@ -129,6 +133,7 @@ impl Default for DaemonConfig {
             cache_budget_mb: engine.cache_budget_bytes >> 20,
             max_cache_entries: engine.max_cache_entries,
             token_healing: engine.token_healing,
+            recall: engine.recall,
             log_file: None,
             log: "info".into(),
             http: HttpConfig::default(),
@@ -153,6 +158,7 @@ const ENV_KEYS: &[&str] = &[
     "cache_budget_mb",
     "max_cache_entries",
     "token_healing",
+    "recall",
     "log_file",
     "log",
     "http.enabled",
@@ -208,6 +214,7 @@ impl DaemonConfig {
             cache_budget_bytes: self.cache_budget_mb << 20,
             max_cache_entries: self.max_cache_entries,
             token_healing: self.token_healing,
+            recall: self.recall,
             ..EngineConfig::default()
         }
     }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, IndexOp};
 use m31r_model::fim::{FimBudget, FimError, serving_prompt};
+use m31r_model::recall::{Recall, RecallParams};
 use m31r_model::sampling::{Sampler, SamplingParams};
 use m31r_model::tokenizer::TokenizerError;
 use m31r_model::{Model, ModelError, Tokenizer};
@@ -41,6 +42,9 @@ pub struct EngineConfig {
     /// Token healing of `complete`, `fim` and `warm` prompts (docs/protocol.md, "Token
     /// healing"): a last token that is a fragment is removed and regenerated under a constraint.
     pub token_healing: bool,
+    /// Recall mixed into every next-token distribution (`m31r_model::recall`): the prompt's own
+    /// repetitions, counted over the prompt and the tokens generated so far.
+    pub recall: RecallParams,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +56,7 @@ impl Default for EngineConfig {
             max_cache_entries: 8,
             prompt_cut_step: 256,
             token_healing: true,
+            recall: RecallParams::DEFAULT,
         }
     }
 }
@@ -484,6 +489,8 @@ impl Worker {
             code: ErrorCode::Internal,
             message: "no logits after prefill".into(),
         })?;
+        let mut recall = Recall::new(self.config.recall);
+        recall.extend_source(&prompt);
         for step in 0..max_new {
             if self.cancelled(job) {
                 stop = StopReason::Cancelled;
@@ -493,7 +500,10 @@ impl Worker {
                 stop = StopReason::Deadline;
                 break;
             }
-            let row: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+            let mut row: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+            // From here on `row` is the mixture's: the pick, the healing constraint and the
+            // confidence all see the same distribution.
+            recall.mix_into(&mut row);
             let next = match &healing {
                 Some(h) => sampler.sample_allowed(&row, |id| {
                     self.token_bytes.get(id as usize).is_some_and(|b| h.allows(b))
@@ -524,8 +534,8 @@ impl Worker {
             };
             if let Some(fresh) = fresh {
                 if !fresh.is_empty() {
-                    // Of the plain softmax, not the sampler's distribution: the same number for
-                    // every request, and greedy stays deterministic.
+                    // Of the mixture's softmax, not the sampler's distribution: the same number
+                    // for every request, and greedy stays deterministic.
                     pending_scores.push((pending.len(), token_logprob(&row, next)));
                 }
                 pending.extend_from_slice(fresh);
@@ -564,6 +574,7 @@ impl Worker {
                 break;
             }
             let out = seq.extend(&self.model, &[next])?;
+            recall.push_generated(next);
             logits = out.i((0, 0))?;
         }
         if stop != StopReason::Cancelled {

@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod machine;
 pub mod params;
 pub mod quant;
+pub mod recall;
 pub mod rng;
 pub mod sampling;
 #[doc(hidden)]

@@ -212,6 +212,16 @@ enum Command {
         /// Device: cpu, cuda or cuda:N (a CUDA build, see scripts/cuda-build.sh).
         #[arg(long, default_value = "cpu")]
         device: m31r_model::DeviceSpec,
+        /// Recall mixed into the model's predictions: `off` or ORDER,WEIGHT,HALF (see
+        /// docs/eval.md) [default: the daemon's]
+        #[arg(long, value_name = "SPEC", value_parser = m31r_model::recall::RecallParams::parse)]
+        recall: Option<m31r_model::recall::RecallParams>,
+        /// Split to score: test (the report's) or validation (to choose settings on).
+        #[arg(long, default_value = "test")]
+        split: m31r_train::split::Split,
+        /// Also print bits/byte over a grid of recall weights and half-lengths.
+        #[arg(long)]
+        tune_recall: bool,
     },
     /// Draw a run's training and validation curves (SVG) and print its summary.
     Report {
@@ -465,9 +475,15 @@ fn main() -> Result<()> {
             ngram_tokens,
             out,
             device,
+            recall,
+            split,
+            tune_recall,
         } => {
             let opts = EvalOptions {
                 device,
+                recall: recall.unwrap_or_default(),
+                split,
+                tune_recall,
                 items,
                 max_bytes,
                 seed,
@@ -478,7 +494,7 @@ fn main() -> Result<()> {
                 ..EvalOptions::new(&bundle, &data)
             };
             let report = evaluate_bundle(&opts).with_context(|| {
-                format!("evaluating {} on the test split of {}", bundle.display(), data.display())
+                format!("evaluating {} on the {split} split of {}", bundle.display(), data.display())
             })?;
             if let Some(out) = &out {
                 let json =

@@ -50,6 +50,11 @@ struct Args {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     threads: Option<usize>,
+    /// Recall mixed into the model's predictions: `off`, or ORDER,WEIGHT,HALF (docs/eval.md,
+    /// "Recall") [default: 16,0.9,4].
+    #[arg(long, value_name = "SPEC")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recall: Option<String>,
     /// Log file [default: stderr].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -4,7 +4,8 @@
 
 use std::time::Instant;
 
-use candle_core::{D, DType, IndexOp, Tensor};
+use candle_core::{DType, IndexOp, Tensor};
+use m31r_model::recall::{Recall, RecallParams, softmax_at};
 use m31r_model::transformer::{KvCache, Model};
 
 use super::EvalError;
@@ -14,19 +15,62 @@ use super::fim::Predictor;
 const CHUNK: usize = 256;
 
 /// Total negative log-likelihood, in nats, of `doc` after a leading `eot` (how documents follow
-/// one another in the training stream). Documents longer than the context are scored in windows
-/// that overlap by a quarter of the context, so every token after the first window is predicted
-/// from at least that much text.
+/// one another in the training stream), under the network alone. See [`document_scores`].
+pub fn document_nats(model: &Model, eot: u32, doc: &[u32]) -> Result<f64, EvalError> {
+    Ok(document_scores(model, eot, doc, 0)?.iter().map(|s| s.nats(&RecallParams::OFF)).sum())
+}
+
+/// What one token's prediction was made of: the network's probability of the token, and what
+/// recall found at that point (its matched order, the token's count, the total count), so that
+/// the code length under any [`RecallParams`] of at most the scored order is a sum over tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenScore {
+    /// The network's probability of the token.
+    pub net: f64,
+    /// Recall's matched length (0: no match).
+    pub order: usize,
+    /// How often the token followed that context before.
+    pub count: u32,
+    /// How often anything did.
+    pub total: u32,
+}
+
+impl TokenScore {
+    /// The token's code length in nats under the mixture `recall` (its order must not exceed the
+    /// one the scores were taken with).
+    pub fn nats(&self, recall: &RecallParams) -> f64 {
+        let order = self.order.min(recall.max_order);
+        if order == 0 || self.total == 0 || !recall.is_on() {
+            return -self.net.ln();
+        }
+        let lambda = f64::from(recall.lambda(order));
+        let p = (1.0 - lambda) * self.net + lambda * f64::from(self.count) / f64::from(self.total);
+        -p.ln()
+    }
+}
+
+/// Per-token scores of `doc` after a leading `eot`, with recall up to `max_order` tokens
+/// indexed over the same window the network sees. Documents longer than the context are scored
+/// in windows that overlap by a quarter of the context, so every token after the first window is
+/// predicted from at least that much text.
 ///
 /// Windows go through the full-sequence forward (`forward_train`: matmul attention over the whole
 /// window), which scores a window several times faster on CPU than the cached inference forward
 /// that is built for prefill chunks and single tokens; the two agree within 1e-4 (a model test).
-pub fn document_nats(model: &Model, eot: u32, doc: &[u32]) -> Result<f64, EvalError> {
+pub fn document_scores(
+    model: &Model,
+    eot: u32,
+    doc: &[u32],
+    max_order: usize,
+) -> Result<Vec<TokenScore>, EvalError> {
     let seq: Vec<u32> = std::iter::once(eot).chain(doc.iter().copied()).collect();
     let context = model.config().context_length().max(2);
     let overlap = context / 4;
-    let mut nats = 0.0;
-    // Positions below `scored` already have their token's loss counted.
+    let mut scores = Vec::with_capacity(doc.len());
+    // Recall's mixture weights do not matter for the index; only its order does.
+    let mut recall =
+        Recall::new(RecallParams { max_order, weight: 0.5, half: 1.0 });
+    // Positions below `scored` already have their token's score.
     let mut scored = 1;
     let mut start = 0;
     while scored < seq.len() {
@@ -36,23 +80,34 @@ pub fn document_nats(model: &Model, eot: u32, doc: &[u32]) -> Result<f64, EvalEr
         // Row r predicts the token at start + r + 1; keep the rows whose target is new.
         let first = scored - start - 1;
         let rows = end - start - 1 - first;
-        let targets: Vec<u32> = seq[scored..end].to_vec();
-        let targets = Tensor::new(targets, model.device())?.reshape((rows, 1))?;
-        let log_probs = candle_nn::ops::log_softmax(&logits.narrow(0, first, rows)?, D::Minus1)?;
-        nats -= f64::from(log_probs.gather(&targets, 1)?.sum_all()?.to_scalar::<f32>()?);
+        let logits: Vec<Vec<f32>> = logits.narrow(0, first, rows)?.to_vec2()?;
+        recall.clear();
+        recall.extend_source(&seq[start..scored]);
+        for (row, target) in logits.iter().zip(&seq[scored..end]) {
+            let recalled = recall.recalled();
+            scores.push(TokenScore {
+                net: softmax_at(row, *target as usize),
+                order: recalled.order,
+                count: recalled.count(*target),
+                total: recalled.total,
+            });
+            recall.extend_source(&[*target]);
+        }
         scored = end;
         if end == seq.len() {
             break;
         }
         start = end - overlap;
     }
-    Ok(nats)
+    Ok(scores)
 }
 
 /// Greedy next-token prediction with the model's inference forward and one KV cache.
 pub struct ModelPredictor<'a> {
     model: &'a Model,
     cache: KvCache,
+    /// Recall over the prompt and the tokens generated so far (off: the network's argmax).
+    recall: Recall,
     /// Time spent in prompts and in single-token steps, each ending with the argmax on the host.
     pub speed: DecodeSpeed,
 }
@@ -72,12 +127,20 @@ pub struct DecodeSpeed {
 
 impl<'a> ModelPredictor<'a> {
     /// A predictor with a cache sized for `capacity` tokens (it grows on demand).
-    pub fn new(model: &'a Model, capacity: usize) -> Result<Self, EvalError> {
-        Ok(Self { model, cache: model.new_cache(capacity)?, speed: DecodeSpeed::default() })
+    pub fn new(model: &'a Model, capacity: usize, recall: RecallParams) -> Result<Self, EvalError> {
+        Ok(Self {
+            model,
+            cache: model.new_cache(capacity)?,
+            recall: Recall::new(recall),
+            speed: DecodeSpeed::default(),
+        })
     }
 
-    fn argmax(logits: &Tensor) -> Result<u32, EvalError> {
-        Ok(logits.to_dtype(DType::F32)?.argmax(D::Minus1)?.to_scalar::<u32>()?)
+    /// The greedy pick of the mixture (the network's argmax when recall is off).
+    fn pick(&self, logits: &Tensor) -> Result<u32, EvalError> {
+        let mut row: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+        self.recall.mix_into(&mut row);
+        Ok(m31r_model::sampling::argmax(&row))
     }
 }
 
@@ -87,6 +150,8 @@ impl Predictor for ModelPredictor<'_> {
     fn start(&mut self, prompt: &[u32]) -> Result<u32, EvalError> {
         let t = Instant::now();
         self.cache.clear();
+        self.recall.clear();
+        self.recall.extend_source(prompt);
         let mut last = None;
         for chunk in prompt.chunks(CHUNK) {
             let ids = Tensor::new(chunk, self.model.device())?.unsqueeze(0)?;
@@ -94,7 +159,7 @@ impl Predictor for ModelPredictor<'_> {
             last = Some(logits.i((0, chunk.len() - 1))?);
         }
         let last = last.ok_or_else(|| EvalError::Usage("empty prompt".into()))?;
-        let next = Self::argmax(&last)?;
+        let next = self.pick(&last)?;
         self.speed.prefill_tokens += prompt.len() as u64;
         self.speed.prefill_s += t.elapsed().as_secs_f64();
         Ok(next)
@@ -104,7 +169,8 @@ impl Predictor for ModelPredictor<'_> {
         let t = Instant::now();
         let ids = Tensor::new(&[token], self.model.device())?.unsqueeze(0)?;
         let logits = self.model.forward(&ids, &mut self.cache)?;
-        let next = Self::argmax(&logits.i((0, 0))?)?;
+        self.recall.push_generated(token);
+        let next = self.pick(&logits.i((0, 0))?)?;
         self.speed.decode_tokens += 1;
         self.speed.decode_s += t.elapsed().as_secs_f64();
         Ok(next)

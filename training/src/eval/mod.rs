@@ -28,7 +28,8 @@ use crate::split::Split;
 use crate::tok::load_tokenizer;
 use compress::CompressorResult;
 use fim::{Score, ScoreSum, complete_line, sample_items};
-use lm::{DecodeSpeed, ModelPredictor, document_nats};
+use lm::{DecodeSpeed, ModelPredictor, document_scores};
+use m31r_model::recall::RecallParams;
 use ngram::{NgramModel, NgramPredictor};
 
 /// Why an evaluation could not run; names the bundle, data directory or file at fault.
@@ -109,6 +110,12 @@ pub struct EvalOptions {
     pub progress: Progress,
     /// Device the model runs on (`cuda` needs a CUDA build).
     pub device: m31r_model::DeviceSpec,
+    /// Recall mixed into the model's predictions (the daemon's default unless told otherwise).
+    pub recall: RecallParams,
+    /// The held-out split scored: test (the report's), or validation (to choose settings on).
+    pub split: Split,
+    /// Also print bits/byte over a grid of recall weights and half-lengths at `recall`'s order.
+    pub tune_recall: bool,
 }
 
 impl EvalOptions {
@@ -127,6 +134,9 @@ impl EvalOptions {
             examples: 5,
             progress: Progress::hidden(),
             device: m31r_model::DeviceSpec::Cpu,
+            recall: RecallParams::DEFAULT,
+            split: Split::Test,
+            tune_recall: false,
         }
     }
 }
@@ -188,6 +198,21 @@ pub struct EvalSettings {
     pub ngram_order: usize,
     /// Cap on its training tokens.
     pub ngram_max_tokens: u64,
+    /// Recall mixed into the model's completions and `model_recall` (`off` or
+    /// `ORDER,WEIGHT,HALF`).
+    #[serde(default = "recall_off")]
+    pub recall: String,
+    /// The split scored.
+    #[serde(default = "test_split")]
+    pub split: String,
+}
+
+fn recall_off() -> String {
+    "off".into()
+}
+
+fn test_split() -> String {
+    "test".into()
 }
 
 /// Bits per byte on test documents.
@@ -201,8 +226,14 @@ pub struct BitsPerByte {
     pub tokens: u64,
     /// The model's mean loss, nats per token.
     pub nats_per_token: f64,
-    /// The model's code length, bits per byte.
+    /// The network's code length, bits per byte.
     pub model: f64,
+    /// The code length of the network mixed with recall (`settings.recall`), bits per byte.
+    #[serde(default)]
+    pub model_recall: Option<f64>,
+    /// Bits per byte over a grid of recall settings (`eval --tune-recall`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recall_grid: Vec<(String, f64)>,
     /// `xz -9` on the same bytes.
     pub xz: CompressorResult,
     /// `zstd -19` on the same bytes.
@@ -335,11 +366,12 @@ impl EvalReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "eval of {} ({}, {} params, step {}) on the test split of {}",
+            "eval of {} ({}, {} params, step {}) on the {} split of {}",
             self.bundle.dir,
             self.bundle.model_version,
             human(self.bundle.params),
             self.bundle.steps,
+            self.settings.split,
             self.data.dir
         );
         if !self.data.same_dataset_as_bundle {
@@ -351,10 +383,14 @@ impl EvalReport {
         }
         let _ = writeln!(
             out,
-            "\nbits/byte on {} test bytes ({} documents, {} tokens)",
-            b.bytes, b.documents, b.tokens
+            "\nbits/byte on {} {} bytes ({} documents, {} tokens)",
+            b.bytes, self.settings.split, b.documents, b.tokens
         );
-        let _ = writeln!(out, "  {:<34} {:>8.3}", "model", b.model);
+        let _ = writeln!(out, "  {:<34} {:>8.3}", "model (network alone)", b.model);
+        if let Some(x) = b.model_recall {
+            let name = format!("model + recall {}", self.settings.recall);
+            let _ = writeln!(out, "  {name:<34} {x:>8.3}");
+        }
         for (name, r) in [("xz -9", &b.xz), ("zstd -19", &b.zstd)] {
             match (r.bits_per_byte, &r.error) {
                 (Some(x), _) => {
@@ -370,10 +406,16 @@ impl EvalReport {
                 }
             }
         }
+        if !b.recall_grid.is_empty() {
+            let _ = writeln!(out, "\nrecall grid (order,weight,half: bits/byte)");
+            for (name, x) in &b.recall_grid {
+                let _ = writeln!(out, "  {name:<34} {x:>8.4}");
+            }
+        }
         let _ = writeln!(
             out,
-            "\nsingle-line completion on {} of {} test lines",
-            c.items, c.candidate_lines
+            "\nsingle-line completion on {} of {} {} lines (recall {})",
+            c.items, c.candidate_lines, self.settings.split, self.settings.recall
         );
         let _ = writeln!(out, "  {:<42} {:>11} {:>15}", "", "exact match", "edit similarity");
         let ngram = format!(
@@ -413,7 +455,7 @@ fn human(n: u64) -> String {
     }
 }
 
-/// Evaluates `opts.bundle` on the test split of `opts.data`. The bundle's tokenizer must be the
+/// Evaluates `opts.bundle` on the held-out split `opts.split` (test by default) of `opts.data`. The bundle's tokenizer must be the
 /// data directory's (the one its shards were written with).
 pub fn evaluate_bundle(opts: &EvalOptions) -> Result<EvalReport, EvalError> {
     let started = Instant::now();
@@ -423,8 +465,8 @@ pub fn evaluate_bundle(opts: &EvalOptions) -> Result<EvalReport, EvalError> {
     let bundle = Bundle::open(&opts.bundle)?;
     check_same_tokenizer(opts, &bundle, &tokenizer, &tokenizer_id)?;
 
-    let test = ShardSet::open(&opts.data, Split::Test)?;
-    let docs: Vec<&ManifestEntry> = corpus.documents(Split::Test).collect();
+    let test = ShardSet::open(&opts.data, opts.split)?;
+    let docs: Vec<&ManifestEntry> = corpus.documents(opts.split).collect();
     if docs.is_empty() || test.num_documents() == 0 {
         return Err(EvalError::NoTestData {
             data: opts.data.clone(),
@@ -479,10 +521,13 @@ pub fn evaluate_bundle(opts: &EvalOptions) -> Result<EvalReport, EvalError> {
     }
     let bar = opts.progress.bar(chosen.len() as u64, "bits/byte");
     let (mut nats, mut tokens) = (0.0, 0u64);
+    let mut scores = Vec::new();
     let mut joined = Vec::with_capacity(bytes as usize);
     for &i in &chosen {
         let ids = test.document(i).unwrap_or_default();
-        nats += document_nats(&model, test.end_of_text(), &ids)?;
+        let doc = document_scores(&model, test.end_of_text(), &ids, opts.recall.max_order)?;
+        nats += doc.iter().map(|s| s.nats(&RecallParams::OFF)).sum::<f64>();
+        scores.extend(doc);
         tokens += ids.len() as u64;
         joined.extend_from_slice(texts[i].as_bytes());
         bar.inc(1);
@@ -495,6 +540,12 @@ pub fn evaluate_bundle(opts: &EvalOptions) -> Result<EvalReport, EvalError> {
         tokens,
         nats_per_token: nats / tokens.max(1) as f64,
         model: nats / std::f64::consts::LN_2 / bytes.max(1) as f64,
+        model_recall: opts.recall.is_on().then(|| bits(&scores, &opts.recall) / bytes.max(1) as f64),
+        recall_grid: if opts.tune_recall {
+            recall_grid(&scores, opts.recall.max_order, bytes)
+        } else {
+            Vec::new()
+        },
         xz,
         zstd,
     };
@@ -540,6 +591,8 @@ pub fn evaluate_bundle(opts: &EvalOptions) -> Result<EvalReport, EvalError> {
             max_prompt_tokens: budget,
             ngram_order: ngram.order(),
             ngram_max_tokens: opts.ngram_max_tokens,
+            recall: opts.recall.to_string(),
+            split: opts.split.as_str().to_string(),
         },
         bits_per_byte,
         completion,
@@ -584,6 +637,26 @@ fn check_same_tokenizer(
     })
 }
 
+/// Bits per byte of `bytes` bytes whose tokens scored `scores`, under recall `params`.
+fn bits(scores: &[lm::TokenScore], params: &RecallParams) -> f64 {
+    scores.iter().map(|s| s.nats(params)).sum::<f64>() / std::f64::consts::LN_2
+}
+
+/// Bits per byte of `bytes` bytes over a grid of recall weights and half-lengths at `order`.
+fn recall_grid(scores: &[lm::TokenScore], order: usize, bytes: u64) -> Vec<(String, f64)> {
+    let mut grid = Vec::new();
+    if order == 0 {
+        return grid;
+    }
+    for weight in [0.2f32, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95] {
+        for half in [0.25f32, 0.5, 1.0, 2.0, 4.0, 8.0] {
+            let params = RecallParams { max_order: order, weight, half };
+            grid.push((params.to_string(), bits(scores, &params) / bytes.max(1) as f64));
+        }
+    }
+    grid
+}
+
 /// Masks the sampled lines and completes each with the model (FIM and left to right) and the
 /// n-gram baseline, under one decoding and stop rule.
 fn completion_benchmark(
@@ -597,7 +670,8 @@ fn completion_benchmark(
 ) -> Result<(CompletionReport, DecodeSpeed), EvalError> {
     let (items, candidates) = sample_items(texts, opts.items, opts.seed);
     let fim_budget = FimBudget { max_prompt_tokens: budget, ..FimBudget::default() };
-    let mut model_predictor = ModelPredictor::new(model, budget + opts.max_new_tokens)?;
+    let mut model_predictor =
+        ModelPredictor::new(model, budget + opts.max_new_tokens, opts.recall)?;
     let mut ngram_predictor = NgramPredictor::new(ngram);
     let (mut fim_sum, mut l2r_sum, mut ngram_sum) =
         (ScoreSum::default(), ScoreSum::default(), ScoreSum::default());
