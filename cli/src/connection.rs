@@ -25,6 +25,10 @@ pub struct Connection {
     /// feature, see docs/gpu.md).
     #[arg(long, global = true, value_name = "DEVICE", default_value = "cpu")]
     pub device: m31r_model::DeviceSpec,
+    /// Recall of the in-process engine: `off`, or ORDER,WEIGHT,HALF (docs/eval.md, "Recall")
+    /// [default: the daemon's, 16,0.9,4].
+    #[arg(long, global = true, value_name = "SPEC")]
+    pub recall: Option<m31r_model::recall::RecallParams>,
 }
 
 /// The socket `m31rd` would listen on: `--socket`, else the daemon's own resolution
@@ -53,7 +57,7 @@ pub fn open(conn: &Connection, quiet: bool) -> anyhow::Result<Target> {
     let Some(bundle) = &conn.bundle else {
         return Target::connect(&socket_path(conn));
     };
-    let target = Target::load(bundle, conn.device)?;
+    let target = Target::load(bundle, conn.device, conn.recall.unwrap_or_default())?;
     if let (Target::Local(local), false) = (&target, quiet) {
         eprintln!(
             "m31r: loaded {} ({} parameters) in {:.0} ms",

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use m31r_daemon::engine::{Engine, EngineConfig, Job, JobKind};
+use m31r_model::recall::RecallParams;
 use m31r_model::{Bundle, DeviceSpec, ModelConfig, Tokenizer};
 use m31r_protocol::{
     Client, DaemonStatus, ErrorCode, Event, GenerationParams, ModelInfo, PROTOCOL_VERSION, Request,
@@ -86,7 +87,7 @@ impl Target {
     }
 
     /// Loads the bundle in `dir` (at its own precision) on `device` and starts an engine on it.
-    pub fn load(dir: &Path, device: DeviceSpec) -> anyhow::Result<Self> {
+    pub fn load(dir: &Path, device: DeviceSpec, recall: RecallParams) -> anyhow::Result<Self> {
         let device = device.open()?;
         let started = Instant::now();
         let bundle =
@@ -106,7 +107,11 @@ impl Target {
         // The model holds its own copy of the weights; keeping the bundle's mapping alive would
         // only count them twice in resident memory.
         drop(bundle);
-        let engine = Engine::start(model, tokenizer.clone(), EngineConfig::default());
+        let engine = Engine::start(
+            model,
+            tokenizer.clone(),
+            EngineConfig { recall, ..EngineConfig::default() },
+        );
         Ok(Self::Local(Box::new(Local {
             engine,
             model: info,

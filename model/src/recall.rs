@@ -63,7 +63,9 @@ impl RecallParams {
         }
         let parts: Vec<&str> = text.split(',').map(str::trim).collect();
         let [order, weight, half] = parts[..] else {
-            return Err(format!("recall {text:?}: expected `off` or ORDER,WEIGHT,HALF (e.g. 8,0.7,2)"));
+            return Err(format!(
+                "recall {text:?}: expected `off` or ORDER,WEIGHT,HALF (e.g. 8,0.7,2)"
+            ));
         };
         let bad = |what: &str, v: &str| format!("recall {text:?}: {what} {v:?} is not a number");
         let params = RecallParams {

@@ -494,7 +494,11 @@ fn main() -> Result<()> {
                 ..EvalOptions::new(&bundle, &data)
             };
             let report = evaluate_bundle(&opts).with_context(|| {
-                format!("evaluating {} on the {split} split of {}", bundle.display(), data.display())
+                format!(
+                    "evaluating {} on the {split} split of {}",
+                    bundle.display(),
+                    data.display()
+                )
             })?;
             if let Some(out) = &out {
                 let json =

@@ -256,7 +256,7 @@ pub fn run(conn: &Connection, args: &BenchArgs) -> anyhow::Result<()> {
     let mut reports = Vec::new();
     for (name, dir) in &bundles {
         let quiet = (0..repeat)
-            .map(|_| spawn_worker(dir, &text_path, args, conn.device))
+            .map(|_| spawn_worker(dir, &text_path, args, conn))
             .collect::<anyhow::Result<Vec<_>>>()?;
         report::print_report(name, &quiet[0], &machine, conn.bundle.is_none());
         let mut entry = serde_json::json!({ "name": name, "bundle": dir, "report": quiet[0] });
@@ -267,7 +267,7 @@ pub fn run(conn: &Connection, args: &BenchArgs) -> anyhow::Result<()> {
         if args.load > 0 {
             let load = Load::start(args.load)?;
             let loaded = (0..repeat)
-                .map(|_| spawn_worker(dir, &text_path, args, conn.device))
+                .map(|_| spawn_worker(dir, &text_path, args, conn))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             drop(load);
             report::print_load(args.load, &quiet, &loaded);
@@ -351,7 +351,7 @@ fn spawn_worker(
     bundle: &Path,
     text: &Path,
     args: &BenchArgs,
-    device: m31r_model::DeviceSpec,
+    conn: &Connection,
 ) -> anyhow::Result<Report> {
     let exe = match &args.worker_exe {
         Some(exe) => exe.clone(),
@@ -367,7 +367,10 @@ fn spawn_worker(
         .arg("--prompt-tokens")
         .arg(args.prompt_tokens.to_string())
         .arg("--device")
-        .arg(device.to_string());
+        .arg(conn.device.to_string());
+    if let Some(recall) = conn.recall {
+        command.arg("--recall").arg(recall.to_string());
+    }
     if args.quick {
         command.arg("--quick");
     }

@@ -22,7 +22,7 @@ pub fn worker(conn: &Connection, args: &WorkerArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.text)
         .with_context(|| format!("cannot read prompt text {}", args.text.display()))?;
 
-    let mut target = Target::load(bundle, conn.device)?;
+    let mut target = Target::load(bundle, conn.device, conn.recall.unwrap_or_default())?;
     let resident_loaded = m31r_daemon::sys::resident_bytes();
     let Target::Local(local) = &target else { bail!("expected an in-process engine") };
     let startup_ms = local.load_time().as_secs_f64() * 1e3;

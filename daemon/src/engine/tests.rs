@@ -271,13 +271,17 @@ fn healing_off_is_the_plain_greedy_decode() {
     let (index, _) = cache.acquire(&model, &ids, 256).unwrap();
     let mut logits = cache.get_mut(index).extend(&model, &ids).unwrap().i((0, 0)).unwrap();
     let mut reference = Vec::new();
+    let mut recall = Recall::new(RecallParams::DEFAULT);
+    recall.extend_source(&ids);
     for _ in 0..max_tokens {
-        let row: Vec<f32> = logits.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+        let mut row: Vec<f32> = logits.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+        recall.mix_into(&mut row);
         let next = m31r_model::sampling::argmax(&row);
         if tok.special_ids().contains(next) {
             break;
         }
         reference.push(next);
+        recall.push_generated(next);
         logits = cache.get_mut(index).extend(&model, &[next]).unwrap().i((0, 0)).unwrap();
     }
     let reference = tok.decode(&reference).unwrap();
@@ -289,6 +293,49 @@ fn healing_off_is_the_plain_greedy_decode() {
     assert_eq!(usage.prompt_tokens as usize, ids.len(), "nothing is removed");
     assert_eq!(String::from_utf8_lossy(&generated(&engine)), reference);
     assert!(reference.starts_with(&text), "sent {text:?}, reference {reference:?}");
+}
+
+#[test]
+fn recall_continues_the_prompts_own_repetition_and_off_is_the_network_alone() {
+    let (model, tok) = tiny(&healing_corpus(), HEALING_VOCAB);
+    let (model_off, _) = tiny(&healing_corpus(), HEALING_VOCAB);
+    let on = Engine::start(model, tok.clone(), EngineConfig::default());
+    let off = Engine::start(
+        model_off,
+        tok.clone(),
+        EngineConfig { recall: RecallParams::OFF, ..EngineConfig::default() },
+    );
+    let line = "let total = values.iter().map(|v| v.len()).sum::<usize>();\n";
+    // The prompt ends where the line began the first time: an untrained network has no idea,
+    // recall has a long match.
+    let prompt = format!("fn a() {{\n    {line}}}\nfn b() {{\n    let total");
+    let generate = |engine: &Engine| {
+        let events = submit_with(engine, JobKind::Generate { prompt: prompt.clone() }, false, 64);
+        client_text(&events).0
+    };
+    let (with, without) = (generate(&on), generate(&off));
+    assert!(
+        with.starts_with(" = values.iter().map(|v| v.len()).sum::<usize>();"),
+        "recall on: {with:?}"
+    );
+    assert_ne!(with, without);
+    // Off, the engine is the network's greedy decode.
+    let ids = plain_prompt(&tok, &prompt, 256 - 64, 256).unwrap();
+    let mut cache = PrefixCache::new(1 << 24, 1);
+    let (model_ref, _) = tiny(&healing_corpus(), HEALING_VOCAB);
+    let (index, _) = cache.acquire(&model_ref, &ids, 256).unwrap();
+    let mut logits = cache.get_mut(index).extend(&model_ref, &ids).unwrap().i((0, 0)).unwrap();
+    let mut reference = Vec::new();
+    for _ in 0..64 {
+        let row: Vec<f32> = logits.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+        let next = m31r_model::sampling::argmax(&row);
+        if tok.special_ids().contains(next) {
+            break;
+        }
+        reference.push(next);
+        logits = cache.get_mut(index).extend(&model_ref, &[next]).unwrap().i((0, 0)).unwrap();
+    }
+    assert_eq!(without, tok.decode(&reference).unwrap());
 }
 
 #[test]

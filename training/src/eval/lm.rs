@@ -68,8 +68,7 @@ pub fn document_scores(
     let overlap = context / 4;
     let mut scores = Vec::with_capacity(doc.len());
     // Recall's mixture weights do not matter for the index; only its order does.
-    let mut recall =
-        Recall::new(RecallParams { max_order, weight: 0.5, half: 1.0 });
+    let mut recall = Recall::new(RecallParams { max_order, weight: 0.5, half: 1.0 });
     // Positions below `scored` already have their token's score.
     let mut scored = 1;
     let mut start = 0;

@@ -341,6 +341,9 @@ impl EvalReport {
             m.insert(k.to_owned(), v);
         };
         put("test_bits_per_byte", b.model);
+        if let Some(x) = b.model_recall {
+            put("test_bits_per_byte_recall", x);
+        }
         put("test_nats_per_token", b.nats_per_token);
         put("test_bytes", b.bytes as f64);
         if let Some(x) = b.xz.bits_per_byte {
@@ -540,7 +543,10 @@ pub fn evaluate_bundle(opts: &EvalOptions) -> Result<EvalReport, EvalError> {
         tokens,
         nats_per_token: nats / tokens.max(1) as f64,
         model: nats / std::f64::consts::LN_2 / bytes.max(1) as f64,
-        model_recall: opts.recall.is_on().then(|| bits(&scores, &opts.recall) / bytes.max(1) as f64),
+        model_recall: opts
+            .recall
+            .is_on()
+            .then(|| bits(&scores, &opts.recall) / bytes.max(1) as f64),
         recall_grid: if opts.tune_recall {
             recall_grid(&scores, opts.recall.max_order, bytes)
         } else {

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use candle_core::{D, DType, Device, IndexOp, Tensor};
+use m31r_model::recall::RecallParams;
 use m31r_model::{BundleInfo, Model, ModelConfig, RawModelConfig, Tokenizer, write_bundle};
 use m31r_train::eval::lm::document_nats;
 use m31r_train::eval::{EvalError, EvalOptions, EvalReport, evaluate_bundle};
@@ -115,6 +116,7 @@ fn eval_runs_end_to_end_and_its_json_has_every_field() {
         bits_per_byte.bytes
         bits_per_byte.documents
         bits_per_byte.model
+        bits_per_byte.model_recall
         bits_per_byte.nats_per_token
         bits_per_byte.tokens
         bits_per_byte.xz
@@ -182,7 +184,9 @@ fn eval_runs_end_to_end_and_its_json_has_every_field() {
         settings.max_prompt_tokens
         settings.ngram_max_tokens
         settings.ngram_order
+        settings.recall
         settings.seed
+        settings.split
         timings
         timings.bits_per_byte_s
         timings.completion_s
@@ -243,9 +247,41 @@ fn eval_runs_end_to_end_and_its_json_has_every_field() {
         assert!(table.contains(word), "{word} missing from\n{table}");
     }
 
+    // Recall (on by default) mixes the documents' own repetitions in: a shorter code than the
+    // untrained network's near-uniform one, and the settings say which recall was used.
+    let with_recall = b.model_recall.expect("recall is on by default");
+    assert!(with_recall < b.model - 0.1, "{with_recall} vs {}", b.model);
+    assert!(metrics.contains_key("test_bits_per_byte_recall"));
+    assert_eq!(report.settings.recall, RecallParams::DEFAULT.to_string());
+    assert_eq!(report.settings.split, "test");
+    assert!(b.recall_grid.is_empty());
+
     // Deterministic: the same items, completions and numbers again.
     let again = evaluate_bundle(&options(f)).unwrap();
     assert_eq!(without_timings(&report), without_timings(&again));
+}
+
+#[test]
+fn recall_off_is_the_network_alone_and_the_validation_split_tunes_it() {
+    let f = fixture();
+    let on = evaluate_bundle(&options(f)).unwrap();
+    let off = evaluate_bundle(&EvalOptions { recall: RecallParams::OFF, ..options(f) }).unwrap();
+    assert_eq!(off.bits_per_byte.model, on.bits_per_byte.model);
+    assert_eq!(off.bits_per_byte.model_recall, None);
+    assert_eq!(off.settings.recall, "off");
+    assert!(off.table().contains("recall off"), "{}", off.table());
+
+    let tuned =
+        evaluate_bundle(&EvalOptions { split: Split::Validation, tune_recall: true, ..options(f) })
+            .unwrap();
+    assert_eq!(tuned.settings.split, "validation");
+    assert!(tuned.table().contains("on the validation split"), "{}", tuned.table());
+    // 8 weights × 6 half-lengths at the default order, each a code length.
+    assert_eq!(tuned.bits_per_byte.recall_grid.len(), 48);
+    assert!(
+        tuned.bits_per_byte.recall_grid.iter().all(|(name, x)| name.starts_with("16,") && *x > 0.0)
+    );
+    assert_ne!(tuned.bits_per_byte.bytes, 0);
 }
 
 #[test]
