@@ -8,7 +8,7 @@ use serde_json::Value;
 
 /// `minConfidence`'s default, chosen by typing replay on held-out files (docs/lsp.md,
 /// "Confidence gate").
-pub const DEFAULT_MIN_CONFIDENCE: f64 = 0.4;
+pub const DEFAULT_MIN_CONFIDENCE: f64 = 0.7;
 
 /// The server's settings.
 #[derive(Debug, Clone, PartialEq)]

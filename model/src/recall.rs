@@ -244,6 +244,10 @@ impl Recall {
         }
         let lambda = f64::from(self.params.lambda(recalled.order));
         let (max, sum) = softmax_parts(logits);
+        if !max.is_finite() {
+            // No finite logit: nothing to mix with; leave the row to the sampler's rules.
+            return recalled;
+        }
         // Every other logit keeps its value: with the normaliser Z = e^max · sum / (1 − λ), its
         // softmax share is (1 − λ)·softmax, the mixture's. A recalled token's logit becomes
         // ln(p · Z) for its mixture probability p.
@@ -251,7 +255,7 @@ impl Recall {
         let total = f64::from(recalled.total);
         for &(token, count) in &recalled.counts {
             let Some(l) = logits.get_mut(token as usize) else { continue };
-            let net = (f64::from(*l - max)).exp() / sum;
+            let net = if l.is_finite() { f64::from(*l - max).exp() / sum } else { 0.0 };
             let p = (1.0 - lambda) * net + lambda * f64::from(count) / total;
             *l = (p.ln() + ln_z) as f32;
         }
@@ -259,17 +263,22 @@ impl Recall {
     }
 }
 
-/// The row's largest logit and `Σ exp(l − max)` (f64).
+/// The row's largest finite logit and `Σ exp(l − max)` over its finite logits (f64); a
+/// non-finite logit has no mass.
 fn softmax_parts(logits: &[f32]) -> (f32, f64) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    let finite = || logits.iter().copied().filter(|l| l.is_finite());
+    let max = finite().fold(f32::NEG_INFINITY, f32::max);
+    let sum = finite().map(|l| f64::from(l - max).exp()).sum();
     (max, sum)
 }
 
-/// `softmax(logits)[i]` in f64.
+/// `softmax(logits)[i]` in f64 (0 for a non-finite logit, or when none is finite).
 pub fn softmax_at(logits: &[f32], i: usize) -> f64 {
     let (max, sum) = softmax_parts(logits);
-    f64::from(logits[i] - max).exp() / sum
+    match logits.get(i) {
+        Some(&l) if l.is_finite() && max.is_finite() => f64::from(l - max).exp() / sum,
+        _ => 0.0,
+    }
 }
 
 #[cfg(test)]
@@ -350,6 +359,20 @@ mod tests {
         r.mix_into(&mut logits);
         // λ(1) = 0.4: token 0 gets 0.4, token 2 keeps about 0.6 of its ≈1.
         assert_eq!(crate::sampling::argmax(&logits), 2);
+    }
+
+    #[test]
+    fn non_finite_logits_get_no_mass_and_break_nothing() {
+        let r = recall(&[1, 2, 1]);
+        let mut row = vec![0.0f32, f32::NEG_INFINITY, 1.0, f32::NAN];
+        r.mix_into(&mut row);
+        assert!(row[2].is_finite() && row[0].is_finite());
+        // Token 2 followed "1": its mixed logit is finite and now the best.
+        assert_eq!(crate::sampling::argmax(&row), 2);
+        assert_eq!(softmax_at(&row, 3), 0.0);
+        let mut none = vec![f32::NAN; 3];
+        recall(&[1, 2, 1]).mix_into(&mut none);
+        assert!(none.iter().all(|l| l.is_nan()));
     }
 
     #[test]

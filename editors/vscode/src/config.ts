@@ -54,7 +54,7 @@ export const SERVER_DEFAULTS: Readonly<ServerSettings> = Object.freeze({
   completionTimeoutMs: 1000,
   connectTimeoutMs: 2000,
   // m31r-lsp's DEFAULT_MIN_CONFIDENCE (lsp/src/config.rs); keep the two and package.json equal.
-  minConfidence: 0.4,
+  minConfidence: 0.7,
   degenerateFilters: true,
 });
 

@@ -154,7 +154,8 @@ fn replay(
         .with_context(|| format!("cannot create replay directory {}", temp.display()))?;
     let temp = TempDir(temp);
     let socket = temp.0.join("m31rd.sock");
-    let daemon = Daemon::start(&daemon_exe, bundle, &socket, &temp.0, conn.threads, args)?;
+    let daemon =
+        Daemon::start(&daemon_exe, bundle, &socket, &temp.0, conn.threads, conn.recall, args)?;
     let mut lsp = LspClient::spawn(&lsp_exe, &socket, &temp.0.join("lsp.log"))?;
     let mut settings = json!({"autoStart": false, "contextSnippets": !args.no_snippets,
         "degenerateFilters": !args.no_filters, "speculativeNext": !args.no_speculative});
@@ -182,7 +183,9 @@ fn replay(
         f.dedup();
         f.len()
     };
-    let report = report(&tally, &status, args, files_used, min_confidence);
+    let mut report = report(&tally, &status, args, files_used, min_confidence);
+    // The daemon's recall: the flag, else the daemon's default (its config file is not read).
+    report["settings"]["recall"] = json!(conn.recall.unwrap_or_default().to_string());
     if !args.json {
         print_report(&report, args, bundle);
     }
@@ -386,11 +389,12 @@ fn print_report(report: &Value, args: &ReplayArgs, bundle: &Path) {
     );
     println!(
         "settings: context snippets {}, token healing {}, degenerate filters {}, min confidence \
-         {} (typing along a suggestion is always on)",
+         {}, recall {} (typing along a suggestion is always on)",
         on_off(!args.no_snippets),
         on_off(!args.no_token_healing),
         on_off(!args.no_filters),
-        report["settings"]["min_confidence"]
+        report["settings"]["min_confidence"],
+        report["settings"]["recall"].as_str().unwrap_or("default")
     );
     println!(
         "chars: {} typed, {} saved of {} ({:.1}%)",
@@ -497,6 +501,7 @@ impl Daemon {
         socket: &Path,
         dir: &Path,
         threads: usize,
+        recall: Option<m31r_model::recall::RecallParams>,
         args: &ReplayArgs,
     ) -> anyhow::Result<Self> {
         let log_path = dir.join("m31rd.log");
@@ -520,6 +525,9 @@ impl Daemon {
         if args.no_token_healing {
             command.env("M31R_TOKEN_HEALING", "false");
         }
+        // The flag, else the daemon's default: a recall set in this shell's environment must
+        // not change the run silently.
+        command.env("M31R_RECALL", recall.unwrap_or_default().to_string());
         let child = command
             .spawn()
             .with_context(|| format!("cannot start the daemon {}", exe.display()))?;

@@ -25,7 +25,7 @@ M.defaults = {
     inlineTimeoutMs = 500,
     completionTimeoutMs = 1000,
     connectTimeoutMs = 2000,
-    minConfidence = 0.4, -- m31r-lsp's DEFAULT_MIN_CONFIDENCE (lsp/src/config.rs)
+    minConfidence = 0.7, -- m31r-lsp's DEFAULT_MIN_CONFIDENCE (lsp/src/config.rs)
     degenerateFilters = true,
   },
   --- nil: native vim.lsp.inline_completion when Neovim has it; false: always the plugin's ghost text.

@@ -66,7 +66,7 @@ test("invalid values fall back to defaults with a warning naming key and value",
 
 test("minConfidence: a number 0..=1, else the default with a warning", () => {
   const read = (v: unknown) => readSettings((k) => (k === "minConfidence" ? v : undefined));
-  assert.equal(SERVER_DEFAULTS.minConfidence, 0.4, "m31r-lsp's DEFAULT_MIN_CONFIDENCE");
+  assert.equal(SERVER_DEFAULTS.minConfidence, 0.7, "m31r-lsp's DEFAULT_MIN_CONFIDENCE");
   for (const ok of [0, 0.3, 1]) {
     const { settings, warnings } = read(ok);
     assert.deepEqual(warnings, []);
