@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, IndexOp};
 use m31r_model::fim::{FimBudget, FimError, serving_prompt};
-use m31r_model::recall::{Recall, RecallParams};
+use m31r_model::recall::{
+    Recall, RecallParams, SOURCE_CACHE_CHUNKS, SOURCE_PREFIX_BYTES, SOURCE_SUFFIX_BYTES,
+    SourceTokens, source_window,
+};
 use m31r_model::sampling::{Sampler, SamplingParams};
 use m31r_model::tokenizer::TokenizerError;
 use m31r_model::{Model, ModelError, Tokenizer};
@@ -179,6 +182,7 @@ impl Engine {
             #[cfg(test)]
             healed_only: healed_only.clone(),
             cache: PrefixCache::new(config.cache_budget_bytes, config.max_cache_entries),
+            source: SourceTokens::new(SOURCE_CACHE_CHUNKS),
             model,
             tokenizer,
             config: config.clone(),
@@ -307,6 +311,8 @@ struct Worker {
     #[cfg(test)]
     healed_only: Arc<AtomicU64>,
     cache: PrefixCache,
+    /// Token ids of the file text that recall reads beyond the prompt, cached by chunk.
+    source: SourceTokens,
     config: EngineConfig,
     counters: Arc<EngineCounters>,
     cache_stats: Arc<Mutex<CacheStats>>,
@@ -489,8 +495,7 @@ impl Worker {
             code: ErrorCode::Internal,
             message: "no logits after prefill".into(),
         })?;
-        let mut recall = Recall::new(self.config.recall);
-        recall.extend_source(&prompt);
+        let mut recall = self.recall_for(&job.kind, &prompt)?;
         for step in 0..max_new {
             if self.cancelled(job) {
                 stop = StopReason::Cancelled;
@@ -597,6 +602,35 @@ impl Worker {
         self.healed_only.store(healed_only, Ordering::Relaxed);
         let lines = scores.lines(&sent);
         Ok(done(stop, usage, prefill_ms, ms(decode_start.elapsed()), lines))
+    }
+
+    /// Recall over the request's file text (each side of the cursor its own segment: the text
+    /// before it, and for `fim` the text after it; at most 64 KiB each) and then the prompt.
+    fn recall_for(&mut self, kind: &JobKind, prompt_ids: &[u32]) -> Result<Recall, JobError> {
+        let mut recall = Recall::new(self.config.recall);
+        if self.config.recall.is_on() {
+            let texts: Vec<&str> = match kind {
+                JobKind::Complete { prompt } => {
+                    vec![source_window(prompt, SOURCE_PREFIX_BYTES, true)]
+                }
+                JobKind::Fim(input) => vec![
+                    source_window(&input.prefix, SOURCE_PREFIX_BYTES, true),
+                    source_window(&input.suffix, SOURCE_SUFFIX_BYTES, false),
+                ],
+                _ => Vec::new(),
+            };
+            for text in texts {
+                let ids = self.source.encode(&self.tokenizer, text).map_err(|e| JobError {
+                    code: ErrorCode::Internal,
+                    message: format!("cannot encode the file text for recall: {e}"),
+                })?;
+                recall.begin_segment();
+                recall.extend_source(&ids);
+            }
+        }
+        recall.begin_segment();
+        recall.extend_source(prompt_ids);
+        Ok(recall)
     }
 
     /// Token ids of the prompt, cut to `budget` by the documented rules, the code context for

@@ -154,12 +154,17 @@ pub struct Recall {
     /// recalled as continuations. Generated tokens take part in matching the context but are
     /// never recalled, so a completion cannot feed on its own repetitions (`Copy, Copy, …`).
     source: usize,
+    /// The segment of each token: a context never spans two segments, and the first token of a
+    /// segment is never recalled as what followed the end of the one before.
+    segment: Vec<u32>,
+    /// The segment new tokens belong to.
+    next_segment: u32,
 }
 
 impl Recall {
     /// An empty sequence.
     pub fn new(params: RecallParams) -> Self {
-        Self { params, ids: Vec::new(), source: 0 }
+        Self { params, ids: Vec::new(), source: 0, segment: Vec::new(), next_segment: 0 }
     }
 
     /// The parameters.
@@ -180,13 +185,24 @@ impl Recall {
     /// Forgets the sequence.
     pub fn clear(&mut self) {
         self.ids.clear();
+        self.segment.clear();
+        self.next_segment = 0;
         self.source = 0;
+    }
+
+    /// Starts a new segment: text that does not continue what came before (another file, the
+    /// suffix after the prefix). Nothing is recalled across the seam.
+    pub fn begin_segment(&mut self) {
+        if !self.ids.is_empty() {
+            self.next_segment += 1;
+        }
     }
 
     /// Appends given text (a prompt, a document being scored): from now on everything up to
     /// here may be recalled.
     pub fn extend_source(&mut self, ids: &[u32]) {
         self.ids.extend_from_slice(ids);
+        self.segment.resize(self.ids.len(), self.next_segment);
         self.source = self.ids.len();
     }
 
@@ -194,6 +210,7 @@ impl Recall {
     /// recalled itself.
     pub fn push_generated(&mut self, id: u32) {
         self.ids.push(id);
+        self.segment.push(self.next_segment);
     }
 
     /// What followed the longest earlier occurrence (at most `max_order` tokens) of the
@@ -206,14 +223,21 @@ impl Recall {
             return Recalled::default();
         }
         let last = ids[n - 1];
+        let seg = &self.segment;
         let mut best = Recalled::default();
-        // `p` is the position of a given token that followed an earlier occurrence of `last`.
+        // `p` is the position of a given token that followed an earlier occurrence of `last`
+        // in its own segment.
         for p in 1..self.source.min(n) {
-            if ids[p - 1] != last {
+            if ids[p - 1] != last || seg[p - 1] != seg[p] {
                 continue;
             }
             let mut order = 1;
-            while order < max && order < p && ids[p - 1 - order] == ids[n - 1 - order] {
+            while order < max
+                && order < p
+                && seg[p - 1 - order] == seg[p]
+                && seg[n - 1 - order] == seg[n - 1]
+                && ids[p - 1 - order] == ids[n - 1 - order]
+            {
                 order += 1;
             }
             if order < best.order {
@@ -261,6 +285,130 @@ impl Recall {
         }
         recalled
     }
+}
+
+/// Most bytes of the text before the cursor that recall reads beyond the prompt (the language
+/// server sends at most 64 KiB of it), taken from the end.
+pub const SOURCE_PREFIX_BYTES: usize = 64 * 1024;
+/// Most bytes of the text after the cursor that recall reads, taken from the start.
+pub const SOURCE_SUFFIX_BYTES: usize = 64 * 1024;
+/// Chunks a [`SourceTokens`] cache holds by default: at most 2 KiB of text each, about 1.5 MB
+/// of ids in all, room for several files' worth of both sides of the cursor.
+pub const SOURCE_CACHE_CHUNKS: usize = 512;
+
+/// The part of `text` recall reads: its last `max` bytes (`from_end`) or its first, cut at a
+/// character boundary.
+pub fn source_window(text: &str, max: usize, from_end: bool) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    if from_end {
+        let mut start = text.len() - max;
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        &text[start..]
+    } else {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        &text[..end]
+    }
+}
+
+/// Token ids of the file text recall reads beyond the prompt, encoded in chunks that end at
+/// line ends where the content says so (a line whose hash is 0 mod 8, once a chunk has 256
+/// bytes; every 2 KiB at the latest). A chunk is cached by its content, so a keystroke
+/// re-encodes only the chunk it changed, about a millisecond, where the whole 64 KiB would take
+/// about 15. The cache holds at most `max_chunks` chunks (least recently used go first).
+#[derive(Debug)]
+pub struct SourceTokens {
+    chunks: std::collections::HashMap<u64, (Vec<u32>, u64)>,
+    clock: u64,
+    max_chunks: usize,
+}
+
+/// Chunks of at least this many bytes may end at a line whose hash says so.
+const CHUNK_MIN: usize = 256;
+/// Chunks end at the first line end past this many bytes.
+const CHUNK_MAX: usize = 2048;
+
+impl SourceTokens {
+    /// An empty cache of at most `max_chunks` chunks.
+    pub fn new(max_chunks: usize) -> Self {
+        Self { chunks: std::collections::HashMap::new(), clock: 0, max_chunks: max_chunks.max(1) }
+    }
+
+    /// Chunks held now.
+    pub fn len(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// The ids of `text`, chunk by chunk (each chunk encoded on its own).
+    pub fn encode(
+        &mut self,
+        tokenizer: &crate::Tokenizer,
+        text: &str,
+    ) -> Result<Vec<u32>, crate::tokenizer::TokenizerError> {
+        use std::hash::{Hash, Hasher};
+        let mut ids = Vec::with_capacity(text.len() / 3);
+        for chunk in chunks(text) {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            chunk.hash(&mut hasher);
+            let key = hasher.finish();
+            self.clock += 1;
+            let clock = self.clock;
+            if let Some((cached, used)) = self.chunks.get_mut(&key) {
+                *used = clock;
+                ids.extend_from_slice(cached);
+                continue;
+            }
+            let encoded = tokenizer.encode(chunk)?;
+            ids.extend_from_slice(&encoded);
+            if self.chunks.len() >= self.max_chunks {
+                // Evict the least recently used eighth in one pass.
+                let mut uses: Vec<u64> = self.chunks.values().map(|(_, u)| *u).collect();
+                let cut = uses.len() / 8;
+                uses.select_nth_unstable(cut);
+                let below = uses[cut];
+                self.chunks.retain(|_, (_, u)| *u > below);
+            }
+            self.chunks.insert(key, (encoded, clock));
+        }
+        Ok(ids)
+    }
+}
+
+/// `text` cut into the chunks [`SourceTokens`] encodes: each ends at a line end (or the text's).
+fn chunks(text: &str) -> impl Iterator<Item = &str> {
+    use std::hash::{Hash, Hasher};
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = 0;
+        for line in rest.split_inclusive('\n') {
+            end += line.len();
+            if !line.ends_with('\n') {
+                break;
+            }
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            line.hash(&mut hasher);
+            if end >= CHUNK_MAX || (end >= CHUNK_MIN && hasher.finish().is_multiple_of(8)) {
+                break;
+            }
+        }
+        let (chunk, tail) = rest.split_at(end);
+        rest = tail;
+        Some(chunk)
+    })
 }
 
 /// The row's largest finite logit and `Σ exp(l − max)` over its finite logits (f64); a
@@ -322,6 +470,23 @@ mod tests {
     }
 
     #[test]
+    fn nothing_is_recalled_across_a_seam() {
+        // "1 2" then, in a new segment, "3": 3 never followed "1 2" in one text.
+        let mut r = recall(&[1, 2]);
+        r.begin_segment();
+        r.extend_source(&[3, 1, 2]);
+        assert_eq!(r.recalled(), Recalled::default());
+        // Within a segment it is: "9 1 2 | 5 … 1 2" recalls 5 at order 2.
+        let mut r = recall(&[9]);
+        r.begin_segment();
+        r.extend_source(&[1, 2, 5, 1, 2]);
+        assert_eq!((r.recalled().order, r.recalled().counts), (2, vec![(5, 1)]));
+        // The matched context stops at the seam: "9 | 1 2 5 … 9 1 2" matches "1 2" only.
+        r.extend_source(&[9, 1, 2]);
+        assert_eq!(r.recalled().order, 2);
+    }
+
+    #[test]
     fn the_order_is_capped_and_nothing_is_recalled_without_a_match_or_when_off() {
         let r = recall(&[1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5]);
         assert_eq!(r.recalled().order, 4);
@@ -373,6 +538,54 @@ mod tests {
         let mut none = vec![f32::NAN; 3];
         recall(&[1, 2, 1]).mix_into(&mut none);
         assert!(none.iter().all(|l| l.is_nan()));
+    }
+
+    #[test]
+    fn source_chunks_cover_the_text_end_at_lines_and_survive_edits_elsewhere() {
+        let text: String =
+            (0..400).map(|i| format!("    let value_{i} = compute({i}, &mut state);\n")).collect();
+        let parts: Vec<&str> = chunks(&text).collect();
+        assert_eq!(parts.concat(), text);
+        assert!(parts.len() > 4, "{}", parts.len());
+        for part in &parts {
+            assert!(part.ends_with('\n') && part.len() <= CHUNK_MAX + 64, "{}", part.len());
+        }
+        // Typing at the end changes the last chunk only (it grows, or a new one follows it).
+        let typed = format!("{text}    let x");
+        let again: Vec<&str> = chunks(&typed).collect();
+        let kept = parts.len() - 1;
+        assert_eq!(again[..kept], parts[..kept]);
+        assert_eq!(again[kept..].concat(), format!("{}    let x", parts[kept]));
+        assert!(chunks("").next().is_none());
+        assert_eq!(chunks("no newline").collect::<Vec<_>>(), ["no newline"]);
+    }
+
+    #[test]
+    fn source_tokens_are_the_chunks_encodings_cached_and_bounded() {
+        let text: String =
+            (0..300).map(|i| format!("fn f{i}(x: u32) -> u32 {{ x + {i} }}\n")).collect();
+        let tok = crate::Tokenizer::train([text.as_str()].iter(), 300).unwrap();
+        let mut cache = SourceTokens::new(1000);
+        let ids = cache.encode(&tok, &text).unwrap();
+        let want: Vec<u32> = chunks(&text).flat_map(|c| tok.encode(c).unwrap()).collect();
+        assert_eq!(ids, want);
+        let held = cache.len();
+        assert_eq!(held, chunks(&text).count());
+        assert_eq!(cache.encode(&tok, &text).unwrap(), ids);
+        assert_eq!(cache.len(), held, "a second pass hits the cache");
+        let mut small = SourceTokens::new(4);
+        assert_eq!(small.encode(&tok, &text).unwrap(), ids);
+        assert!(small.len() <= 4, "{}", small.len());
+    }
+
+    #[test]
+    fn source_windows_cut_at_character_boundaries() {
+        assert_eq!(source_window("abc", 10, true), "abc");
+        assert_eq!(source_window("abcdef", 2, true), "ef");
+        assert_eq!(source_window("abcdef", 2, false), "ab");
+        // "é" is two bytes: a cut inside it moves to its edge.
+        assert_eq!(source_window("xé", 1, true), "");
+        assert_eq!(source_window("éx", 1, false), "");
     }
 
     #[test]

@@ -267,32 +267,42 @@ fn healing_off_is_the_plain_greedy_decode() {
     // The reference: the whole prompt, greedy, decoded with the tokenizer.
     let (model, _) = tiny(&healing_corpus(), HEALING_VOCAB);
     let ids = plain_prompt(&tok, prompt, 256 - max_tokens, 256).unwrap();
-    let mut cache = PrefixCache::new(1 << 24, 1);
-    let (index, _) = cache.acquire(&model, &ids, 256).unwrap();
-    let mut logits = cache.get_mut(index).extend(&model, &ids).unwrap().i((0, 0)).unwrap();
-    let mut reference = Vec::new();
-    let mut recall = Recall::new(RecallParams::DEFAULT);
-    recall.extend_source(&ids);
-    for _ in 0..max_tokens {
-        let mut row: Vec<f32> = logits.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
-        recall.mix_into(&mut row);
-        let next = m31r_model::sampling::argmax(&row);
-        if tok.special_ids().contains(next) {
-            break;
+    // `generate` recalls the prompt; `complete` also the text before the cursor.
+    let decode = |file_text: Option<&str>| {
+        let mut cache = PrefixCache::new(1 << 24, 1);
+        let (index, _) = cache.acquire(&model, &ids, 256).unwrap();
+        let mut logits = cache.get_mut(index).extend(&model, &ids).unwrap().i((0, 0)).unwrap();
+        let mut recall = Recall::new(RecallParams::DEFAULT);
+        if let Some(text) = file_text {
+            recall.begin_segment();
+            recall.extend_source(&SourceTokens::new(64).encode(&tok, text).unwrap());
         }
-        reference.push(next);
-        recall.push_generated(next);
-        logits = cache.get_mut(index).extend(&model, &[next]).unwrap().i((0, 0)).unwrap();
-    }
-    let reference = tok.decode(&reference).unwrap();
+        recall.begin_segment();
+        recall.extend_source(&ids);
+        let mut out = Vec::new();
+        for _ in 0..max_tokens {
+            let mut row: Vec<f32> = logits.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+            recall.mix_into(&mut row);
+            let next = m31r_model::sampling::argmax(&row);
+            if tok.special_ids().contains(next) {
+                break;
+            }
+            out.push(next);
+            recall.push_generated(next);
+            logits = cache.get_mut(index).extend(&model, &[next]).unwrap().i((0, 0)).unwrap();
+        }
+        tok.decode(&out).unwrap()
+    };
+    let reference = decode(None);
+    let reference_complete = decode(Some(prompt));
 
     let events = submit_with(&engine, JobKind::Generate { prompt: prompt.into() }, false, 12);
     assert_eq!(client_text(&events).0, reference);
     let events = submit_with(&engine, JobKind::Complete { prompt: prompt.into() }, false, 12);
     let (text, usage) = client_text(&events);
     assert_eq!(usage.prompt_tokens as usize, ids.len(), "nothing is removed");
-    assert_eq!(String::from_utf8_lossy(&generated(&engine)), reference);
-    assert!(reference.starts_with(&text), "sent {text:?}, reference {reference:?}");
+    assert_eq!(String::from_utf8_lossy(&generated(&engine)), reference_complete);
+    assert!(reference_complete.starts_with(&text), "sent {text:?}, {reference_complete:?}");
 }
 
 #[test]

@@ -107,6 +107,10 @@ pub struct ModelPredictor<'a> {
     cache: KvCache,
     /// Recall over the prompt and the tokens generated so far (off: the network's argmax).
     recall: Recall,
+    /// Token ids of the file text around the cursor (the text before it, then the text after
+    /// it for FIM), recalled as the daemon recalls a request's: each its own segment, before the
+    /// prompt. Taken by the next [`Predictor::start`].
+    pub file_text: Vec<Vec<u32>>,
     /// Time spent in prompts and in single-token steps, each ending with the argmax on the host.
     pub speed: DecodeSpeed,
 }
@@ -131,6 +135,7 @@ impl<'a> ModelPredictor<'a> {
             model,
             cache: model.new_cache(capacity)?,
             recall: Recall::new(recall),
+            file_text: Vec::new(),
             speed: DecodeSpeed::default(),
         })
     }
@@ -150,6 +155,11 @@ impl Predictor for ModelPredictor<'_> {
         let t = Instant::now();
         self.cache.clear();
         self.recall.clear();
+        for segment in std::mem::take(&mut self.file_text) {
+            self.recall.begin_segment();
+            self.recall.extend_source(&segment);
+        }
+        self.recall.begin_segment();
         self.recall.extend_source(prompt);
         let mut last = None;
         for chunk in prompt.chunks(CHUNK) {

@@ -29,7 +29,10 @@ use crate::tok::load_tokenizer;
 use compress::CompressorResult;
 use fim::{Score, ScoreSum, complete_line, sample_items};
 use lm::{DecodeSpeed, ModelPredictor, document_scores};
-use m31r_model::recall::RecallParams;
+use m31r_model::recall::{
+    RecallParams, SOURCE_CACHE_CHUNKS, SOURCE_PREFIX_BYTES, SOURCE_SUFFIX_BYTES, SourceTokens,
+    source_window,
+};
 use ngram::{NgramModel, NgramPredictor};
 
 /// Why an evaluation could not run; names the bundle, data directory or file at fault.
@@ -678,6 +681,7 @@ fn completion_benchmark(
     let fim_budget = FimBudget { max_prompt_tokens: budget, ..FimBudget::default() };
     let mut model_predictor =
         ModelPredictor::new(model, budget + opts.max_new_tokens, opts.recall)?;
+    let mut source = SourceTokens::new(SOURCE_CACHE_CHUNKS);
     let mut ngram_predictor = NgramPredictor::new(ngram);
     let (mut fim_sum, mut l2r_sum, mut ngram_sum) =
         (ScoreSum::default(), ScoreSum::default(), ScoreSum::default());
@@ -688,7 +692,20 @@ fn completion_benchmark(
         let fim_prompt = serving_prompt(tokenizer, &[], &item.prefix, &item.suffix, &fim_budget)?;
         let l2r_prompt = left_to_right_prompt(tokenizer, &item.prefix, budget)?;
         let max_new = opts.max_new_tokens;
+        // Recall reads the file around the cursor as the daemon does for a `fim` request (the
+        // text before the cursor, then after it) and a `complete` one (before it only).
+        let (before, after) = if opts.recall.is_on() {
+            (
+                source.encode(tokenizer, source_window(&item.prefix, SOURCE_PREFIX_BYTES, true))?,
+                source
+                    .encode(tokenizer, source_window(&item.suffix, SOURCE_SUFFIX_BYTES, false))?,
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        model_predictor.file_text = vec![before.clone(), after];
         let fim = complete_line(&mut model_predictor, tokenizer, &fim_prompt.ids, max_new)?;
+        model_predictor.file_text = vec![before];
         let l2r = complete_line(&mut model_predictor, tokenizer, &l2r_prompt, max_new)?;
         let base = complete_line(&mut ngram_predictor, tokenizer, &l2r_prompt, max_new)?;
         fim_sum.add(&fim, &item.middle);
