@@ -471,6 +471,8 @@ impl Worker {
         let prefill_ms = ms(prefill_start.elapsed());
         let index = self.cache.enforce_budget(index);
         if warm {
+            // Encode the file text recall will read, so the first keystroke finds it cached.
+            self.recall_for(&job.kind, &prompt)?;
             return Ok(done(StopReason::Warmed, usage, prefill_ms, 0.0, Vec::new()));
         }
 
@@ -613,7 +615,7 @@ impl Worker {
                 JobKind::Complete { prompt } => {
                     vec![source_window(prompt, SOURCE_PREFIX_BYTES, true)]
                 }
-                JobKind::Fim(input) => vec![
+                JobKind::Fim(input) | JobKind::Warm(input) => vec![
                     source_window(&input.prefix, SOURCE_PREFIX_BYTES, true),
                     source_window(&input.suffix, SOURCE_SUFFIX_BYTES, false),
                 ],

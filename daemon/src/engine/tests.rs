@@ -349,6 +349,31 @@ fn recall_continues_the_prompts_own_repetition_and_off_is_the_network_alone() {
 }
 
 #[test]
+fn recall_reads_the_file_beyond_the_prompts_window() {
+    let (model, tok) = tiny(&healing_corpus(), HEALING_VOCAB);
+    let engine = Engine::start(model, tok.clone(), EngineConfig::default());
+    let line = "let total = values.iter().map(|v| v.len()).sum::<usize>();";
+    // The line is far above the cursor, outside the 256-token context the prompt can hold.
+    let filler: String = (0..120).map(|i| format!("    step_{i}(&mut state);\n")).collect();
+    let prefix = format!("fn a() {{\n    {line}\n{filler}    let total");
+    let max_tokens = 40;
+    let kind = JobKind::Fim(fim(&prefix, "\n}\n"));
+    let events = submit_with(&engine, kind, false, max_tokens);
+    let budget = 256 - max_tokens as usize;
+    let prompt = serving_prompt(
+        &tok,
+        &[],
+        &prefix,
+        "\n}\n",
+        &FimBudget { max_prompt_tokens: budget, prefix_cut_step: 256, ..FimBudget::default() },
+    )
+    .unwrap();
+    assert!(!tok.decode(&prompt.ids).unwrap().contains("values"), "the window holds the line");
+    let (text, _) = client_text(&events);
+    assert!(text.starts_with(" = values.iter().map(|v| v.len())"), "{text:?}");
+}
+
+#[test]
 fn a_prefix_ending_in_whitespace_or_a_bracket_is_not_healed() {
     let (on, _) = healing_engine(true);
     let (off, _) = healing_engine(false);
