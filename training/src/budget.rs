@@ -39,7 +39,9 @@ pub const MIN_STEPS: u64 = 50;
 /// timed step it ends within the budget. It is generous for long runs: the 2-hour CPU recipe
 /// (3.0M parameters, 12452 steps) ran at 0.95 of the mean timed step with about 15 s of
 /// validation and checkpoints, and ended 12 minutes inside its 120. A fixed reserve plus a
-/// larger share would fit both budgets; it has not been measured on both yet.
+/// larger share would fit both budgets; it has not been measured on both yet. Since the sizing
+/// takes the faster of two measuring passes (2026-11-30), quickstart loops have run at 0.89–0.94
+/// of the speed it plans with.
 pub const STEP_TIME_SHARE: f64 = 0.85;
 
 /// Timed steps per candidate in each of the two measuring passes, after one warm-up step.
@@ -249,19 +251,20 @@ pub struct Measured {
 
 /// Measures each candidate's training step as `train` runs it (its batch size, sequence length
 /// and optimizer), in two passes: smallest to largest, then largest to smallest, each one warm-up
-/// and [`TIMED_STEPS`] timed steps per candidate. A candidate's speed is the mean over its timed
-/// steps of both passes (a training run's steps are not all its fastest). A few seconds in which
-/// the machine is busy with something else would otherwise slow only the shapes measured then
-/// and tilt the plan: on 2026-11-30 a single pass measured the small shapes 30 % slow and chose
-/// 3.0M parameters for 0.8 tokens each. `each` is called after each measurement, with that
-/// pass's speed.
+/// and [`TIMED_STEPS`] timed steps per candidate. A candidate's speed is that of its faster pass
+/// (the mean of that pass's timed steps): something else keeping the machine busy can only slow
+/// a measurement, never speed it up. On 2026-11-30 the first pass of two fresh-clone
+/// quickstarts measured the smallest shapes 30–50 % slower than the second pass did (1.0M:
+/// 8545 against 12773 tok/s), and a single pass had chosen 3.0M parameters for 0.8 tokens each.
+/// [`STEP_TIME_SHARE`] covers the rest of the loop. `each` is called after each measurement,
+/// with that pass's speed.
 pub fn measure(
     candidates: &[Candidate],
     train: &TrainConfig,
     mut each: impl FnMut(&Measured),
 ) -> Result<Vec<Measured>, BudgetError> {
-    // Per candidate, the mean timed step of each pass, summed, and the passes counted.
-    let mut sums = vec![(0.0f64, 0usize); candidates.len()];
+    // Per candidate, the shortest mean timed step of a pass.
+    let mut best_step = vec![f64::INFINITY; candidates.len()];
     let mut params = vec![(0u64, 0usize); candidates.len()];
     let order: Vec<usize> = (0..candidates.len()).chain((0..candidates.len()).rev()).collect();
     for i in order {
@@ -269,8 +272,8 @@ pub fn measure(
         let m = bench_config(&c.config, train, TIMED_STEPS)
             .map_err(|source| BudgetError::Measure { target: c.target_params, source })?;
         let speed = m.mean_tokens_per_s();
-        sums[i].0 += m.phases.iter().sum::<std::time::Duration>().as_secs_f64();
-        sums[i].1 += 1;
+        let step = m.phases.iter().sum::<std::time::Duration>().as_secs_f64();
+        best_step[i] = best_step[i].min(step);
         params[i] = (m.params, m.tokens_per_step);
         each(&Measured {
             target_params: c.target_params,
@@ -281,13 +284,12 @@ pub fn measure(
     }
     Ok(candidates
         .iter()
-        .zip(sums.iter().zip(&params))
-        .map(|(c, (&(step_s, passes), &(params, tokens_per_step)))| Measured {
+        .zip(best_step.iter().zip(&params))
+        .map(|(c, (&step, &(params, tokens_per_step)))| Measured {
             target_params: c.target_params,
             model: c.config.to_raw(),
             params,
-            // Tokens over the mean step of the passes.
-            tokens_per_s: tokens_per_step as f64 / (step_s / passes as f64).max(1e-9),
+            tokens_per_s: tokens_per_step as f64 / step.max(1e-9),
         })
         .collect())
 }
