@@ -12,10 +12,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, IndexOp};
 use m31r_model::fim::{FimBudget, FimError, serving_prompt};
-use m31r_model::recall::{
-    Recall, RecallParams, SOURCE_CACHE_CHUNKS, SOURCE_PREFIX_BYTES, SOURCE_SUFFIX_BYTES,
-    SourceTokens, source_window,
-};
+use m31r_model::recall::{Recall, RecallParams, SOURCE_CACHE_CHUNKS, SourceTokens};
 use m31r_model::sampling::{Sampler, SamplingParams};
 use m31r_model::tokenizer::TokenizerError;
 use m31r_model::{Model, ModelError, Tokenizer};
@@ -45,8 +42,8 @@ pub struct EngineConfig {
     /// Token healing of `complete`, `fim` and `warm` prompts (docs/protocol.md, "Token
     /// healing"): a last token that is a fragment is removed and regenerated under a constraint.
     pub token_healing: bool,
-    /// Recall mixed into every next-token distribution (`m31r_model::recall`): the prompt's own
-    /// repetitions, counted over the prompt and the tokens generated so far.
+    /// Recall mixed into every next-token distribution (`m31r_model::recall`): the repetitions
+    /// of the prompt and of the request's file text around the cursor.
     pub recall: RecallParams,
 }
 
@@ -610,28 +607,24 @@ impl Worker {
     /// before it, and for `fim` the text after it; at most 64 KiB each) and then the prompt.
     fn recall_for(&mut self, kind: &JobKind, prompt_ids: &[u32]) -> Result<Recall, JobError> {
         let mut recall = Recall::new(self.config.recall);
-        if self.config.recall.is_on() {
-            let texts: Vec<&str> = match kind {
-                JobKind::Complete { prompt } => {
-                    vec![source_window(prompt, SOURCE_PREFIX_BYTES, true)]
-                }
-                JobKind::Fim(input) | JobKind::Warm(input) => vec![
-                    source_window(&input.prefix, SOURCE_PREFIX_BYTES, true),
-                    source_window(&input.suffix, SOURCE_SUFFIX_BYTES, false),
-                ],
-                _ => Vec::new(),
-            };
-            for text in texts {
-                let ids = self.source.encode(&self.tokenizer, text).map_err(|e| JobError {
+        let around = match kind {
+            _ if !self.config.recall.is_on() => None,
+            JobKind::Complete { prompt } => Some((prompt.as_str(), None)),
+            JobKind::Fim(input) | JobKind::Warm(input) => {
+                Some((input.prefix.as_str(), Some(input.suffix.as_str())))
+            }
+            _ => None,
+        };
+        let file_text = match around {
+            Some((before, after)) => {
+                self.source.around_cursor(&self.tokenizer, before, after).map_err(|e| JobError {
                     code: ErrorCode::Internal,
                     message: format!("cannot encode the file text for recall: {e}"),
-                })?;
-                recall.begin_segment();
-                recall.extend_source(&ids);
+                })?
             }
-        }
-        recall.begin_segment();
-        recall.extend_source(prompt_ids);
+            None => Vec::new(),
+        };
+        recall.start(&file_text, prompt_ids);
         Ok(recall)
     }
 

@@ -198,6 +198,19 @@ impl Recall {
         }
     }
 
+    /// Starts over on a request: each of `file_text` (the ids of the text around the cursor, as
+    /// [`SourceTokens::around_cursor`] gives them) as its own segment, then `prompt` as one.
+    /// The daemon and `eval` both begin a completion this way.
+    pub fn start(&mut self, file_text: &[Vec<u32>], prompt: &[u32]) {
+        self.clear();
+        for segment in file_text {
+            self.begin_segment();
+            self.extend_source(segment);
+        }
+        self.begin_segment();
+        self.extend_source(prompt);
+    }
+
     /// Appends given text (a prompt, a document being scored): from now on everything up to
     /// here may be recalled.
     pub fn extend_source(&mut self, ids: &[u32]) {
@@ -348,6 +361,24 @@ impl SourceTokens {
     /// Whether the cache is empty.
     pub fn is_empty(&self) -> bool {
         self.chunks.is_empty()
+    }
+
+    /// The ids of the file text recall reads around a cursor: the last [`SOURCE_PREFIX_BYTES`]
+    /// of `before` and, when given (a FIM request), the first [`SOURCE_SUFFIX_BYTES`] of
+    /// `after`, each a segment of [`Recall::start`].
+    pub fn around_cursor(
+        &mut self,
+        tokenizer: &crate::Tokenizer,
+        before: &str,
+        after: Option<&str>,
+    ) -> Result<Vec<Vec<u32>>, crate::tokenizer::TokenizerError> {
+        let mut segments =
+            vec![self.encode(tokenizer, source_window(before, SOURCE_PREFIX_BYTES, true))?];
+        if let Some(after) = after {
+            segments
+                .push(self.encode(tokenizer, source_window(after, SOURCE_SUFFIX_BYTES, false))?);
+        }
+        Ok(segments)
     }
 
     /// The ids of `text`, chunk by chunk (each chunk encoded on its own).

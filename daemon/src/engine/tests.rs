@@ -273,12 +273,11 @@ fn healing_off_is_the_plain_greedy_decode() {
         let (index, _) = cache.acquire(&model, &ids, 256).unwrap();
         let mut logits = cache.get_mut(index).extend(&model, &ids).unwrap().i((0, 0)).unwrap();
         let mut recall = Recall::new(RecallParams::DEFAULT);
-        if let Some(text) = file_text {
-            recall.begin_segment();
-            recall.extend_source(&SourceTokens::new(64).encode(&tok, text).unwrap());
-        }
-        recall.begin_segment();
-        recall.extend_source(&ids);
+        let around = match file_text {
+            Some(text) => SourceTokens::new(64).around_cursor(&tok, text, None).unwrap(),
+            None => Vec::new(),
+        };
+        recall.start(&around, &ids);
         let mut out = Vec::new();
         for _ in 0..max_tokens {
             let mut row: Vec<f32> = logits.to_dtype(DType::F32).unwrap().to_vec1().unwrap();

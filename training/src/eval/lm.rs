@@ -154,13 +154,7 @@ impl Predictor for ModelPredictor<'_> {
     fn start(&mut self, prompt: &[u32]) -> Result<u32, EvalError> {
         let t = Instant::now();
         self.cache.clear();
-        self.recall.clear();
-        for segment in std::mem::take(&mut self.file_text) {
-            self.recall.begin_segment();
-            self.recall.extend_source(&segment);
-        }
-        self.recall.begin_segment();
-        self.recall.extend_source(prompt);
+        self.recall.start(&std::mem::take(&mut self.file_text), prompt);
         let mut last = None;
         for chunk in prompt.chunks(CHUNK) {
             let ids = Tensor::new(chunk, self.model.device())?.unsqueeze(0)?;

@@ -29,10 +29,7 @@ use crate::tok::load_tokenizer;
 use compress::CompressorResult;
 use fim::{Score, ScoreSum, complete_line, sample_items};
 use lm::{DecodeSpeed, ModelPredictor, document_scores};
-use m31r_model::recall::{
-    RecallParams, SOURCE_CACHE_CHUNKS, SOURCE_PREFIX_BYTES, SOURCE_SUFFIX_BYTES, SourceTokens,
-    source_window,
-};
+use m31r_model::recall::{RecallParams, SOURCE_CACHE_CHUNKS, SourceTokens};
 use ngram::{NgramModel, NgramPredictor};
 
 /// Why an evaluation could not run; names the bundle, data directory or file at fault.
@@ -694,18 +691,17 @@ fn completion_benchmark(
         let max_new = opts.max_new_tokens;
         // Recall reads the file around the cursor as the daemon does for a `fim` request (the
         // text before the cursor, then after it) and a `complete` one (before it only).
-        let (before, after) = if opts.recall.is_on() {
+        let (around_fim, around_l2r) = if opts.recall.is_on() {
             (
-                source.encode(tokenizer, source_window(&item.prefix, SOURCE_PREFIX_BYTES, true))?,
-                source
-                    .encode(tokenizer, source_window(&item.suffix, SOURCE_SUFFIX_BYTES, false))?,
+                source.around_cursor(tokenizer, &item.prefix, Some(&item.suffix))?,
+                source.around_cursor(tokenizer, &item.prefix, None)?,
             )
         } else {
             (Vec::new(), Vec::new())
         };
-        model_predictor.file_text = vec![before.clone(), after];
+        model_predictor.file_text = around_fim;
         let fim = complete_line(&mut model_predictor, tokenizer, &fim_prompt.ids, max_new)?;
-        model_predictor.file_text = vec![before];
+        model_predictor.file_text = around_l2r;
         let l2r = complete_line(&mut model_predictor, tokenizer, &l2r_prompt, max_new)?;
         let base = complete_line(&mut ngram_predictor, tokenizer, &l2r_prompt, max_new)?;
         fim_sum.add(&fim, &item.middle);
