@@ -4,6 +4,8 @@
 //! computed by one thread in a fixed order, so results do not depend on the thread count or on
 //! scheduling.
 
+use std::ops::Range;
+
 use candle_core::{DType, Result, Tensor};
 
 use crate::pool::{self, Out};
@@ -79,12 +81,8 @@ pub fn gemv_many(parts: &mut [(WeightRows<'_>, &mut [f32])], x: &[f32], cols: us
         return;
     }
     // Quantized weights take the activation quantized to Q8_0 once, as GGML does.
-    let quantized: Vec<Q8Row> =
-        if parts.iter().any(|(w, _)| matches!(w, WeightRows::Q8_0(_) | WeightRows::Q4_0(_))) {
-            x.chunks(cols).map(Q8Row::quantize).collect()
-        } else {
-            Vec::new()
-        };
+    let quantized =
+        if parts.iter().any(|(w, _)| w.is_blocks()) { quantize_rows(x, cols) } else { Vec::new() };
     // Work items are blocks of output rows, numbered across the parts in order.
     let outs: Vec<usize> = parts.iter().map(|(_, y)| y.len() / rows).collect();
     let mut first_item = Vec::with_capacity(parts.len() + 1);
@@ -104,40 +102,7 @@ pub fn gemv_many(parts: &mut [(WeightRows<'_>, &mut [f32])], x: &[f32], cols: us
             let first = (item - first_item[part]) * ROWS_PER_ITEM;
             let last = out.min(first + ROWS_PER_ITEM);
             let width = last - first;
-            for o in first..last {
-                let mut dots = [0f32; MAX_ROWS];
-                match weight {
-                    WeightRows::F32(w) => {
-                        let w = &w[o * cols..(o + 1) * cols];
-                        for (r, d) in dots[..rows].iter_mut().enumerate() {
-                            *d = dot_f32(w, &x[r * cols..(r + 1) * cols]);
-                        }
-                    }
-                    WeightRows::F16(w) => {
-                        let w = &w[o * cols..(o + 1) * cols];
-                        for (r, d) in dots[..rows].iter_mut().enumerate() {
-                            *d = dot_f16(w, &x[r * cols..(r + 1) * cols]);
-                        }
-                    }
-                    WeightRows::Q8_0(w) => {
-                        let n = cols / BLOCK * Q8_0_BYTES;
-                        let w = &w[o * n..(o + 1) * n];
-                        for (q, d) in quantized.iter().zip(&mut dots) {
-                            *d = dot_q8_0(w, q);
-                        }
-                    }
-                    WeightRows::Q4_0(w) => {
-                        let n = cols / BLOCK * Q4_0_BYTES;
-                        let w = &w[o * n..(o + 1) * n];
-                        for (q, d) in quantized.iter().zip(&mut dots) {
-                            *d = dot_q4_0(w, q);
-                        }
-                    }
-                }
-                for (r, d) in dots[..rows].iter().enumerate() {
-                    tile[r * width + o - first] = *d;
-                }
-            }
+            rows_times(weight, x, &quantized, cols, first..last, &mut tile[..rows * width]);
             for r in 0..rows {
                 // SAFETY: each item writes its own output rows `first..last` of its part.
                 let y = unsafe { ys[part].part(r * out + first..r * out + last) };
@@ -145,6 +110,63 @@ pub fn gemv_many(parts: &mut [(WeightRows<'_>, &mut [f32])], x: &[f32], cols: us
             }
         }
     });
+}
+
+/// `x`'s rows of `cols` values quantized to Q8_0, as the integer kernels take an activation for
+/// weights made of blocks ([`WeightRows::is_blocks`]), as GGML does.
+pub fn quantize_rows(x: &[f32], cols: usize) -> Vec<Q8Row> {
+    x.chunks(cols).map(Q8Row::quantize).collect()
+}
+
+/// Output features `outs` of `W` for every row of `x` (`x.len() / cols` rows, at most
+/// [`MAX_ROWS`]), on this thread: `tile[r · outs.len() + (o − outs.start)] = x[r] · W[o]`.
+/// `quantized` is [`quantize_rows`] of `x` when `weight` is made of blocks. Each value is one
+/// dot product in a fixed order, whichever thread computes it.
+pub fn rows_times(
+    weight: WeightRows<'_>,
+    x: &[f32],
+    quantized: &[Q8Row],
+    cols: usize,
+    outs: Range<usize>,
+    tile: &mut [f32],
+) {
+    let rows = x.len() / cols.max(1);
+    let width = outs.len();
+    assert!(rows <= MAX_ROWS && tile.len() >= rows * width, "rows_times: {rows} rows of {width}");
+    for o in outs.clone() {
+        let mut dots = [0f32; MAX_ROWS];
+        match weight {
+            WeightRows::F32(w) => {
+                let w = &w[o * cols..(o + 1) * cols];
+                for (r, d) in dots[..rows].iter_mut().enumerate() {
+                    *d = dot_f32(w, &x[r * cols..(r + 1) * cols]);
+                }
+            }
+            WeightRows::F16(w) => {
+                let w = &w[o * cols..(o + 1) * cols];
+                for (r, d) in dots[..rows].iter_mut().enumerate() {
+                    *d = dot_f16(w, &x[r * cols..(r + 1) * cols]);
+                }
+            }
+            WeightRows::Q8_0(w) => {
+                let n = cols / BLOCK * Q8_0_BYTES;
+                let w = &w[o * n..(o + 1) * n];
+                for (q, d) in quantized.iter().zip(&mut dots) {
+                    *d = dot_q8_0(w, q);
+                }
+            }
+            WeightRows::Q4_0(w) => {
+                let n = cols / BLOCK * Q4_0_BYTES;
+                let w = &w[o * n..(o + 1) * n];
+                for (q, d) in quantized.iter().zip(&mut dots) {
+                    *d = dot_q4_0(w, q);
+                }
+            }
+        }
+        for (r, d) in dots[..rows].iter().enumerate() {
+            tile[r * width + o - outs.start] = *d;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -88,32 +88,48 @@ impl Attention {
     }
 }
 
-/// [`attention`] of one token's query `q` `(heads · dim)` into `y`, on slices: the decode step of
-/// the model's single-token path (`m31r_model::transformer::Model`), which keeps activations out
-/// of candle tensors.
-pub fn attention_one(
-    q: &[f32],
-    keys: &Tensor,
-    values: &Tensor,
-    kv_len: usize,
+/// One head's attention for new positions whose keys and values are not in the cache yet (the
+/// step program of `m31r_model`, which appends them once every layer has run): query `i` of
+/// `queries` (rows of `dim` values) sees the head's `cached` positions of `keys`/`values` from element
+/// `base` on, then new positions `0..=i` of `new_keys`/`new_values` (rows of `dim`, in the cache's
+/// precision). The arithmetic, in order, is [`attention`]'s once the new rows are cached, so both
+/// give the same bits. `scores` is scratch; `out` takes the queries' rows.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_new(
+    (keys, values): (CacheRows<'_>, CacheRows<'_>),
+    base: usize,
+    cached: usize,
+    (new_keys, new_values): (CacheRows<'_>, CacheRows<'_>),
+    dim: usize,
+    queries: &[f32],
     scale: f32,
-    y: &mut [f32],
-) -> Result<()> {
-    let (_, kv_heads, capacity, dim) = keys.dims4()?;
-    let heads = q.len() / dim.max(1);
-    if kv_len > capacity || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || y.len() != q.len() {
-        candle_core::bail!(
-            "attention_one: query of {} values for a {:?} cache",
-            q.len(),
-            keys.dims()
-        );
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let n = queries.len() / dim.max(1);
+    assert_eq!(out.len(), queries.len(), "attend_new: {n} queries of {dim}");
+    scores.resize(cached + n, 0.0);
+    for (i, (query, acc)) in queries.chunks(dim).zip(out.chunks_mut(dim)).enumerate() {
+        let visible = cached + i + 1;
+        let mut max = f32::NEG_INFINITY;
+        for (j, s) in scores[..visible].iter_mut().enumerate() {
+            *s = if j < cached {
+                keys.dot(base + j * dim, query)
+            } else {
+                new_keys.dot((j - cached) * dim, query)
+            } * scale;
+            max = max.max(*s);
+        }
+        let total = exp_shifted(&mut scores[..visible], max);
+        acc.fill(0.0);
+        for (j, p) in scores[..visible].iter().enumerate() {
+            if j < cached {
+                values.axpy(base + j * dim, *p, acc);
+            } else {
+                new_values.axpy((j - cached) * dim, *p, acc);
+            }
+        }
+        let inv = 1.0 / total;
+        acc.iter_mut().for_each(|a| *a *= inv);
     }
-    let (ks, kl) = keys.storage_and_layout();
-    let (vs, vl) = values.storage_and_layout();
-    let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*ks, &*vs) else {
-        candle_core::bail!("attention_one: the cache is not on the CPU");
-    };
-    let op = Attention { heads, kv_heads, dim, capacity, kv_len, scale };
-    op.attend(q, CacheRows::of(kc, kl)?, CacheRows::of(vc, vl)?, y);
-    Ok(())
 }

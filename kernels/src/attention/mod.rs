@@ -11,7 +11,7 @@ use crate::vec::{axpy_f16, axpy_f32, dot_f16, dot_f32};
 pub mod decode;
 pub mod prefill;
 
-pub use decode::{attention, attention_one};
+pub use decode::{attend_new, attention};
 #[cfg(test)]
 use prefill::PREFILL_QUERIES;
 pub use prefill::attention_prefill;
@@ -58,15 +58,19 @@ impl Attention {
     }
 }
 
-/// One layer's cached keys or values as the attention kernel reads them.
-#[derive(Clone, Copy)]
-enum CacheRows<'a> {
+/// One layer's cached keys or values as the attention kernel reads them (or new rows in the
+/// cache's precision).
+#[derive(Debug, Clone, Copy)]
+pub enum CacheRows<'a> {
+    /// f32 values.
     F32(&'a [f32]),
+    /// f16 values.
     F16(&'a [f16]),
 }
 
 impl<'a> CacheRows<'a> {
-    fn of(storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
+    /// The values of a contiguous f32 or f16 CPU buffer; another dtype or layout is an error.
+    pub fn of(storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
         let (start, end) = layout
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("attention: non-contiguous cache".into()))?;

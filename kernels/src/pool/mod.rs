@@ -10,12 +10,14 @@
 //! either.
 
 mod adapt;
+mod program;
 mod workers;
 
 use std::ops::Range;
 use std::sync::OnceLock;
 
 pub use adapt::Policy;
+pub use program::Program;
 use workers::Pool;
 pub use workers::Stats;
 
@@ -60,6 +62,13 @@ pub fn policy() -> Policy {
 /// Timings of the parallel sections so far (for benches).
 pub fn stats() -> Stats {
     pool().stats()
+}
+
+/// Runs `program` ([`Program`]: phases of chunks that every participating thread runs through,
+/// none waiting for a stalled one) on the pool when `parallel`, else on this thread; then returns
+/// what `finish` reads from it. Its results are the same either way.
+pub fn run_program<P: Program, R>(program: P, parallel: bool, finish: impl FnOnce(&P) -> R) -> R {
+    pool().run_program(program, parallel, finish)
 }
 
 /// An output buffer that parallel workers fill in disjoint parts: rows of values, or slots of a

@@ -17,6 +17,7 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use super::adapt::Policy;
+use super::program::{Participant, Program, Run};
 
 /// How long a waiting thread spins before it yields.
 pub(crate) const SPIN: Duration = Duration::from_micros(30);
@@ -102,6 +103,8 @@ struct Shared {
     /// Set by the caller just before it parks waiting for the last chunks.
     caller_sleeping: AtomicBool,
     job: UnsafeCell<Job>,
+    /// The program being run, if any: a worker woken for a new generation joins it.
+    program: Mutex<Option<Arc<dyn Participant>>>,
     slots: Box<[Slot]>,
     panic: Mutex<Option<Box<dyn Any + Send>>>,
 }
@@ -124,6 +127,10 @@ pub struct Stats {
     pub wait_ns: u64,
     /// Sections run inline: too small, nested, on one thread, or while another caller ran one.
     pub inline_sections: u64,
+    /// Programs run ([`super::program`]), on the pool or inline.
+    pub programs: u64,
+    /// Chunks of programs that a second thread computed because their claimant had stalled.
+    pub redone_chunks: u64,
 }
 
 /// The pool: `threads - 1` workers plus whichever thread calls [`Pool::run`].
@@ -153,6 +160,7 @@ impl Pool {
                 chunks: 0,
                 caller: None,
             }),
+            program: Mutex::new(None),
             slots: (0..workers)
                 .map(|_| Slot { sleeping: AtomicBool::new(false), thread: OnceLock::new() })
                 .collect(),
@@ -273,6 +281,57 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// Runs `program` to its end on the calling thread and, when `parallel` (and the pool has
+    /// threads to spare), on the workers too; then `finish` reads its outputs. Returns as soon as
+    /// every phase is committed, whoever committed it: a worker still inside a chunk finishes on
+    /// its own (see [`super::program`]). A panic in the program is resumed here.
+    pub(crate) fn run_program<P: Program, R>(
+        &self,
+        program: P,
+        parallel: bool,
+        finish: impl FnOnce(&P) -> R,
+    ) -> R {
+        let run = Arc::new(Run::new(program));
+        // Programs keep the cap's threads while the machine is busy: their chunks do not wait
+        // for a stalled thread (it is overtaken), which is what the adaptive count guards.
+        let threads = self.policy().cap().min(self.threads());
+        let generation = if parallel && threads > 1 && !IN_POOL.with(Cell::get) {
+            self.caller.try_lock().ok()
+        } else {
+            None
+        };
+        match generation {
+            Some(mut generation) => {
+                let shared = &*self.shared;
+                *shared.program.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some(Arc::clone(&run) as Arc<dyn Participant>);
+                shared.helpers.store(threads - 1, Ordering::Relaxed);
+                *generation = generation.wrapping_add(1);
+                // No chunks of a section to claim: workers that wake find the program instead.
+                shared.state.store(pack(*generation, 0, 0), Ordering::SeqCst);
+                for slot in &shared.slots[..threads - 1] {
+                    if slot.sleeping.load(Ordering::SeqCst)
+                        && let Some(thread) = slot.thread.get()
+                    {
+                        thread.unpark();
+                    }
+                }
+                run.participate();
+                *shared.program.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            }
+            None => run.participate(),
+        }
+        {
+            let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+            stats.programs += 1;
+            stats.redone_chunks += run.redone() as u64;
+        }
+        run.finish();
+        finish(run.program())
+    }
+}
+
 /// Runs claimed chunk `index` of the current section and counts it done, waking the caller if
 /// it was the last.
 fn run_chunk(shared: &Shared, index: usize) {
@@ -361,6 +420,11 @@ fn worker(shared: &Shared, index: usize) {
         seen = generation(shared.state.load(Ordering::Acquire));
         left_out = index >= shared.helpers.load(Ordering::Relaxed);
         if left_out {
+            continue;
+        }
+        let program = shared.program.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some(program) = program {
+            program.participate();
             continue;
         }
         while let Some(chunk) = claim(&shared.state) {

@@ -50,8 +50,13 @@ impl<'a> WeightRows<'a> {
         }
     }
 
+    /// Whether the rows are GGML blocks, whose kernels take the activation quantized to Q8_0.
+    pub fn is_blocks(&self) -> bool {
+        matches!(self, WeightRows::Q8_0(_) | WeightRows::Q4_0(_))
+    }
+
     /// Bytes of weights.
-    pub(crate) fn bytes(&self) -> usize {
+    pub fn bytes(&self) -> usize {
         match self {
             WeightRows::F32(w) => 4 * w.len(),
             WeightRows::F16(w) => 2 * w.len(),

@@ -7,8 +7,8 @@ use candle_nn::attention::AttnMask;
 use m31r_kernels::{attention, train};
 
 use super::cache::KvCache;
-use super::rope::{Rope, rope_rows};
-use super::{AttentionKernel, Path, Result, load_projection, project_rows};
+use super::rope::Rope;
+use super::{AttentionKernel, Path, Result, load_projection};
 use crate::config::ModelConfig;
 use crate::quant::{QLinear, QuantizedWeights};
 use crate::weights::layer;
@@ -46,35 +46,6 @@ impl Attention {
 
     /// Attends `x` (`(batch, seq, d_model)`, at positions `start..`) to itself and, on the inference
     /// path, to the `cache`d positions before it.
-    /// [`Attention::forward`] for one token on plain slices (the CPU decode step): `h` is the
-    /// normed row at position `pos` and `(cos, sin)` its RoPE tables; its key and value are
-    /// appended to layer `layer` of `cache`, whose length the caller advances.
-    pub(super) fn forward_token(
-        &self,
-        h: &[f32],
-        (cos, sin): (&[f32], &[f32]),
-        cache: &KvCache,
-        layer: usize,
-        pos: usize,
-    ) -> Result<Vec<f32>> {
-        let [mut q, mut k, v] = project_rows([&self.q_proj, &self.k_proj, &self.v_proj], h)?;
-        rope_rows(&mut q, cos, sin);
-        rope_rows(&mut k, cos, sin);
-        cache.append_row(layer, &k, &v)?;
-        let mut y = vec![0f32; q.len()];
-        let scale = 1.0 / (self.head_dim as f32).sqrt();
-        attention::attention_one(
-            &q,
-            &cache.keys[layer],
-            &cache.values[layer],
-            pos + 1,
-            scale,
-            &mut y,
-        )?;
-        let [o] = project_rows([&self.o_proj], &y)?;
-        Ok(o)
-    }
-
     pub(super) fn forward(
         &self,
         x: &Tensor,

@@ -8,7 +8,7 @@ use super::attention::Attention;
 use super::cache::KvCache;
 use super::mlp::Mlp;
 use super::rope::Rope;
-use super::{ModelError, Path, Result};
+use super::{Path, Result};
 use crate::config::ModelConfig;
 use crate::quant::{QLinear, QuantizedWeights};
 use crate::weights::{LAYER, layer};
@@ -25,20 +25,6 @@ impl RmsNorm {
         Ok(Self { weight: vb.get(dim, "weight")?, eps })
     }
 
-    /// The norm of one row on a slice (the single-token decode step).
-    pub(super) fn apply(&self, x: &[f32]) -> Result<Vec<f32>> {
-        // Read in place: the weight may be a training variable, so it is not copied ahead.
-        let (storage, layout) = self.weight.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            return Err(ModelError::Usage("the single-token path runs on the CPU".into()));
-        };
-        let weight = m31r_kernels::data(cpu, layout, "rms_norm")?;
-        let inv = 1.0
-            / (m31r_kernels::vec::portable::dot_f32(x, x) / x.len() as f32 + self.eps as f32)
-                .sqrt();
-        Ok(x.iter().zip(weight).map(|(x, w)| x * inv * w).collect())
-    }
-
     /// The inference norm: on a CPU in f32 the pool kernel of [`m31r_kernels::train`] (see
     /// [`Rope::apply_fused`]), elsewhere candle-nn's.
     pub(super) fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
@@ -51,6 +37,14 @@ impl RmsNorm {
     /// Differentiable RMSNorm (see [`train::rms_norm`]).
     pub(super) fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
         Ok(train::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+/// RMSNorm of one row `x` with scale `weight` into `out` (the step program's norm).
+pub(super) fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let inv = 1.0 / (m31r_kernels::vec::portable::dot_f32(x, x) / x.len() as f32 + eps).sqrt();
+    for ((o, x), w) in out.iter_mut().zip(x).zip(weight) {
+        *o = x * inv * w;
     }
 }
 
@@ -114,27 +108,7 @@ impl Block {
         Ok((&h + mlp.to_dtype(h.dtype())?)?)
     }
 
-    /// [`Block::forward`] for one token on plain slices (the CPU decode step, see
-    /// `Model::forward_token`): the hidden row `x` is updated in place, the token's key and value
-    /// appended to layer `layer` of `cache` at position `pos`.
-    pub(super) fn forward_token(
-        &self,
-        x: &mut [f32],
-        rope: (&[f32], &[f32]),
-        cache: &KvCache,
-        layer: usize,
-        pos: usize,
-    ) -> Result<()> {
-        let h = self.input_layernorm.apply(x)?;
-        let o = self.self_attn.forward_token(&h, rope, cache, layer, pos)?;
-        x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-        let h = self.post_attention_layernorm.apply(x)?;
-        let down = self.mlp.forward_token(&h)?;
-        x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
-        Ok(())
-    }
-
-    /// The block's projections, the ones the single-token path needs kernel views of.
+    /// The block's projections, the ones the step program ([`super::step`]) reads.
     pub(super) fn linears(&self) -> [&QLinear; 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
         [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]

@@ -95,14 +95,14 @@ impl KvCache {
         Ok(())
     }
 
-    /// Writes one position's keys and values (`kv_heads · head_dim` each) of `layer` at the
-    /// current end.
-    pub(super) fn append_row(&self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+    /// Writes one position's keys and values (`kv_heads · head_dim` each) of `layer` at
+    /// position `pos` (the step program's new rows, after it has run).
+    pub(super) fn write_row(&self, layer: usize, pos: usize, k: &[f32], v: &[f32]) -> Result<()> {
         let (keys, values) = (&self.keys[layer], &self.values[layer]);
         let (_, heads, _, dim) = keys.dims4()?;
         for (buffer, row) in [(keys, k), (values, v)] {
             let row = Tensor::from_slice(row, (1, heads, 1, dim), buffer.device())?;
-            buffer.slice_set(&row.to_dtype(buffer.dtype())?, 2, self.len)?;
+            buffer.slice_set(&row.to_dtype(buffer.dtype())?, 2, pos)?;
         }
         Ok(())
     }

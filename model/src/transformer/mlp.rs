@@ -4,7 +4,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use m31r_kernels::train;
 
-use super::{Path, Result, load_projection, project_rows};
+use super::{Path, Result, load_projection};
 use crate::config::ModelConfig;
 use crate::quant::{QLinear, QuantizedWeights};
 use crate::weights::layer;
@@ -36,14 +36,5 @@ impl Mlp {
         let [gate, up] = path.project_all([&self.gate_proj, &self.up_proj], x)?;
         let gated = train::swiglu(&gate, &up)?;
         path.project(&self.down_proj, &gated)
-    }
-
-    /// [`Mlp::forward`] for one normed row on plain slices (the CPU decode step).
-    pub(super) fn forward_token(&self, h: &[f32]) -> Result<Vec<f32>> {
-        let [gate, up] = project_rows([&self.gate_proj, &self.up_proj], h)?;
-        let gated: Vec<f32> =
-            gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-        let [down] = project_rows([&self.down_proj], &gated)?;
-        Ok(down)
     }
 }

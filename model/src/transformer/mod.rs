@@ -7,7 +7,6 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use m31r_kernels::gemv;
 
 use crate::config::ModelConfig;
 use crate::quant::{QLinear, QuantizedWeights, TokenEmbedding, Weight};
@@ -44,6 +43,7 @@ mod block;
 mod cache;
 mod mlp;
 mod rope;
+mod step;
 
 #[cfg(test)]
 use attention::{fused_attention, plain_attention};
@@ -114,20 +114,6 @@ fn load_projection(
     Ok(QLinear::load(vb.pp(w.module()), w.matrix(config), quantized)?)
 }
 
-/// One row through several projections in one dispatch of the matrix–vector kernels (the
-/// single-token decode step); the weights must run on the kernels ([`QLinear::on_kernels`]).
-fn project_rows<const N: usize>(linears: [&QLinear; N], input: &[f32]) -> Result<[Vec<f32>; N]> {
-    QLinear::with_rows(&linears, |views| {
-        let mut ys: Vec<Vec<f32>> = views.iter().map(|(_, out)| vec![0f32; *out]).collect();
-        let mut parts: Vec<_> =
-            views.iter().zip(&mut ys).map(|((w, _), y)| (*w, y.as_mut_slice())).collect();
-        gemv::gemv_many(&mut parts, input, input.len());
-        ys
-    })?
-    .try_into()
-    .map_err(|_| ModelError::Usage("projection count mismatch".into()))
-}
-
 /// The decoder: embedding → blocks → final norm → LM head (tied to the embedding by default).
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -138,8 +124,9 @@ pub struct Model {
     lm_head: QLinear,
     rope: Rope,
     kernel: AttentionKernel,
-    /// Whether a decode step can run on plain slices ([`Model::forward_token`]): a CPU f32 model
-    /// whose every projection runs on the kernels. Decided at load, as the projections' kernels are.
+    /// Whether a decode step or a keystroke's few tokens can run as the step program
+    /// ([`step`]): a CPU f32 model whose every projection runs on the kernels. Decided at load,
+    /// as the projections' kernels are.
     token_step: bool,
 }
 
@@ -332,42 +319,12 @@ impl Model {
     /// all that prefill and decoding need. The LM head of the other positions (a sixth of a
     /// `small` model's prefill work) is skipped.
     pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        if let Some(logits) = self.forward_token(ids, cache)? {
+        if let Some(logits) = self.forward_step(ids, cache)? {
             return Ok(logits);
         }
         let hidden = self.forward_hidden(ids, cache)?;
         let seq = hidden.dim(1)?;
         self.logits(&hidden.narrow(1, seq - 1, 1)?)
-    }
-
-    /// A decode step on a CPU: one token through the whole model on plain slices with the
-    /// kernels of [`m31r_kernels`], without a candle tensor per intermediate (a `tiny` decode
-    /// step is otherwise mostly tensor bookkeeping). Returns `None`, having done nothing, where it
-    /// does not apply (more than one token, not a CPU f32 model, the plain attention kernel, or a
-    /// weight the kernels cannot read); same results as [`Model::forward_hidden`] up to summation
-    /// order.
-    fn forward_token(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Option<Tensor>> {
-        if !self.token_step
-            || ids.dims() != [1, 1]
-            || self.kernel != AttentionKernel::Fused
-            || cache.keys.len() != self.layers.len()
-        {
-            return Ok(None);
-        }
-        cache.reserve(1)?;
-        let pos = cache.len();
-        let (cos, sin) = self.rope.tables(pos, 1)?;
-        let (cos, sin) =
-            (cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?);
-        let mut x = self.embed_tokens.forward(ids)?.flatten_all()?.to_vec1::<f32>()?;
-        for (i, block) in self.layers.iter().enumerate() {
-            block.forward_token(&mut x, (&cos, &sin), cache, i, pos)?;
-        }
-        cache.len += 1;
-        let h = self.norm.apply(&x)?;
-        let [logits] = project_rows([&self.lm_head], &h)?;
-        let vocab = logits.len();
-        Ok(Some(Tensor::from_vec(logits, (1, 1, vocab), self.device())?))
     }
 
     /// The blocks of the inference forward: hidden states `(1, seq, d_model)` before the final

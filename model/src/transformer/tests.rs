@@ -129,3 +129,59 @@ fn bf16_forward_of_f32_weights_tracks_f32_and_its_gradients_are_f32() {
         assert_eq!(g.dims(), var.dims(), "{name}");
     }
 }
+
+/// The step program's logits and cache rows, as bits, for a prompt and then decode steps and a
+/// few-token chunk, under the pool's current thread count.
+fn step_outputs(model: &Model) -> Vec<u32> {
+    use crate::testing::{ids, row};
+    let mut cache = model.new_cache(8).unwrap();
+    model.forward(&row(&ids(40, 200, 3)), &mut cache).unwrap();
+    let mut bits = Vec::new();
+    let mut push = |t: &Tensor| {
+        let v = t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        bits.extend(v.iter().map(|x| x.to_bits()));
+    };
+    for t in 0..6u32 {
+        push(&model.forward_step(&row(&[t * 7 % 200]), &mut cache).unwrap().unwrap());
+    }
+    push(&model.forward_step(&row(&ids(5, 200, 9)), &mut cache).unwrap().unwrap());
+    for layer in 0..cache.keys.len() {
+        push(&cache.keys[layer].narrow(2, 0, cache.len()).unwrap());
+        push(&cache.values[layer].narrow(2, 0, cache.len()).unwrap());
+    }
+    bits
+}
+
+#[test]
+fn the_step_program_gives_the_same_bits_on_every_thread_count_and_tracks_the_tensor_path() {
+    use crate::testing::{ids, max_abs_diff, row, tiny_model};
+    use m31r_kernels::pool;
+    for kv_heads in [1, 2, 4] {
+        let model = tiny_model(kv_heads, 7);
+        let mut seen = Vec::new();
+        for cap in 1..=pool::max_threads() {
+            pool::set_thread_cap(cap);
+            seen.push(step_outputs(&model));
+        }
+        pool::set_thread_cap(0);
+        assert!(seen.windows(2).all(|w| w[0] == w[1]), "kv heads {kv_heads}");
+
+        // The same chunk through the tensor path: equal up to summation order.
+        let prompt = ids(40, 200, 3);
+        let (mut a, mut b) = (model.new_cache(8).unwrap(), model.new_cache(8).unwrap());
+        model.forward(&row(&prompt), &mut a).unwrap();
+        model.forward(&row(&prompt), &mut b).unwrap();
+        for chunk in [ids(1, 200, 5), ids(5, 200, 9)] {
+            let n = chunk.len();
+            let reference =
+                model.forward(&row(&chunk), &mut a).unwrap().narrow(1, n - 1, 1).unwrap();
+            let step = model.forward_step(&row(&chunk), &mut b).unwrap().unwrap();
+            let d = max_abs_diff(&reference, &step);
+            assert!(d < 1e-4, "kv heads {kv_heads}, {n} rows: {d}");
+            assert_eq!(a.len(), b.len());
+        }
+        let keys =
+            |c: &KvCache| c.keys[0].narrow(2, 0, c.len()).unwrap().to_dtype(DType::F32).unwrap();
+        assert!(max_abs_diff(&keys(&a), &keys(&b)) < 1e-3, "cached keys differ");
+    }
+}
