@@ -481,6 +481,76 @@ mod tests {
     }
 
     #[test]
+    fn a_program_goes_on_while_its_caller_is_stalled() {
+        use std::thread::ThreadId;
+
+        /// Six phases of four chunks, each writing its index; the caller's first chunk sleeps.
+        struct Stalls {
+            caller: ThreadId,
+            stall: AtomicBool,
+            /// Set when the caller wakes up from its stall.
+            woke: AtomicBool,
+            values: Vec<AtomicU32>,
+            /// Set when a thread other than the caller commits a chunk of the last phase while
+            /// the caller is still stalled.
+            worker_finished: AtomicBool,
+        }
+        impl Program for Stalls {
+            type Local = u32;
+            fn phases(&self) -> usize {
+                6
+            }
+            fn chunks(&self, _: usize) -> usize {
+                4
+            }
+            fn enter(&self, _: usize, _: &mut u32) {}
+            fn compute(&self, phase: usize, chunk: usize, local: &mut u32) {
+                if std::thread::current().id() == self.caller
+                    && self.stall.swap(false, Ordering::SeqCst)
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                    self.woke.store(true, Ordering::SeqCst);
+                }
+                *local = (phase * 4 + chunk) as u32;
+            }
+            unsafe fn commit(&self, phase: usize, chunk: usize, local: &u32) {
+                self.values[phase * 4 + chunk].store(*local, Ordering::SeqCst);
+                if phase == 5
+                    && std::thread::current().id() != self.caller
+                    && !self.woke.load(Ordering::SeqCst)
+                {
+                    self.worker_finished.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        let pool = Pool::new(2);
+        // A worker still starting when the program is published sits it out, and one the OS
+        // keeps off the cores (tests run side by side) cannot overtake anyone: retry.
+        let mut worker_finished = false;
+        for _ in 0..10 {
+            let program = Stalls {
+                caller: std::thread::current().id(),
+                stall: AtomicBool::new(true),
+                woke: AtomicBool::new(false),
+                values: (0..24).map(|_| AtomicU32::new(u32::MAX)).collect(),
+                worker_finished: AtomicBool::new(false),
+            };
+            let values;
+            (values, worker_finished) = pool.run_program(program, true, |p| {
+                let values: Vec<u32> = p.values.iter().map(|v| v.load(Ordering::SeqCst)).collect();
+                (values, p.worker_finished.load(Ordering::SeqCst))
+            });
+            assert_eq!(values, (0..24).collect::<Vec<u32>>());
+            if worker_finished {
+                break;
+            }
+        }
+        assert!(worker_finished, "the worker did not carry the program to its end");
+        // It had to compute the caller's stalled chunk itself to get past that phase.
+        assert!(pool.stats().redone_chunks >= 1, "the stalled chunk was not redone");
+    }
+
+    #[test]
     fn sections_after_a_long_idle_wake_the_parked_workers() {
         let pool = Pool::new(2);
         std::thread::sleep(SPIN + YIELD + Duration::from_millis(5));
