@@ -88,7 +88,7 @@ impl Buf {
     }
 }
 
-/// A weight view that the run's owners keep alive (see [`Step::keep`]).
+/// A weight view that the run's owners keep alive (see `Step::_keep`).
 type Rows = WeightRows<'static>;
 
 /// One block's weights as the step reads them.
@@ -169,8 +169,7 @@ struct Step {
     /// lives until the last thread leaves it: the weights and the cache buffers cannot be freed
     /// under it. (A later request may rewrite cache positions it reads; what it computes from
     /// them is never committed.)
-    #[allow(dead_code)]
-    keep: (Vec<Tensor>, Vec<Arc<QTensor>>),
+    _keep: (Vec<Tensor>, Vec<Arc<QTensor>>),
 }
 
 /// A participating thread's own memory.
@@ -602,7 +601,7 @@ impl Model {
             output_cuts: cut(&[d]),
             gate_cuts: cut(&[d_ff]),
             head_cuts: cut(&[vocab]),
-            keep,
+            _keep: keep,
         };
         let (logits, new_rows) = pool::run_program(step, true, |step| {
             // SAFETY: the program has committed every phase.
