@@ -275,7 +275,7 @@ mod tests {
         }
         fn compute(&self, phase: usize, chunk: usize, local: &mut Local) {
             if self.slow == Some((phase, chunk)) {
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(100));
             }
             local.value = local.input + (phase * chunk) as u64 + chunk as u64;
         }
