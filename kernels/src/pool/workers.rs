@@ -116,6 +116,20 @@ unsafe impl Sync for Shared {}
 // SAFETY: as above; the raw pointer in `job` is only dereferenced under that protocol.
 unsafe impl Send for Shared {}
 
+impl Shared {
+    /// Unparks the first `helpers` workers that are parked, after a new section or program has
+    /// been published.
+    fn wake(&self, helpers: usize) {
+        for slot in &self.slots[..helpers] {
+            if slot.sleeping.load(Ordering::SeqCst)
+                && let Some(thread) = slot.thread.get()
+            {
+                thread.unpark();
+            }
+        }
+    }
+}
+
 /// Timings of the parallel sections, summed since the pool started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -243,13 +257,7 @@ impl Pool {
         shared.helpers.store(threads - 1, Ordering::Relaxed);
         *generation = generation.wrapping_add(1);
         shared.state.store(pack(*generation, chunks, 0), Ordering::SeqCst);
-        for slot in &shared.slots[..threads - 1] {
-            if slot.sleeping.load(Ordering::SeqCst)
-                && let Some(thread) = slot.thread.get()
-            {
-                thread.unpark();
-            }
-        }
+        shared.wake(threads - 1);
 
         let own = catch_unwind(AssertUnwindSafe(|| {
             while let Some(index) = claim(&shared.state) {
@@ -310,13 +318,7 @@ impl Pool {
                 *generation = generation.wrapping_add(1);
                 // No chunks of a section to claim: workers that wake find the program instead.
                 shared.state.store(pack(*generation, 0, 0), Ordering::SeqCst);
-                for slot in &shared.slots[..threads - 1] {
-                    if slot.sleeping.load(Ordering::SeqCst)
-                        && let Some(thread) = slot.thread.get()
-                    {
-                        thread.unpark();
-                    }
-                }
+                shared.wake(threads - 1);
                 run.participate();
                 *shared.program.lock().unwrap_or_else(PoisonError::into_inner) = None;
             }
