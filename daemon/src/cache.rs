@@ -47,6 +47,29 @@ impl Sequence {
     }
 }
 
+impl Sequence {
+    /// Starts a greedy decode run from `first`, the token after the cached ones
+    /// ([`Model::decode`]); `None` where the model decodes one step at a time. The sequence must
+    /// be left alone until the run is handed to [`Sequence::finish_decode`].
+    pub fn decode(
+        &mut self,
+        model: &Model,
+        first: u32,
+        steps: usize,
+        pick: std::sync::Arc<dyn m31r_model::Pick>,
+    ) -> Result<Option<m31r_model::Decode>, ModelError> {
+        model.decode(first, &mut self.kv, steps, pick)
+    }
+
+    /// Ends `run`, caching the inputs of the steps whose picks were taken; returns those tokens.
+    /// On error nothing is cached, so the invariant survives failures.
+    pub fn finish_decode(&mut self, run: m31r_model::Decode) -> Result<Vec<u32>, ModelError> {
+        let tokens = run.finish(&mut self.kv)?;
+        self.tokens.extend_from_slice(&tokens);
+        Ok(tokens)
+    }
+}
+
 /// Counters describing the cache, for `status`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheStats {

@@ -15,15 +15,17 @@ use m31r_model::fim::{FimBudget, FimError, serving_prompt};
 use m31r_model::recall::{Recall, RecallParams, SOURCE_CACHE_CHUNKS, SourceTokens};
 use m31r_model::sampling::{Sampler, SamplingParams};
 use m31r_model::tokenizer::TokenizerError;
-use m31r_model::{Model, ModelError, Tokenizer};
+use m31r_model::{Decode, Model, ModelError, Tokenizer};
 use m31r_protocol::{ErrorCode, Event, FimInput, GenerationParams, StopReason, Timings, Usage};
 
 use crate::cache::{CacheStats, PrefixCache};
 use crate::stops::{CodeContext, StopScanner};
 
 mod confidence;
+mod greedy;
 mod heal;
 use confidence::{Scores, lossy_offset, token_logprob};
+use greedy::GreedyPick;
 use heal::{Healing, Step};
 
 /// Tunables of the engine.
@@ -495,6 +497,12 @@ impl Worker {
             message: "no logits after prefill".into(),
         })?;
         let mut recall = self.recall_for(&job.kind, &prompt)?;
+        // Greedy picks without a healing constraint are made by a decode run on the kernels'
+        // pool (`Model::decode`): its threads go on to the next token while this one streams
+        // the last, and none waits for this thread to get a core. The picks are the ones made
+        // here, one step at a time, otherwise.
+        let greedy = sampler.params().temperature == 0.0;
+        let mut run: Option<Decode> = None;
         for step in 0..max_new {
             if self.cancelled(job) {
                 stop = StopReason::Cancelled;
@@ -504,17 +512,29 @@ impl Worker {
                 stop = StopReason::Deadline;
                 break;
             }
-            let mut row: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
             // From here on `row` is the mixture's: the pick, the healing constraint and the
             // confidence all see the same distribution.
-            recall.mix_into(&mut row);
-            let next = match &healing {
-                Some(h) => sampler.sample_allowed(&row, |id| {
-                    self.token_bytes.get(id as usize).is_some_and(|b| h.allows(b))
-                }),
-                None => sampler.sample(&row),
-            }
-            .map_err(|e| bad_params(e.to_string()))?;
+            let (next, row) = match run.as_mut() {
+                Some(run) => {
+                    let (next, row) = run.next_pick().ok_or_else(|| JobError {
+                        code: ErrorCode::Internal,
+                        message: "a decode run ended before the step it was to pick".into(),
+                    })?;
+                    (next, row.to_vec())
+                }
+                None => {
+                    let mut row: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+                    recall.mix_into(&mut row);
+                    let next = match &healing {
+                        Some(h) => sampler.sample_allowed(&row, |id| {
+                            self.token_bytes.get(id as usize).is_some_and(|b| h.allows(b))
+                        }),
+                        None => sampler.sample(&row),
+                    }
+                    .map_err(|e| bad_params(e.to_string()))?;
+                    (next, row)
+                }
+            };
             if special.contains(next) {
                 stop = StopReason::EndOfText;
                 break;
@@ -573,13 +593,35 @@ impl Worker {
                 break;
             }
             let seq = self.cache.get_mut(index);
-            if seq.tokens().len() + 1 > context {
+            let in_run = run.as_ref().map_or(0, Decode::taken);
+            if seq.tokens().len() + in_run + 1 > context {
                 stop = StopReason::ContextFull;
                 break;
+            }
+            match run.take() {
+                // The run's next step forwards `next`; it is under way.
+                Some(r) if r.taken() < r.steps() => {
+                    run = Some(r);
+                    continue;
+                }
+                Some(r) => seq.finish_decode(r)?.iter().for_each(|&id| recall.push_generated(id)),
+                None => {}
+            }
+            if greedy && healing.is_none() {
+                let steps = (max_new - step - 1).min(context - seq.tokens().len());
+                let pick = Arc::new(GreedyPick::new(&recall, special));
+                run = seq.decode(&self.model, next, steps, pick)?;
+                if run.is_some() {
+                    continue;
+                }
             }
             let out = seq.extend(&self.model, &[next])?;
             recall.push_generated(next);
             logits = out.i((0, 0))?;
+        }
+        if let Some(run) = run.take() {
+            // What the run forwarded for the tokens taken stays cached for the next request.
+            self.cache.get_mut(index).finish_decode(run)?;
         }
         if stop != StopReason::Cancelled {
             // Held-back text (a trailing whitespace line, a partial stop string) is part of the

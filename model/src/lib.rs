@@ -27,4 +27,4 @@ pub use params::{ParamTable, SolverSpec, solve};
 pub use quant::Precision;
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{SpecialToken, Tokenizer};
-pub use transformer::{AttentionKernel, KvCache, Model, ModelError};
+pub use transformer::{AttentionKernel, Decode, KvCache, Model, ModelError, Pick};

@@ -40,12 +40,21 @@ fn submit(engine: &Engine, kind: JobKind, cancel: bool) -> Vec<Event> {
 }
 
 fn submit_with(engine: &Engine, kind: JobKind, cancel: bool, max_tokens: u32) -> Vec<Event> {
+    submit_params(engine, kind, cancel, GenerationParams { max_tokens, ..Default::default() })
+}
+
+fn submit_params(
+    engine: &Engine,
+    kind: JobKind,
+    cancel: bool,
+    params: GenerationParams,
+) -> Vec<Event> {
     let (tx, mut rx) = unbounded_channel();
     engine
         .submit(Job {
             id: "j".into(),
             kind,
-            params: GenerationParams { max_tokens, ..Default::default() },
+            params,
             cancel: Arc::new(AtomicBool::new(cancel)),
             events: tx,
             arrived: Instant::now(),
@@ -530,4 +539,42 @@ fn the_same_request_on_the_same_state_gives_the_same_numbers() {
     let first = without_timings(submit_with(&a, kind.clone(), false, 24));
     assert_eq!(without_timings(submit_with(&b, kind, false, 24)), first);
     assert!(!done_lines(&first).1.is_empty(), "{first:?}");
+}
+
+#[test]
+fn greedy_decode_runs_send_what_one_pick_at_a_time_sends_and_cache_what_it_caches() {
+    // Greedy requests decode in runs on the kernels' pool; `top_k = 1` at a temperature picks
+    // the same tokens one step at a time on the engine's thread.
+    let params = |top_k| GenerationParams {
+        max_tokens: 60,
+        temperature: if top_k == 0 { 0.0 } else { 0.7 },
+        top_k,
+        stop: vec!["\n\n\n".into()],
+        ..Default::default()
+    };
+    let (runs, steps) = (engine(EngineConfig::default()), engine(EngineConfig::default()));
+    let prompt = "fn main() { let x = 1; println!(\"{x}\"); }\nfn main() {";
+    let kind = JobKind::Generate { prompt: prompt.into() };
+    let greedy = without_timings(submit_params(&runs, kind.clone(), false, params(0)));
+    let (text, usage) = client_text(&greedy);
+    // Several runs of at most `MAX_DECODE_STEPS`, the last one cut short.
+    assert!(
+        usage.completion_tokens > 2 * m31r_model::transformer::MAX_DECODE_STEPS as u32,
+        "{greedy:?}"
+    );
+    assert_eq!(without_timings(submit_params(&steps, kind, false, params(1))), greedy);
+
+    // The runs cached what they forwarded: a request continuing the text reuses it and
+    // decodes what a fresh engine decodes from the whole prompt (whose prefill sums in another
+    // order: the log-probs agree to rounding).
+    let kind = JobKind::Generate { prompt: format!("{prompt}{text}") };
+    let fresh = engine(EngineConfig::default());
+    let reference = submit_params(&fresh, kind.clone(), false, params(1));
+    let continued = submit_params(&runs, kind, false, params(0));
+    let ((text, usage), (reference_text, reference_usage)) =
+        (client_text(&continued), client_text(&reference));
+    assert!(usage.cached_tokens > usage.prompt_tokens / 2, "{usage:?} reused");
+    assert_eq!(text, reference_text);
+    assert_eq!(usage.completion_tokens, reference_usage.completion_tokens);
+    assert_close(&done_lines(&continued).1, &done_lines(&reference).1, "continued");
 }

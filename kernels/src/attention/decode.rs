@@ -89,11 +89,13 @@ impl Attention {
 }
 
 /// One head's attention for new positions whose keys and values are not in the cache yet (the
-/// step program of `m31r_model`, which appends them once every layer has run): query `i` of
-/// `queries` (rows of `dim` values) sees the head's `cached` positions of `keys`/`values` from element
-/// `base` on, then new positions `0..=i` of `new_keys`/`new_values` (rows of `dim`, in the cache's
-/// precision). The arithmetic, in order, is [`attention`]'s once the new rows are cached, so both
-/// give the same bits. `scores` is scratch; `out` takes the queries' rows.
+/// step program of `m31r_model`, which appends them once its run is over): the queries
+/// (`queries`, rows of `dim` values) are the last of the new positions, whose keys and values
+/// `new_keys`/`new_values` hold (rows of `dim`, in the cache's precision; earlier new positions
+/// first, as a decode run's earlier steps give them). Query `i` of `n` sees the head's `cached`
+/// positions of `keys`/`values` from element `base` on, then new positions up to its own,
+/// `0..=new − n + i`. The arithmetic, in order, is [`attention`]'s once the new rows are cached,
+/// so both give the same bits. `scores` is scratch; `out` takes the queries' rows.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_new(
     (keys, values): (CacheRows<'_>, CacheRows<'_>),
@@ -107,10 +109,15 @@ pub fn attend_new(
     out: &mut [f32],
 ) {
     let n = queries.len() / dim.max(1);
+    let new = new_keys.len() / dim.max(1);
     assert_eq!(out.len(), queries.len(), "attend_new: {n} queries of {dim}");
-    scores.resize(cached + n, 0.0);
+    assert!(
+        new >= n && new_values.len() == new_keys.len(),
+        "attend_new: {new} new rows, {n} queries"
+    );
+    scores.resize(cached + new, 0.0);
     for (i, (query, acc)) in queries.chunks(dim).zip(out.chunks_mut(dim)).enumerate() {
-        let visible = cached + i + 1;
+        let visible = cached + new - n + i + 1;
         let mut max = f32::NEG_INFINITY;
         for (j, s) in scores[..visible].iter_mut().enumerate() {
             *s = if j < cached {

@@ -81,6 +81,19 @@ impl<'a> CacheRows<'a> {
         }
     }
 
+    /// Values held.
+    pub fn len(self) -> usize {
+        match self {
+            CacheRows::F32(t) => t.len(),
+            CacheRows::F16(t) => t.len(),
+        }
+    }
+
+    /// Whether it holds no value.
+    pub fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+
     /// Bytes per element.
     fn elem_bytes(self) -> usize {
         match self {

@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 pub use adapt::Policy;
 pub use program::Program;
 use workers::Pool;
-pub use workers::Stats;
+pub use workers::{Running, Stats};
 
 /// The process's pool, started on first use.
 fn pool() -> &'static Pool {
@@ -69,6 +69,14 @@ pub fn stats() -> Stats {
 /// what `finish` reads from it. Its results are the same either way.
 pub fn run_program<P: Program, R>(program: P, parallel: bool, finish: impl FnOnce(&P) -> R) -> R {
     pool().run_program(program, parallel, finish)
+}
+
+/// Starts `program` on the pool (when `parallel`, else it runs only where the caller joins it)
+/// and hands it to the caller, who joins it a phase at a time with [`Running::until`] and may
+/// drop it before its end, cancelling the rest: a decode run that yields each token as soon as
+/// it is picked while the pool goes on with the next.
+pub fn start_program<P: Program>(program: P, parallel: bool) -> Running<'static, P> {
+    pool().start_program(program, parallel)
 }
 
 /// An output buffer that parallel workers fill in disjoint parts: rows of values, or slots of a

@@ -81,6 +81,8 @@ pub(crate) struct Run<P: Program> {
     done: Box<[AtomicUsize]>,
     /// Set when a participant panicked: the others stop.
     failed: AtomicBool,
+    /// Set when the caller no longer wants the rest ([`Run::cancel`]): everyone stops.
+    cancelled: AtomicBool,
     panic: Mutex<Option<Box<dyn Any + Send>>>,
     /// Chunks computed by a second thread because their claimant had not finished them.
     redone: AtomicUsize,
@@ -94,11 +96,7 @@ pub(crate) trait Participant: Send + Sync {
 
 impl<P: Program> Participant for Run<P> {
     fn participate(&self) {
-        let mut local = P::Local::default();
-        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| self.work(&mut local))) {
-            self.failed.store(true, Ordering::SeqCst);
-            self.panic.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(payload);
-        }
+        self.participate_until(&mut P::Local::default(), self.program.phases());
     }
 }
 
@@ -130,6 +128,7 @@ impl<P: Program> Run<P> {
             next: (0..phases).map(|_| AtomicUsize::new(0)).collect(),
             done: (0..phases).map(|_| AtomicUsize::new(0)).collect(),
             failed: AtomicBool::new(false),
+            cancelled: AtomicBool::new(false),
             panic: Mutex::new(None),
             redone: AtomicUsize::new(0),
         }
@@ -143,6 +142,27 @@ impl<P: Program> Run<P> {
     /// Chunks a second thread computed (and perhaps committed) because their claimant stalled.
     pub(crate) fn redone(&self) -> usize {
         self.redone.load(Ordering::Relaxed)
+    }
+
+    /// Works on the run with `local` until its phases before `until` are committed, or a
+    /// participant panicked, or the run was cancelled. A panic here stops the run and is kept
+    /// for [`Run::finish`].
+    pub(crate) fn participate_until(&self, local: &mut P::Local, until: usize) {
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| self.work(local, until))) {
+            self.failed.store(true, Ordering::SeqCst);
+            self.panic.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(payload);
+        }
+    }
+
+    /// Stops the run: threads in it leave at their next chunk, and what is not committed yet
+    /// never will be.
+    pub(crate) fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether every chunk of `phase` is committed.
+    pub(crate) fn committed(&self, phase: usize) -> bool {
+        self.complete(phase)
     }
 
     /// After the caller's [`Participant::participate`]: resumes a participant's panic, if any.
@@ -161,8 +181,8 @@ impl<P: Program> Run<P> {
         self.done[phase].load(Ordering::Acquire) == self.chunks(phase)
     }
 
-    fn work(&self, local: &mut P::Local) {
-        for phase in 0..self.program.phases() {
+    fn work(&self, local: &mut P::Local, until: usize) {
+        for phase in 0..until.min(self.program.phases()) {
             if self.complete(phase) {
                 continue;
             }
@@ -172,7 +192,7 @@ impl<P: Program> Run<P> {
             let mut own = Duration::ZERO;
             let mut waiting: Option<(Instant, u32)> = None;
             loop {
-                if self.failed.load(Ordering::Relaxed) {
+                if self.failed.load(Ordering::Relaxed) || self.cancelled.load(Ordering::Relaxed) {
                     return;
                 }
                 if self.next[phase].load(Ordering::Relaxed) < chunks {

@@ -12,7 +12,7 @@ use std::cell::{Cell, UnsafeCell};
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
@@ -300,37 +300,77 @@ impl Pool {
         parallel: bool,
         finish: impl FnOnce(&P) -> R,
     ) -> R {
+        let mut running = self.start_program(program, parallel);
+        let phases = running.program().phases();
+        finish(running.until(phases))
+    }
+
+    /// Publishes `program` to the workers (when `parallel` and the pool has threads to spare)
+    /// and returns it to the caller, who joins it phase by phase ([`Running::until`]) while the
+    /// workers carry it on: a decode run whose caller hands out each token as it comes.
+    pub(crate) fn start_program<P: Program>(&self, program: P, parallel: bool) -> Running<'_, P> {
         let run = Arc::new(Run::new(program));
         // Programs keep the cap's threads while the machine is busy: their chunks do not wait
         // for a stalled thread (it is overtaken), which is what the adaptive count guards.
         let threads = self.policy().cap().min(self.threads());
-        let generation = if parallel && threads > 1 && !IN_POOL.with(Cell::get) {
+        let mut generation = if parallel && threads > 1 && !IN_POOL.with(Cell::get) {
             self.caller.try_lock().ok()
         } else {
             None
         };
-        match generation {
-            Some(mut generation) => {
-                let shared = &*self.shared;
-                *shared.program.lock().unwrap_or_else(PoisonError::into_inner) =
-                    Some(Arc::clone(&run) as Arc<dyn Participant>);
-                shared.helpers.store(threads - 1, Ordering::Relaxed);
-                *generation = generation.wrapping_add(1);
-                // No chunks of a section to claim: workers that wake find the program instead.
-                shared.state.store(pack(*generation, 0, 0), Ordering::SeqCst);
-                shared.wake(threads - 1);
-                run.participate();
-                *shared.program.lock().unwrap_or_else(PoisonError::into_inner) = None;
-            }
-            None => run.participate(),
+        if let Some(generation) = generation.as_mut() {
+            let shared = &*self.shared;
+            *shared.program.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some(Arc::clone(&run) as Arc<dyn Participant>);
+            shared.helpers.store(threads - 1, Ordering::Relaxed);
+            **generation = generation.wrapping_add(1);
+            // No chunks of a section to claim: workers that wake find the program instead.
+            shared.state.store(pack(**generation, 0, 0), Ordering::SeqCst);
+            shared.wake(threads - 1);
         }
-        {
-            let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
-            stats.programs += 1;
-            stats.redone_chunks += run.redone() as u64;
+        Running { pool: self, run, local: P::Local::default(), generation }
+    }
+}
+
+/// A program published on the pool ([`Pool::start_program`]), which its caller joins a phase
+/// at a time. Dropping it cancels what is left of the run and takes it off the pool.
+pub struct Running<'a, P: Program> {
+    pool: &'a Pool,
+    run: Arc<Run<P>>,
+    /// The caller's working memory in the run.
+    local: P::Local,
+    /// Held while the run is published: no section or other program can take the workers.
+    generation: Option<MutexGuard<'a, u32>>,
+}
+
+impl<P: Program> Running<'_, P> {
+    /// The program, to read what its committed phases wrote.
+    pub fn program(&self) -> &P {
+        self.run.program()
+    }
+
+    /// Works on the run on this thread until its phases before `until` are committed (by
+    /// whichever threads), then returns the program to read them. A panic in any participant
+    /// is resumed here.
+    pub fn until(&mut self, until: usize) -> &P {
+        let until = until.min(self.program().phases());
+        if !(until > 0 && self.run.committed(until - 1)) {
+            self.run.participate_until(&mut self.local, until);
         }
-        run.finish();
-        finish(run.program())
+        self.run.finish();
+        self.run.program()
+    }
+}
+
+impl<P: Program> Drop for Running<'_, P> {
+    fn drop(&mut self) {
+        self.run.cancel();
+        if self.generation.is_some() {
+            *self.pool.shared.program.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        }
+        let mut stats = self.pool.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        stats.programs += 1;
+        stats.redone_chunks += self.run.redone() as u64;
     }
 }
 

@@ -50,6 +50,7 @@ use attention::{fused_attention, plain_attention};
 use block::{Block, RmsNorm};
 pub use cache::KvCache;
 use rope::Rope;
+pub use step::{Decode, MAX_DECODE_STEPS, Pick};
 
 /// Which attention implementation the inference forward uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

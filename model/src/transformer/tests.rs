@@ -2,6 +2,8 @@
 
 use proptest::prelude::*;
 
+use std::sync::Arc;
+
 use super::*;
 use crate::config::RawModelConfig;
 use crate::testing::hermetic_config;
@@ -184,4 +186,139 @@ fn the_step_program_gives_the_same_bits_on_every_thread_count_and_tracks_the_ten
             |c: &KvCache| c.keys[0].narrow(2, 0, c.len()).unwrap().to_dtype(DType::F32).unwrap();
         assert!(max_abs_diff(&keys(&a), &keys(&b)) < 1e-3, "cached keys differ");
     }
+}
+
+/// A pick for the decode tests: it rewrites the logits from the last input token (as recall
+/// does from the tokens so far), never picks [`STOP`] by itself, and picks it after an input
+/// equal to `stop_after`.
+struct TestPick {
+    stop_after: Option<u32>,
+}
+
+const STOP: u32 = 199;
+
+impl super::Pick for TestPick {
+    fn pick(&self, inputs: &[u32], logits: &mut [f32]) -> u32 {
+        let last = *inputs.last().expect("a run has a first token");
+        let n = logits.len();
+        logits[last as usize * 31 % n] += 1.0;
+        if Some(last) == self.stop_after {
+            return STOP;
+        }
+        crate::sampling::argmax(&logits[..STOP as usize])
+    }
+
+    fn stops(&self, token: u32) -> bool {
+        token == STOP
+    }
+}
+
+/// Picks (with the bits of the logits they came from) and cached keys and values of greedy
+/// decoding from `first`: by decode runs of `runs` steps each when `runs` is not empty (the
+/// caller taking `take` picks of each), else by one `forward_step` and pick at a time.
+fn decoded(
+    model: &Model,
+    first: u32,
+    picks: usize,
+    runs: &[(usize, usize)],
+    pick: &Arc<TestPick>,
+) -> (Vec<(u32, Vec<u32>)>, Vec<u32>) {
+    use super::Pick;
+    use crate::testing::{ids, row};
+    let mut cache = model.new_cache(8).unwrap();
+    model.forward(&row(&ids(40, 200, 3)), &mut cache).unwrap();
+    let mut out = Vec::new();
+    let mut next = first;
+    if runs.is_empty() {
+        for _ in 0..picks {
+            let logits = model.forward_step(&row(&[next]), &mut cache).unwrap().unwrap();
+            let mut logits = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            next = pick.pick(&[next], &mut logits);
+            out.push((next, logits.iter().map(|x| x.to_bits()).collect()));
+            if pick.stops(next) {
+                break;
+            }
+        }
+    } else {
+        'runs: for &(steps, take) in runs {
+            let before = cache.len();
+            let mut run = model.decode(next, &mut cache, steps, pick.clone()).unwrap().unwrap();
+            for _ in 0..take {
+                let Some((token, logits)) = run.next_pick() else { break };
+                out.push((token, logits.iter().map(|x| x.to_bits()).collect()));
+                next = token;
+            }
+            let taken = run.taken();
+            let tokens = run.finish(&mut cache).unwrap();
+            assert_eq!(tokens.len(), taken);
+            assert_eq!(cache.len(), before + taken);
+            if pick.stops(next) {
+                break 'runs;
+            }
+        }
+    }
+    let mut bits = Vec::new();
+    for layer in 0..cache.keys.len() {
+        for t in [&cache.keys[layer], &cache.values[layer]] {
+            let v = t.narrow(2, 0, cache.len()).unwrap().flatten_all().unwrap();
+            bits.extend(
+                v.to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits()),
+            );
+        }
+    }
+    (out, bits)
+}
+
+#[test]
+fn a_decode_run_gives_the_picks_and_cache_of_one_step_at_a_time_on_every_thread_count() {
+    use m31r_kernels::pool;
+    for kv_heads in [1, 2] {
+        let model = tiny_model_for_decode(kv_heads);
+        let pick = Arc::new(TestPick { stop_after: None });
+        let reference = decoded(&model, 17, 12, &[], &pick);
+        assert_eq!(reference.0.len(), 12);
+        for cap in 1..=pool::max_threads() {
+            pool::set_thread_cap(cap);
+            // One run, runs cut short by the caller, runs shorter than what is left.
+            for runs in [&[(12, 12)][..], &[(8, 3), (5, 5), (16, 4)], &[(1, 1); 12]] {
+                let got = decoded(&model, 17, 12, runs, &pick);
+                assert!(got == reference, "kv heads {kv_heads}, {cap} threads, runs {runs:?}");
+            }
+        }
+        pool::set_thread_cap(0);
+    }
+}
+
+#[test]
+fn a_pick_that_ends_the_run_is_the_last() {
+    let model = tiny_model_for_decode(2);
+    let free = decoded(&model, 17, 12, &[], &Arc::new(TestPick { stop_after: None }));
+    // Stop after the fourth pick's token.
+    let pick = Arc::new(TestPick { stop_after: Some(free.0[3].0) });
+    let reference = decoded(&model, 17, 12, &[], &pick);
+    assert_eq!(reference.0.last().map(|p| p.0), Some(STOP));
+    let got = decoded(&model, 17, 12, &[(12, 12)], &pick);
+    assert!(got == reference, "{} picks against {}", got.0.len(), reference.0.len());
+    // The run computed nothing after the stop: no pick is there to take.
+    let mut cache = model.new_cache(8).unwrap();
+    let mut run = model
+        .decode(STOP, &mut cache, 4, Arc::new(TestPick { stop_after: Some(STOP) }))
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.next_pick().map(|p| p.0), Some(STOP));
+    assert!(run.next_pick().is_none());
+    assert_eq!(run.finish(&mut cache).unwrap(), vec![STOP]);
+    assert_eq!(cache.len(), 1);
+}
+
+/// A tiny model whose vocabulary the decode tests' picks fit in.
+fn tiny_model_for_decode(kv_heads: usize) -> Model {
+    let model = crate::testing::tiny_model(kv_heads, 11);
+    assert!(model.config().vocab_size() > STOP as usize);
+    model
 }
