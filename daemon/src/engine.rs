@@ -28,6 +28,10 @@ use confidence::{Scores, lossy_offset, token_logprob};
 use greedy::GreedyPick;
 use heal::{Healing, Step};
 
+/// How long the kernels' pool waits awake for a job's first forward ([`m31r_kernels::pool::warm`]):
+/// more than building a keystroke's prompt takes.
+const WARM_POOL: Duration = Duration::from_millis(5);
+
 /// Tunables of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -357,6 +361,9 @@ fn bad_params(message: String) -> JobError {
 impl Worker {
     fn run(mut self, jobs: Receiver<Job>) {
         while let Ok(job) = jobs.recv() {
+            // The pool's threads wake while the prompt is built: on busy cores a woken thread
+            // can wait milliseconds for one, and the forward should not wait with it.
+            m31r_kernels::pool::warm(WARM_POOL);
             self.counters.queued.fetch_sub(1, Ordering::Relaxed);
             let (id, events) = (job.id.clone(), job.events.clone());
             let outcome = catch_unwind(AssertUnwindSafe(|| self.run_job(&job)));
@@ -501,7 +508,7 @@ impl Worker {
         // pool (`Model::decode`): its threads go on to the next token while this one streams
         // the last, and none waits for this thread to get a core. The picks are the ones made
         // here, one step at a time, otherwise.
-        let greedy = sampler.params().temperature == 0.0;
+        let greedy = sampler.params().temperature == 0.0 && greedy::runs_enabled();
         let mut run: Option<Decode> = None;
         for step in 0..max_new {
             if self.cancelled(job) {

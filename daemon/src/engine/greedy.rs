@@ -38,3 +38,14 @@ impl Pick for GreedyPick {
         self.special.contains(token)
     }
 }
+
+/// Whether greedy requests decode in runs (the default). `M31R_DECODE_RUNS=0` in the
+/// environment makes the engine decode one step at a time instead, which gives the same tokens:
+/// for side-by-side measurements of the two.
+pub(crate) fn runs_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        !std::env::var("M31R_DECODE_RUNS")
+            .is_ok_and(|v| v == "0" || v.eq_ignore_ascii_case("false"))
+    })
+}

@@ -59,6 +59,14 @@ pub fn policy() -> Policy {
     pool().policy().clone()
 }
 
+/// Announces parallel work within `within` (a request about to run the model): the pool's
+/// parked threads wake now and wait for it without parking again, so that on a machine whose
+/// cores are busy their wake-up overlaps what the caller does first. Nothing happens if no work
+/// comes; they park again once `within` has passed.
+pub fn warm(within: std::time::Duration) {
+    pool().warm(within);
+}
+
 /// Timings of the parallel sections so far (for benches).
 pub fn stats() -> Stats {
     pool().stats()

@@ -105,6 +105,10 @@ struct Shared {
     job: UnsafeCell<Job>,
     /// The program being run, if any: a worker woken for a new generation joins it.
     program: Mutex<Option<Arc<dyn Participant>>>,
+    /// Until when (nanoseconds after `epoch`) idle workers spin rather than park: work is
+    /// about to come ([`Pool::warm`]).
+    warm_until: AtomicU64,
+    epoch: Instant,
     slots: Box<[Slot]>,
     panic: Mutex<Option<Box<dyn Any + Send>>>,
 }
@@ -117,6 +121,11 @@ unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
 impl Shared {
+    /// Whether work was announced and is still expected ([`Pool::warm`]).
+    fn warm(&self) -> bool {
+        (self.epoch.elapsed().as_nanos() as u64) < self.warm_until.load(Ordering::Relaxed)
+    }
+
     /// Unparks the first `helpers` workers that are parked, after a new section or program has
     /// been published.
     fn wake(&self, helpers: usize) {
@@ -175,6 +184,8 @@ impl Pool {
                 caller: None,
             }),
             program: Mutex::new(None),
+            warm_until: AtomicU64::new(0),
+            epoch: Instant::now(),
             slots: (0..workers)
                 .map(|_| Slot { sleeping: AtomicBool::new(false), thread: OnceLock::new() })
                 .collect(),
@@ -205,6 +216,19 @@ impl Pool {
     /// The adaptive policy (its cap and current thread count).
     pub(crate) fn policy(&self) -> std::sync::MutexGuard<'_, Policy> {
         self.policy.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Announces work within `within`: parked workers wake and wait for it spinning (yielding
+    /// their core to anyone who wants it), so that the next section or program finds them
+    /// running rather than asleep. On a busy machine a parked thread can wait milliseconds for
+    /// a core once it is woken; the caller hides that behind what it does first (a request's
+    /// prompt building).
+    pub(crate) fn warm(&self, within: Duration) {
+        let shared = &*self.shared;
+        let until = (shared.epoch.elapsed() + within).as_nanos() as u64;
+        shared.warm_until.fetch_max(until, Ordering::Relaxed);
+        let threads = self.policy().cap().min(self.threads());
+        shared.wake(threads - 1);
     }
 
     /// The section timings so far.
@@ -265,7 +289,8 @@ impl Pool {
             }
         }));
         let waiting = Instant::now();
-        wait(|| shared.done.load(Ordering::SeqCst) >= chunks, &shared.caller_sleeping, true);
+        let done = || shared.done.load(Ordering::SeqCst) >= chunks;
+        wait(done, &shared.caller_sleeping, true, || false);
         let end = Instant::now();
         drop(generation);
 
@@ -401,12 +426,16 @@ fn run_chunk(shared: &Shared, index: usize) {
 }
 
 /// Waits until `ready()`: spins for [`SPIN`] and yields for [`YIELD`] if `spin`, then parks with
-/// `sleeping` set (whoever makes it ready unparks this thread when it sees the flag).
-fn wait(ready: impl Fn() -> bool, sleeping: &AtomicBool, spin: bool) {
+/// `sleeping` set (whoever makes it ready unparks this thread when it sees the flag); while
+/// `warm()` holds (work was announced), it waits yielding instead of parking.
+fn wait(ready: impl Fn() -> bool, sleeping: &AtomicBool, spin: bool, warm: impl Fn() -> bool) {
     if spin && spin_until(&ready) {
         return;
     }
     loop {
+        if linger(&ready, &warm) {
+            return;
+        }
         sleeping.store(true, Ordering::SeqCst);
         if ready() {
             sleeping.store(false, Ordering::SeqCst);
@@ -419,6 +448,21 @@ fn wait(ready: impl Fn() -> bool, sleeping: &AtomicBool, spin: bool) {
             return;
         }
     }
+}
+
+/// While `warm()` holds, waits for `ready()`, yielding the core between short spins; whether it
+/// became ready.
+fn linger(ready: &impl Fn() -> bool, warm: &impl Fn() -> bool) -> bool {
+    while warm() {
+        for _ in 0..64 {
+            if ready() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        std::thread::yield_now();
+    }
+    ready()
 }
 
 /// Spins for [`SPIN`], then yields for [`YIELD`], until `ready()`; whether it became ready.
@@ -458,7 +502,7 @@ fn worker(shared: &Shared, index: usize) {
     let mut left_out = false;
     loop {
         let new_section = || generation(shared.state.load(Ordering::SeqCst)) != seen;
-        wait(new_section, &slot.sleeping, !left_out);
+        wait(new_section, &slot.sleeping, !left_out, || shared.warm());
         seen = generation(shared.state.load(Ordering::Acquire));
         left_out = index >= shared.helpers.load(Ordering::Relaxed);
         if left_out {
@@ -520,6 +564,33 @@ mod tests {
             sum.fetch_add(range.sum::<usize>(), Ordering::Relaxed);
         });
         assert_eq!(sum.load(Ordering::Relaxed), 4950);
+    }
+
+    /// Polls `what` for up to ten seconds; whether it came true.
+    fn eventually(what: impl Fn() -> bool) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if what() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    #[test]
+    fn a_warmed_pool_waits_awake_until_the_time_announced_and_then_parks() {
+        let pool = Pool::new(2);
+        let sleeping = || pool.shared.slots[0].sleeping.load(Ordering::SeqCst);
+        assert!(eventually(sleeping), "the idle worker never parked");
+        assert!(!pool.shared.warm());
+        pool.warm(Duration::from_millis(300));
+        assert!(pool.shared.warm());
+        assert!(eventually(|| !sleeping()), "the warmed worker stayed asleep");
+        // Awake (lingering) while the announcement holds, parked again after it.
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!sleeping() || !pool.shared.warm(), "the worker parked while warm");
+        assert!(eventually(|| sleeping() && !pool.shared.warm()), "the worker stayed awake");
     }
 
     #[test]
