@@ -12,8 +12,8 @@
 //!
 //! Work runs on the crate's own thread pool ([`pool`]): chunks claimed dynamically, waits that
 //! park instead of spinning on, a thread count that adapts to a busy machine, and programs (a
-//! decode step's phases) that every thread runs through, so whichever threads the OS lets run
-//! carry them forward. Each output element is computed in a fixed order from fixed inputs, so
+//! decode step's phases, a greedy decode run's steps) that every thread runs through, so
+//! whichever threads the OS lets run carry them forward. Each output element is computed in a fixed order from fixed inputs, so
 //! results do not depend on the thread count or on scheduling. With AVX2, FMA and F16C enabled
 //! at compile time (the default build, see `.cargo/config.toml`) the inner products use those
 //! instructions; elsewhere they run as the portable loops the tests hold the vector code to.
