@@ -28,7 +28,7 @@ use confidence::{Scores, lossy_offset, token_logprob};
 use greedy::GreedyPick;
 use heal::{Healing, Step};
 
-/// How long the kernels' pool waits awake for a job's first forward ([`m31r_kernels::pool::warm`]):
+/// How long the kernels' pool waits awake for a job's first forward ([`Model::expect_forward`]):
 /// more than building a keystroke's prompt takes.
 const WARM_POOL: Duration = Duration::from_millis(5);
 
@@ -363,7 +363,7 @@ impl Worker {
         while let Ok(job) = jobs.recv() {
             // The pool's threads wake while the prompt is built: on busy cores a woken thread
             // can wait milliseconds for one, and the forward should not wait with it.
-            m31r_kernels::pool::warm(WARM_POOL);
+            self.model.expect_forward(WARM_POOL);
             self.counters.queued.fetch_sub(1, Ordering::Relaxed);
             let (id, events) = (job.id.clone(), job.events.clone());
             let outcome = catch_unwind(AssertUnwindSafe(|| self.run_job(&job)));

@@ -812,6 +812,15 @@ impl Model {
         Ok(Some(Tensor::from_vec(logits, (1, 1, vocab), self.device())?))
     }
 
+    /// Announces a forward within `within` (a request about to be prefilled): on a CPU the
+    /// kernels' parked threads wake now and wait for it awake ([`pool::warm`]), so that on busy
+    /// cores their wake-up overlaps what the caller does first rather than the forward.
+    pub fn expect_forward(&self, within: std::time::Duration) {
+        if self.device().is_cpu() {
+            pool::warm(within);
+        }
+    }
+
     /// Starts a greedy decode run on the kernels' pool: `first` (the token just chosen)
     /// continues `cache`, and each of up to `steps` steps (at most [`MAX_DECODE_STEPS`]) runs
     /// the forward of its input token and then `pick` to choose the next one, which is the
