@@ -584,7 +584,7 @@ mod tests {
         let sleeping = || pool.shared.slots[0].sleeping.load(Ordering::SeqCst);
         assert!(eventually(sleeping), "the idle worker never parked");
         assert!(!pool.shared.warm());
-        pool.warm(Duration::from_millis(300));
+        pool.warm(Duration::from_secs(1));
         assert!(pool.shared.warm());
         assert!(eventually(|| !sleeping()), "the warmed worker stayed asleep");
         // Awake (lingering) while the announcement holds, parked again after it.
