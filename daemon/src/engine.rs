@@ -508,7 +508,7 @@ impl Worker {
         // pool (`Model::decode`): its threads go on to the next token while this one streams
         // the last, and none waits for this thread to get a core. The picks are the ones made
         // here, one step at a time, otherwise.
-        let greedy = sampler.params().temperature == 0.0 && greedy::runs_enabled();
+        let runs = sampler.params().temperature == 0.0 && greedy::runs_enabled();
         let mut run: Option<Decode> = None;
         for step in 0..max_new {
             if self.cancelled(job) {
@@ -614,7 +614,7 @@ impl Worker {
                 Some(r) => seq.finish_decode(r)?.iter().for_each(|&id| recall.push_generated(id)),
                 None => {}
             }
-            if greedy && healing.is_none() {
+            if runs && healing.is_none() {
                 let steps = (max_new - step - 1).min(context - seq.tokens().len());
                 let pick = Arc::new(GreedyPick::new(&recall, special));
                 run = seq.decode(&self.model, next, steps, pick)?;

@@ -190,6 +190,14 @@ impl Recall {
         self.source = 0;
     }
 
+    /// Forgets every token from position `n` on (`n` above [`Recall::len`] is a no-op): rolls
+    /// back generated tokens, so that a sequence can be extended again from there.
+    pub fn truncate(&mut self, n: usize) {
+        self.ids.truncate(n);
+        self.segment.truncate(n);
+        self.source = self.source.min(n);
+    }
+
     /// Starts a new segment: text that does not continue what came before (another file, the
     /// suffix after the prefix). Nothing is recalled across the seam.
     pub fn begin_segment(&mut self) {
@@ -485,6 +493,20 @@ mod tests {
         assert_eq!(r.recalled(), Recalled::default());
         r.clear();
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn truncating_generated_tokens_gives_back_the_sequence_before_them() {
+        let base = recall(&[1, 2, 3, 5, 1, 2]);
+        let mut r = base.clone();
+        r.push_generated(3);
+        r.push_generated(9);
+        r.truncate(base.len());
+        assert_eq!((r.len(), r.recalled()), (base.len(), base.recalled()));
+        r.push_generated(3);
+        let mut fresh = base.clone();
+        fresh.push_generated(3);
+        assert_eq!(r.recalled(), fresh.recalled());
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! it (and making it twice gives the same token). It is the engine's own pick for a greedy
 //! request without token healing, so a run decodes exactly what one step at a time would.
 
+use std::sync::{Mutex, TryLockError};
+
 use m31r_model::Pick;
 use m31r_model::recall::Recall;
 use m31r_model::sampling::argmax;
@@ -11,25 +13,44 @@ use m31r_model::tokenizer::SpecialIds;
 /// Recall as it stood when the run started, and the tokens that end a completion.
 pub(crate) struct GreedyPick {
     /// `None` when recall is off (nothing to mix in).
-    recall: Option<Recall>,
+    recall: Option<Recalls>,
     special: SpecialIds,
+}
+
+/// Recall at the run's start, and a copy that each pick extends with the run's tokens and then
+/// rolls back, so that a pick does not copy the whole sequence.
+struct Recalls {
+    base: Recall,
+    scratch: Mutex<Recall>,
 }
 
 impl GreedyPick {
     /// The pick after the tokens `recall` has seen; `special` ends the completion.
     pub(crate) fn new(recall: &Recall, special: SpecialIds) -> Self {
-        Self { recall: recall.params().is_on().then(|| recall.clone()), special }
+        let recall = recall
+            .params()
+            .is_on()
+            .then(|| Recalls { base: recall.clone(), scratch: Mutex::new(recall.clone()) });
+        Self { recall, special }
     }
 }
 
 impl Pick for GreedyPick {
     fn pick(&self, inputs: &[u32], logits: &mut [f32]) -> u32 {
-        if let Some(recall) = &self.recall {
-            let mut recall = recall.clone();
-            for &id in inputs {
-                recall.push_generated(id);
+        if let Some(Recalls { base, scratch }) = &self.recall {
+            let mut mix = |recall: &mut Recall| {
+                recall.truncate(base.len());
+                for &id in inputs {
+                    recall.push_generated(id);
+                }
+                recall.mix_into(logits);
+            };
+            match scratch.try_lock() {
+                Ok(mut recall) => mix(&mut recall),
+                // A thread redoing a pick whose first maker holds the scratch (or panicked
+                // with it) works on its own copy rather than wait.
+                Err(TryLockError::WouldBlock | TryLockError::Poisoned(_)) => mix(&mut base.clone()),
             }
-            recall.mix_into(logits);
         }
         argmax(logits)
     }

@@ -160,11 +160,6 @@ impl<P: Program> Run<P> {
         self.cancelled.store(true, Ordering::SeqCst);
     }
 
-    /// Whether every chunk of `phase` is committed.
-    pub(crate) fn committed(&self, phase: usize) -> bool {
-        self.complete(phase)
-    }
-
     /// After the caller's [`Participant::participate`]: resumes a participant's panic, if any.
     pub(crate) fn finish(&self) {
         if self.failed.load(Ordering::SeqCst) {
